@@ -1,0 +1,45 @@
+"""The Hydra application: one configuration per call, so any Hydra sweeper can drive it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+import kl_sweep.config  # noqa: F401  (registers the structured configs)
+from kl_sweep.io import write_parquet
+from kl_sweep.table import config_values, rows_frame, run_rows, split_values
+from kl_sweep.validate import validate
+
+log = logging.getLogger("kl_sweep")
+RESULTS = "results.parquet"
+#: The repository's ``conf/``, found from this file so the app runs from any working directory.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def run(cfg: DictConfig, output_dir: str | Path) -> float:
+    """Fit one configuration, write its one-row ``results.parquet`` into ``output_dir``, return the loss.
+
+    Validation comes first: a bad value raises before any fit and nothing is written.
+    """
+    values = config_values(cfg)
+    validate(values)
+    row_values, shared = split_values(values)
+    result = run_rows(rows_frame(row_values, 1), shared)
+    write_parquet(result, Path(output_dir) / RESULTS)
+    r = result.iloc[0]
+    log.info(
+        f"{r.divergence} KL: mu={r.mu:.6g} sigma2={r.sigma2:.6g} loss={r.loss:.6g} nats "
+        f"steps={r.steps} status={r.status}"
+    )
+    return float(r.loss)
+
+
+@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
+def main(cfg: DictConfig) -> float:
+    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    return run(cfg, HydraConfig.get().runtime.output_dir)

@@ -1,0 +1,76 @@
+"""``python -m kl_sweep``: check the command line before Hydra starts, then hand over to it.
+
+Hydra creates the run directory and its log before the task runs, and reports composition errors
+over several lines. The pre-flight composes the same config with Hydra's compose API (and Hydra's
+own argument parser and override grammar), validates it, and on a bad value prints one line and
+exits with status 2 before anything is written. In multirun mode only the overrides that are not
+sweeps are composed here; the sweeper validates every swept value before it fits or writes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from hydra import compose, initialize_config_dir
+from hydra._internal.utils import get_args_parser
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf.errors import OmegaConfBaseException
+
+EXIT_BAD_INPUT = 2
+
+
+def preflight(argv: list[str]) -> str | None:
+    """The one-line error for ``argv``, or None when it composes and validates."""
+    from kl_sweep.app import CONFIG_DIR
+    from kl_sweep.table import config_values
+    from kl_sweep.validate import ConfigError, validate
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.config_path or args.config_dir:
+        return None
+    try:
+        overrides = OverridesParser.create().parse_overrides(args.overrides)
+    except HydraException as ex:
+        return f"kl_sweep: malformed override: {_first_line(ex)}"
+    if args.multirun:
+        overrides = [o for o in overrides if not o.is_sweep_override()]
+    fixed = [o.input_line for o in overrides]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+            cfg = compose(config_name=args.config_name or "config", overrides=fixed)
+        if not args.multirun:
+            validate(config_values(cfg))
+    except ConfigError as ex:
+        return str(ex)
+    except MissingConfigException as ex:
+        group = (ex.missing_cfg_file or "").rsplit("/", 1)
+        if ex.options and len(group) == 2:
+            return f"kl_sweep: invalid {group[0]}={group[1]}: allowed is one of {', '.join(ex.options)}"
+        return f"kl_sweep: {_first_line(ex)}"
+    except (HydraException, OmegaConfBaseException) as ex:
+        cause = ex.__cause__
+        detail = f": {_first_line(cause)}" if cause is not None else ""
+        return f"kl_sweep: {_first_line(ex)}{detail}"
+    finally:
+        GlobalHydra.instance().clear()
+    return None
+
+
+def _first_line(ex: BaseException) -> str:
+    text = str(ex).strip()
+    return text.splitlines()[0] if text else type(ex).__name__
+
+
+def main() -> None:
+    if not os.environ.get("HYDRA_FULL_ERROR"):
+        error = preflight(sys.argv[1:])
+        if error:
+            print(error, file=sys.stderr)
+            sys.exit(EXIT_BAD_INPUT)
+    from kl_sweep.app import main as hydra_main
+
+    hydra_main()

@@ -1,0 +1,99 @@
+"""Structured configs: the types of every key, registered in Hydra's ConfigStore.
+
+The YAML files in ``conf/`` choose values; these dataclasses say what type each key has, so Hydra
+rejects ``separation=abc`` while composing. Ranges are checked in :mod:`kl_sweep.validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class DivergenceConf:
+    name: str = "forward"  # forward = KL(P||Q) (mass-covering), reverse = KL(Q||P) (mode-seeking)
+
+
+@dataclass
+class QuadratureConf:
+    name: str = "quadrature"  # composite Gauss-Legendre on P's and Q's scales, refined at mode switches
+    nodes_per_panel: int = 8  # Gauss-Legendre nodes on each panel
+
+
+@dataclass
+class GridConf:
+    name: str = "grid"  # trapezoid rule on an even grid over P's and Q's mass
+    num_points: int = 4001  # grid points
+
+
+@dataclass
+class MonteCarloConf:
+    name: str = "mc"  # reparameterised Monte Carlo with common random numbers
+    num_samples: int = 4096  # draws per expectation
+    seed: int = 0  # seed of the draws: same seed, same results
+
+
+@dataclass
+class AdamConf:
+    name: str = "adam"
+    lr: float = 0.05  # learning rate
+    max_steps: int = 5000  # step budget, Newton polish steps included
+    tol: float = 1e-8  # converged when |grad| in (mu, log sigma) is at most this
+    beta1: float = 0.9  # decay of the first-moment estimate
+    beta2: float = 0.999  # decay of the second-moment estimate
+    eps: float = 1e-8  # added to the root second moment
+
+
+@dataclass
+class SGDConf:
+    name: str = "sgd"
+    lr: float = 0.01  # learning rate
+    max_steps: int = 5000  # step budget, Newton polish steps included
+    tol: float = 1e-8  # converged when |grad| in (mu, log sigma) is at most this
+    momentum: float = 0.9  # heavy-ball momentum
+
+
+@dataclass
+class KLSweepConfig:
+    separation: float = 3.0  # distance between P's two means
+    weight: float = 0.75  # weight of the component at center - separation/2
+    center: float = 0.0  # midpoint of P's means
+    component_var: float = 1.0  # variance of each component of P
+    init_mu: float = 1.0  # starting mean of Q
+    init_sigma2: float = 1.0  # starting variance of Q
+    polish: bool = True  # Newton polish once the optimiser has chosen its basin
+    divergence: Any = MISSING
+    estimator: Any = MISSING
+    optimizer: Any = MISSING
+
+
+#: The keys that may differ from row to row inside one batched fit, with their types. Any other
+#: key (group choices, estimator and optimiser hyperparameters) is shared by a whole batch.
+ROW_KEYS: dict[str, type] = {
+    "separation": float,
+    "weight": float,
+    "center": float,
+    "component_var": float,
+    "init_mu": float,
+    "init_sigma2": float,
+    "optimizer.lr": float,
+    "optimizer.max_steps": int,
+    "optimizer.tol": float,
+}
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="kl_sweep_schema", node=KLSweepConfig)
+    cs.store(group="schema/divergence", name="divergence", node=DivergenceConf)
+    for name, node in {"quadrature": QuadratureConf, "grid": GridConf, "mc": MonteCarloConf}.items():
+        cs.store(group="schema/estimator", name=name, node=node)
+    for name, node in {"adam": AdamConf, "sgd": SGDConf}.items():
+        cs.store(group="schema/optimizer", name=name, node=node)
+
+
+register_configs()

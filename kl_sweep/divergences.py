@@ -1,0 +1,76 @@
+r"""Divergences between the mixture P and the Gaussian Q, as expectations of log-space integrands.
+
+Each divergence is a measure (the distribution the expectation is taken under) and an integrand,
+a pure function of :math:`\log p(x)` and :math:`\log q(x)`:
+
+- :func:`kl_forward`: :math:`\mathrm{KL}(P\Vert Q) = E_P[\log p - \log q]`, mass-covering;
+  its minimiser over Q matches P's mean and variance.
+- :func:`kl_reverse`: :math:`\mathrm{KL}(Q\Vert P) = E_Q[\log q - \log p]`, mode-seeking; it has one
+  minimum per mode once the modes are far enough apart.
+
+Both are in nats. Working with log densities throughout means no density underflows to 0 and no
+``+ 1e-12`` is needed. A new divergence (the planned alpha family) is one more :class:`Divergence`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kl_sweep.estimators import Estimator, Measure
+from kl_sweep.mixture import Mixture, gaussian_sigma2, normal_log_prob
+
+
+def kl_forward(log_p: Tensor, log_q: Tensor) -> Tensor:
+    r"""Integrand of :math:`\mathrm{KL}(P\Vert Q)` under P: :math:`\log p - \log q`."""
+    return log_p - log_q
+
+
+def kl_reverse(log_p: Tensor, log_q: Tensor) -> Tensor:
+    r"""Integrand of :math:`\mathrm{KL}(Q\Vert P)` under Q: :math:`\log q - \log p`."""
+    return log_q - log_p
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """``measure``: the distribution the expectation is under; ``integrand(log_p, log_q)``.
+
+    ``affine_in_log_q`` marks integrands of the form ``g(log_p) - log_q``: under a fixed P their
+    expectation needs only the measure's first three moments, because log q is quadratic in x.
+    ``log_q_derivatives(log_p, log_q)`` gives the integrand's first and second derivatives in
+    log q, which lets expectations under Q on fixed nodes be differentiated in closed form.
+    """
+
+    name: str
+    measure: Measure
+    integrand: Callable[[Tensor, Tensor], Tensor]
+    affine_in_log_q: bool = False
+    log_q_derivatives: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+
+
+DIVERGENCES: dict[str, Divergence] = {
+    "forward": Divergence("forward", "p", kl_forward, affine_in_log_q=True),
+    "reverse": Divergence(
+        "reverse", "q", kl_reverse,
+        log_q_derivatives=lambda log_p, log_q: (torch.ones_like(log_q), torch.zeros_like(log_q)),
+    ),
+}
+
+
+def integrand_terms(
+    divergence: Divergence, x: Tensor, mixture: Mixture, mu: Tensor, log_sigma: Tensor
+) -> Tensor:
+    """The divergence's integrand at nodes x [B, N] for each row's P and Q."""
+    log_q = normal_log_prob(x, mu.unsqueeze(-1), gaussian_sigma2(log_sigma).unsqueeze(-1))
+    return divergence.integrand(mixture.log_prob(x), log_q)
+
+
+def divergence_value(
+    divergence: Divergence, estimator: Estimator, mixture: Mixture, mu: Tensor, log_sigma: Tensor
+) -> Tensor:
+    """The divergence in nats for every row, shape [B], differentiable in (mu, log_sigma)."""
+    x, w = estimator.nodes(divergence.measure, mixture, mu, log_sigma)
+    return (w * integrand_terms(divergence, x, mixture, mu, log_sigma)).sum(-1)

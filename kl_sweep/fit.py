@@ -1,0 +1,342 @@
+"""The batched fit: first-order steps until each row has chosen its basin, then a Newton polish.
+
+A row leaves the first-order phase when its gradient norm is at most ``tol`` (converged), when its
+loss or gradient stops being finite (diverged: it keeps its last finite values), when its
+``max_steps`` run out, or, with the polish on, when its Hessian is positive definite and its
+Newton decrement is below ``handover`` (the quadratic model says it is in a minimum's basin).
+Finished rows are dropped from the working set, so they stop costing work. The polish then takes
+full Newton steps on the 2x2 Hessians until the gradient norm is at most ``tol``: a fixed-rate
+first-order method only hovers around the optimum, Newton converges quadratically to it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import IntEnum
+
+import torch
+from torch import Tensor
+
+from kl_sweep.divergences import Divergence, divergence_value
+from kl_sweep.estimators import Estimator
+from kl_sweep.mixture import LOG_2PI, Mixture, gaussian_sigma2, normal_log_prob
+from kl_sweep.optim import FirstOrder, newton
+
+
+class Status(IntEnum):
+    RUNNING = 0
+    CONVERGED = 1
+    MAX_STEPS = 2
+    DIVERGED = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What to fit, one row per configuration: P, the start of Q and the optimiser's budget."""
+
+    mixture: Mixture
+    init_mu: Tensor
+    init_sigma2: Tensor
+    lr: Tensor
+    max_steps: Tensor
+    tol: Tensor
+
+
+@dataclass(frozen=True)
+class Settings:
+    divergence: Divergence
+    estimator: Estimator
+    optimizer: FirstOrder
+    polish: bool = True
+    #: Newton decrement below which a row is handed to the polish.
+    handover: float = 1e-2
+    #: How often (in steps) the first-order phase looks for rows ready for the polish.
+    check_every: int = 10
+
+
+@dataclass
+class Result:
+    """Final values per row, all [B]; ``loss`` is the estimator's objective at (mu, sigma2)."""
+
+    mu: Tensor
+    sigma2: Tensor
+    loss: Tensor
+    grad_norm: Tensor
+    steps: Tensor
+    status: Tensor
+
+
+class Objective:
+    """The divergence of each active row as a function of theta = (mu, log sigma).
+
+    When the estimator's nodes do not move with Q (expectations under P), they are computed once
+    per fit. If moreover the integrand is ``g(log p) - log q`` (forward KL), the expectation is
+    :math:`\sum_i w_i g_i - \sum_i w_i \log q(x_i)`, and since log q is quadratic in x the second
+    sum needs only the moments :math:`\sum_i w_i x_i^j`, j = 0, 1, 2: each step then costs O(1)
+    per row, with exactly the estimator's value.
+    """
+
+    def __init__(self, divergence: Divergence, estimator: Estimator, mixture: Mixture, theta: Tensor):
+        self.divergence, self.estimator, self.mixture = divergence, estimator, mixture
+        self.cache: tuple[Tensor, ...] | None = None
+        self.moments: tuple[Tensor, ...] | None = None
+        if divergence.measure == "p" and estimator.static_p:
+            with torch.no_grad():
+                x, w = estimator.nodes("p", mixture, theta[:, 0], theta[:, 1])
+                log_p = mixture.log_prob(x)
+                if divergence.affine_in_log_q:
+                    # Moments about P's mean, so that nothing cancels when P is far from 0.
+                    ref = mixture.mean().unsqueeze(-1)
+                    zero_q = torch.zeros_like(log_p)
+                    const = (w * divergence.integrand(log_p, zero_q)).sum(-1)
+                    u = x - ref
+                    self.moments = (const, w.sum(-1), (w * u).sum(-1), (w * u * u).sum(-1), ref[:, 0])
+                else:
+                    self.cache = (x, w, log_p)
+
+    def subset(self, keep: Tensor) -> Objective:
+        new = object.__new__(Objective)
+        new.divergence, new.estimator, new.mixture = self.divergence, self.estimator, self.mixture[keep]
+        new.cache = None if self.cache is None else tuple(c[keep] for c in self.cache)
+        new.moments = None if self.moments is None else tuple(c[keep] for c in self.moments)
+        return new
+
+    def __call__(self, theta: Tensor) -> Tensor:
+        mu, log_sigma = theta[:, 0], theta[:, 1]
+        if self.moments is not None:
+            const, m0, m1, m2, ref = self.moments
+            d = mu - ref
+            # sum_i w_i log q(x_i) with log q(x) = -log sigma - (log 2 pi)/2 - (x - mu)^2 / (2 sigma^2)
+            sq = m2 - 2 * d * m1 + d * d * m0
+            e_log_q = -m0 * (log_sigma + 0.5 * LOG_2PI) - 0.5 * sq * torch.exp(-2 * log_sigma)
+            return const - e_log_q
+        if self.cache is None:
+            return divergence_value(self.divergence, self.estimator, self.mixture, mu, log_sigma)
+        x, w, log_p = self.cache
+        log_q = normal_log_prob(x, mu.unsqueeze(-1), gaussian_sigma2(log_sigma).unsqueeze(-1))
+        return (w * self.divergence.integrand(log_p, log_q)).sum(-1)
+
+    def derivatives(self, theta: Tensor, hessian: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Loss [b], gradient [b, 2] and, if asked, Hessian [b, 2, 2] (rows are independent)."""
+        if self.moments is not None:
+            return self._moment_derivatives(theta, hessian)
+        if (
+            self.cache is None and self.moments is None and self.divergence.measure == "q"
+            and self.estimator.fixed_nodes and self.divergence.log_q_derivatives is not None
+        ):
+            return self._closed_form_derivatives(theta, hessian)
+        theta = theta.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self(theta)
+            (grad,) = torch.autograd.grad(loss.sum(), theta, create_graph=hessian)
+            hess = None
+            if hessian:
+                rows = [torch.autograd.grad(grad[:, i].sum(), theta, retain_graph=i == 0)[0] for i in range(2)]
+                hess = torch.stack(rows, 1).detach()
+        return loss.detach(), grad.detach(), hess
+
+
+    def _moment_derivatives(self, theta: Tensor, hessian: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        r"""Derivatives of the moment form :math:`L = c + m_0(s + \tfrac12\log 2\pi) + \tfrac12 S e^{-2s}`.
+
+        Here :math:`s = \log\sigma`, :math:`d = \mu - \text{ref}` and :math:`S = m_2 - 2 d m_1 + d^2 m_0`.
+        """
+        const, m0, m1, m2, ref = self.moments
+        d, s = theta[:, 0] - ref, theta[:, 1]
+        inv = torch.exp(-2 * s)
+        sq = m2 - 2 * d * m1 + d * d * m0
+        loss = const + m0 * (s + 0.5 * LOG_2PI) + 0.5 * sq * inv
+        g_mu = inv * (d * m0 - m1)
+        grad = torch.stack([g_mu, m0 - sq * inv], -1)
+        if not hessian:
+            return loss, grad, None
+        h_ms = -2 * g_mu
+        hess = torch.stack([torch.stack([inv * m0, h_ms], -1), torch.stack([h_ms, 2 * sq * inv], -1)], -2)
+        return loss, grad, hess
+
+    def _closed_form_derivatives(self, theta: Tensor, hessian: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        r"""Derivatives of :math:`L = \sum_i r_i\, q(x_i)\, \phi(\log p_i, \log q_i)` on fixed nodes.
+
+        With :math:`z = (x - \mu)/\sigma` and :math:`\ell = \log q`, the derivatives in
+        :math:`\theta = (\mu, \log\sigma)` are :math:`\partial\ell = (z/\sigma,\, z^2 - 1)` and
+        :math:`\partial^2\ell = [[-1/\sigma^2, -2z/\sigma], [-2z/\sigma, -2z^2]]`, so
+        :math:`\partial L = \sum w (\phi + \phi')\,\partial\ell` and
+        :math:`\partial^2 L = \sum w [(\phi + 2\phi' + \phi'')\,\partial\ell\,\partial\ell^T
+        + (\phi + \phi')\,\partial^2\ell]` with :math:`w = r\,q`. The same values autograd gives
+        (a test checks it), without building a graph.
+        """
+        mu, log_sigma = theta[:, 0], theta[:, 1]
+        x, w = self.estimator.nodes("q", self.mixture, mu, log_sigma)
+        sigma = torch.exp(log_sigma).unsqueeze(-1)
+        z = (x - mu.unsqueeze(-1)) / sigma
+        log_q = -0.5 * (LOG_2PI + z * z) - log_sigma.unsqueeze(-1)
+        log_p = self.mixture.log_prob(x)
+        phi = self.divergence.integrand(log_p, log_q)
+        d1, d2 = self.divergence.log_q_derivatives(log_p, log_q)
+        dl = torch.stack([z / sigma, z * z - 1.0], -1)
+        loss = (w * phi).sum(-1)
+        a = (w * (phi + d1)).unsqueeze(-1)
+        grad = (a * dl).sum(-2)
+        if not hessian:
+            return loss, grad, None
+        b = (w * (phi + 2 * d1 + d2)).unsqueeze(-1).unsqueeze(-1)
+        outer = (b * dl.unsqueeze(-1) * dl.unsqueeze(-2)).sum(-3)
+        h_mm = -(a[..., 0]).sum(-1) / sigma[:, 0] ** 2
+        h_ms = -2 * (a[..., 0] * z).sum(-1) / sigma[:, 0]
+        h_ss = -2 * (a[..., 0] * z * z).sum(-1)
+        curvature = torch.stack([torch.stack([h_mm, h_ms], -1), torch.stack([h_ms, h_ss], -1)], -2)
+        return loss, grad, outer + curvature
+
+
+@dataclass
+class _Rows:
+    """A group of rows being optimised, with their slices of everything a step needs."""
+
+    rows: Tensor
+    theta: Tensor
+    objective: Objective
+    lr: Tensor
+    max_steps: Tensor
+    tol: Tensor
+    steps: Tensor
+    state: dict[str, Tensor]
+    #: Smallest gradient norm seen since the row entered the Newton group.
+    best: Tensor
+
+    def __len__(self) -> int:
+        return self.rows.numel()
+
+    def subset(self, keep: Tensor) -> _Rows:
+        return _Rows(
+            self.rows[keep], self.theta[keep], self.objective.subset(keep), self.lr[keep],
+            self.max_steps[keep], self.tol[keep], self.steps[keep],
+            {k: v[keep] for k, v in self.state.items()}, self.best[keep],
+        )
+
+    @staticmethod
+    def concat(a: _Rows, b: _Rows) -> _Rows:
+        if not len(b):
+            return a
+        if not len(a):
+            return b
+        cat = torch.cat
+        return _Rows(
+            cat([a.rows, b.rows]), cat([a.theta, b.theta]), _concat_objectives([a.objective, b.objective]),
+            cat([a.lr, b.lr]), cat([a.max_steps, b.max_steps]), cat([a.tol, b.tol]), cat([a.steps, b.steps]),
+            {k: cat([a.state[k], b.state[k]]) for k in a.state}, cat([a.best, b.best]),
+        )
+
+
+class _Outputs:
+    """Full-size result tensors, written as rows finish or improve."""
+
+    def __init__(self, theta0: Tensor):
+        B = theta0.shape[0]
+        nan = torch.full((B,), float("nan"), dtype=theta0.dtype)
+        self.theta, self.loss, self.grad = theta0.clone(), nan, nan.clone()
+        self.steps = torch.zeros(B, dtype=torch.long)
+        self.status = torch.full((B,), int(Status.RUNNING), dtype=torch.long)
+
+    def record(self, group: _Rows, mask: Tensor, loss: Tensor, gnorm: Tensor) -> None:
+        rows = group.rows[mask]
+        self.theta[rows] = group.theta[mask]
+        self.loss[rows], self.grad[rows], self.steps[rows] = loss[mask], gnorm[mask], group.steps[mask]
+
+    def finish(self, group: _Rows, mask: Tensor, status: Status) -> None:
+        self.status[group.rows[mask]] = int(status)
+
+
+def fit(problem: Problem, settings: Settings) -> Result:
+    """Fit Q to P for every row of ``problem`` at once; see the module docstring for the rules."""
+    theta0 = torch.stack([problem.init_mu, 0.5 * torch.log(problem.init_sigma2)], -1)
+    B = theta0.shape[0]
+    out = _Outputs(theta0)
+    first = _Rows(
+        torch.arange(B), theta0, Objective(settings.divergence, settings.estimator, problem.mixture, theta0),
+        problem.lr, problem.max_steps, problem.tol, torch.zeros(B, dtype=torch.long),
+        settings.optimizer.init_state(theta0), torch.full((B,), float("inf"), dtype=theta0.dtype),
+    )
+    second = first.subset(torch.zeros(B, dtype=torch.bool))
+    iteration = 0
+    while len(first) or len(second):
+        check = settings.polish and iteration % settings.check_every == 0
+        first, to_newton = _first_order_step(first, settings, out, check)
+        second, to_first = _newton_step(second, settings, out)
+        first, second = _Rows.concat(first, to_first), _Rows.concat(second, to_newton)
+        iteration += 1
+    return Result(out.theta[:, 0], gaussian_sigma2(out.theta[:, 1]), out.loss, out.grad, out.steps, out.status)
+
+
+def _first_order_step(group: _Rows, settings: Settings, out: _Outputs, check: bool) -> tuple[_Rows, _Rows]:
+    """Evaluate, retire finished rows, hand basin-bound rows to Newton, step the rest."""
+    if not len(group):
+        return group, group
+    loss, grad, hess = group.objective.derivatives(group.theta, hessian=check)
+    gnorm = grad.norm(dim=-1)
+    finite = torch.isfinite(loss) & torch.isfinite(grad).all(-1) & torch.isfinite(group.theta).all(-1)
+    out.record(group, finite, loss, gnorm)
+    converged = finite & (gnorm <= group.tol)
+    budget = finite & ~converged & (group.steps >= group.max_steps)
+    handover = torch.zeros_like(converged)
+    if hess is not None:
+        _, decrement, pd = newton(grad, hess)
+        handover = finite & ~converged & ~budget & pd & (decrement <= settings.handover)
+    out.finish(group, converged, Status.CONVERGED)
+    out.finish(group, ~finite, Status.DIVERGED)
+    out.finish(group, budget, Status.MAX_STEPS)
+    to_newton = group.subset(handover)
+    to_newton.best = torch.full_like(to_newton.best, float("inf"))
+    keep = ~(converged | ~finite | budget | handover)
+    group, grad = group.subset(keep), grad[keep]
+    group.theta = settings.optimizer.step(group.theta, grad, group.lr, group.state)
+    group.steps = group.steps + 1
+    return group, to_newton
+
+
+def _newton_step(group: _Rows, settings: Settings, out: _Outputs) -> tuple[_Rows, _Rows]:
+    """One Newton iteration on the polish group.
+
+    A row stops once its gradient norm is at most ``tol`` and one more Newton step no longer
+    lowers it: quadratic convergence makes that last step take the error from ``tol`` down to
+    rounding level, which is what lets converged fits match closed forms to 1e-8 relative. A row
+    whose Hessian stops being positive definite (it was near a fold of the landscape) goes back to
+    the first-order group from its best point.
+    """
+    if not len(group):
+        return group, group
+    loss, grad, hess = group.objective.derivatives(group.theta, hessian=True)
+    gnorm = grad.norm(dim=-1)
+    step, _, pd = newton(grad, hess)
+    finite = torch.isfinite(loss) & torch.isfinite(grad).all(-1) & torch.isfinite(group.theta).all(-1)
+    better = finite & (gnorm < group.best)
+    out.record(group, better, loss, gnorm)
+    group.best = torch.where(better, gnorm, group.best)
+    converged = group.best <= group.tol
+    done = converged & ~better
+    budget = ~done & (group.steps >= group.max_steps)
+    out.finish(group, done | (budget & converged), Status.CONVERGED)
+    out.finish(group, budget & ~converged, Status.MAX_STEPS)
+    retreat = ~done & ~budget & (~finite | ~pd)
+    to_first = group.subset(retreat)
+    to_first.theta = out.theta[to_first.rows].clone()
+    keep = ~(done | budget | retreat)
+    group, step = group.subset(keep), step[keep]
+    # Cap the step at one e-fold of sigma, or that many sigmas of mu.
+    group.theta = group.theta + step / step.abs().max(-1, keepdim=True).values.clamp_min(1.0)
+    group.steps = group.steps + 1
+    return group, to_first
+
+
+def _concat_objectives(objectives: list[Objective]) -> Objective:
+    first = objectives[0]
+    new = object.__new__(Objective)
+    new.divergence, new.estimator = first.divergence, first.estimator
+    new.mixture = Mixture(*(torch.cat([getattr(o.mixture, f) for o in objectives]) for f in ("means", "variances", "log_weights")))
+    for attr in ("cache", "moments"):
+        parts = [getattr(o, attr) for o in objectives]
+        setattr(new, attr, None if parts[0] is None else tuple(torch.cat(p) for p in zip(*parts)))
+    return new

@@ -1,0 +1,49 @@
+"""Parquet files written atomically, with the versions that produced them in the metadata."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def versions() -> dict[str, str]:
+    import torch
+
+    from kl_sweep import __version__
+
+    return {"kl_sweep": __version__, "torch": torch.__version__, "pandas": pd.__version__, "pyarrow": pa.__version__}
+
+
+def write_parquet(frame: pd.DataFrame, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``frame`` to ``path`` atomically: a temporary file in the same folder, then a rename.
+
+    A reader (or a rerun after a kill) sees either the old file or the whole new one, never a part.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    meta = dict(table.schema.metadata or {})
+    meta[b"kl_sweep"] = json.dumps({**versions(), **(metadata or {})}).encode()
+    table = table.replace_schema_metadata(meta)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            pq.write_table(table, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    raw = pq.read_schema(path).metadata or {}
+    return json.loads(raw.get(b"kl_sweep", b"{}"))

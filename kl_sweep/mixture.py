@@ -1,0 +1,151 @@
+"""Batched one-dimensional Gaussian mixtures P and the Gaussian Q = N(mu, sigma^2).
+
+Every tensor carries a leading batch dimension B (one row per configuration) so that one call
+evaluates many configurations at once. Densities are only ever handled as log densities.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def normal_log_prob(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
+    r"""Log density of :math:`\mathcal N(\text{mean}, \text{var})` at ``x``, in nats.
+
+    ``mean`` and ``var`` broadcast against ``x``; the normalising constant is included, so
+    :math:`\int \exp(\cdot)\,dx = 1` (the original notebook put :math:`2\pi\sigma^2` into the exponent).
+    """
+    return -0.5 * (LOG_2PI + torch.log(var) + (x - mean) ** 2 / var)
+
+
+@dataclass(frozen=True)
+class Mixture:
+    r"""A batch of Gaussian mixtures :math:`p(x) = \sum_k w_k\,\mathcal N(x; m_k, v_k)`.
+
+    ``means``, ``variances`` and ``log_weights`` have shape [B, K]; K is any number of components.
+    """
+
+    means: Tensor
+    variances: Tensor
+    log_weights: Tensor
+
+    @classmethod
+    def two_component(
+        cls, separation: Tensor, weight: Tensor, center: Tensor, component_var: Tensor
+    ) -> Mixture:
+        r"""``weight * N(center - s/2, v) + (1 - weight) * N(center + s/2, v)``, each argument [B]."""
+        half = 0.5 * separation
+        means = torch.stack([center - half, center + half], dim=-1)
+        variances = torch.stack([component_var, component_var], dim=-1)
+        # log1p keeps 1 - weight exact when weight is within 1e-16 of 0.
+        log_weights = torch.stack([torch.log(weight), torch.log1p(-weight)], dim=-1)
+        return cls(means, variances, log_weights)
+
+    def __getitem__(self, index: Tensor) -> Mixture:
+        return Mixture(self.means[index], self.variances[index], self.log_weights[index])
+
+    @property
+    def weights(self) -> Tensor:
+        return torch.exp(self.log_weights)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        r"""Log density at ``x`` of shape [B, N]: [B, N].
+
+        Each weighted component's log density is the quadratic
+        :math:`\ell_k(x) = c_{0k} + c_{1k} x + c_{2k} x^2`; the components are combined with
+        ``logaddexp``, so no density is ever exponentiated.
+        """
+        # Expanding around a point inside P (not 0) keeps c0 + c1 x + c2 x^2 free of cancellation
+        # when P sits far from the origin.
+        ref = self.means.mean(-1, keepdim=True)
+        c0, c1, c2 = (c.unsqueeze(-2) for c in Mixture(self.means - ref, self.variances, self.log_weights).log_quadratic())
+        x = x - ref
+        out = None
+        for k in range(c0.shape[-1]):  # over the K components, not over configurations
+            ell = torch.addcmul(c0[..., k], torch.addcmul(c1[..., k], c2[..., k], x), x)
+            out = ell if out is None else torch.logaddexp(out, ell)
+        return out
+
+    def log_quadratic(self) -> tuple[Tensor, Tensor, Tensor]:
+        r"""Coefficients of :math:`\log w_k + \log\mathcal N(x; m_k, v_k)` in x, each [B, K]."""
+        c2 = -0.5 / self.variances
+        c1 = self.means / self.variances
+        c0 = self.log_weights - 0.5 * (LOG_2PI + torch.log(self.variances)) + c2 * self.means**2
+        return c0, c1, c2
+
+    def mean(self) -> Tensor:
+        r""":math:`E_P[x] = \sum_k w_k m_k`, shape [B]."""
+        return (self.weights * self.means).sum(-1)
+
+    def variance(self) -> Tensor:
+        r""":math:`\mathrm{Var}_P[x] = \sum_k w_k (v_k + (m_k - E_P x)^2)`, shape [B].
+
+        Written around the mean, not as :math:`E[x^2] - E[x]^2`, so nothing cancels.
+        """
+        return (self.weights * (self.variances + (self.means - self.mean().unsqueeze(-1)) ** 2)).sum(-1)
+
+    def crossings(self) -> tuple[Tensor, Tensor]:
+        r"""Where two weighted components are equally dense, and how sharp the switch is there.
+
+        For each pair (j, k), :math:`d(x) = \ell_j(x) - \ell_k(x)` with
+        :math:`\ell_k = \log w_k + \log\mathcal N(x; m_k, v_k)` is a quadratic in x. Around its real
+        roots :math:`\log p` turns from one component's parabola to the other's over a width
+        :math:`1/|d'(r)|`: the one place where :math:`\log p` is not smooth on the scale of the
+        components, and where quadrature needs extra nodes. Complex roots give the vertex of d and
+        the width :math:`|a|^{-1/2}`. Returns ``(points, widths)``, each [B, 2 * K(K-1)/2].
+        """
+        K = self.means.shape[-1]
+        points, widths = [], []
+        for j in range(K):  # K is the number of components (2 here), not the batch
+            for k in range(j + 1, K):
+                mj, mk = self.means[..., j], self.means[..., k]
+                vj, vk = self.variances[..., j], self.variances[..., k]
+                a = 0.5 * (1.0 / vk - 1.0 / vj)
+                b = mj / vj - mk / vk
+                c = (
+                    self.log_weights[..., j]
+                    - self.log_weights[..., k]
+                    - 0.5 * (torch.log(vj) - torch.log(vk))
+                    - 0.5 * (mj**2 / vj - mk**2 / vk)
+                )
+                points_jk, widths_jk = _quadratic_roots(a, b, c)
+                points += points_jk
+                widths += widths_jk
+        return torch.stack(points, -1), torch.stack(widths, -1)
+
+
+def _quadratic_roots(a: Tensor, b: Tensor, c: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """Real roots of a x^2 + b x + c with the width 1/|slope| there; the vertex if complex."""
+    tiny = torch.finfo(a.dtype).tiny
+    disc = b**2 - 4 * a * c
+    linear = a.abs() <= 1e-12 * b.abs().clamp_min(tiny)
+    sqrt_disc = torch.sqrt(disc.clamp_min(0.0))
+    # The numerically stable pair: q = -(b + sign(b) sqrt(disc)) / 2, roots q/a and c/q.
+    sign_b = torch.where(b >= 0, 1.0, -1.0)
+    q = -0.5 * (b + sign_b * sqrt_disc)
+    safe_q = torch.where(q == 0, tiny, q)
+    safe_a = torch.where(linear, 1.0, a)
+    r1 = torch.where(linear, -c / torch.where(b == 0, tiny, b), q / safe_a)
+    r2 = torch.where(linear, r1, c / safe_q)
+    vertex = -b / (2 * safe_a)
+    complex_ = (disc < 0) & ~linear
+    # A constant d (equal components) has no switch: a far-away finite point stands in.
+    r1 = torch.where(complex_, vertex, r1).clamp(-1e300, 1e300)
+    r2 = torch.where(complex_, vertex, r2).clamp(-1e300, 1e300)
+    w_vertex = 1.0 / torch.sqrt(a.abs().clamp_min(tiny))
+    widths = []
+    for r in (r1, r2):
+        slope = torch.where(linear, b, 2 * a * r + b).abs()
+        widths.append(torch.where(complex_, w_vertex, 1.0 / slope.clamp_min(tiny)))
+    return [r1, r2], widths
+
+
+def gaussian_sigma2(log_sigma: Tensor) -> Tensor:
+    """sigma^2 from the optimised log sigma: positive by construction."""
+    return torch.exp(2.0 * log_sigma)

@@ -1,0 +1,152 @@
+"""From configurations to result rows: the columns, the hash, and the batched fit of a table.
+
+A batch is a DataFrame of :data:`~kl_sweep.config.ROW_KEYS` columns (one row per configuration)
+plus the settings every row shares (divergence, estimator, optimiser hyperparameters). The same
+function serves a single run (one row) and every chunk of a sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from kl_sweep.config import ROW_KEYS
+from kl_sweep.divergences import DIVERGENCES, divergence_value
+from kl_sweep.estimators import Quadrature, make_estimator
+from kl_sweep.fit import Problem, Settings, Status, fit
+from kl_sweep.mixture import Mixture
+from kl_sweep.optim import make_optimizer
+
+#: The result table's columns, in order (a contract: analysis and tests read these names).
+COLUMNS = [
+    "divergence", "estimator", "optimizer", "lr", "separation", "weight", "center", "component_var",
+    "init_mu", "init_sigma2", "mu", "sigma2", "loss", "kl_forward", "kl_reverse", "grad_norm", "steps",
+    "converged", "status", "config_hash", "max_steps", "tol", "fit_seconds",
+]
+#: Columns that measure time, not results: they differ between otherwise identical runs.
+TIMING_COLUMNS = ["fit_seconds"]
+
+#: The accurate quadrature every reported divergence is evaluated with, whatever the estimator.
+ACCURATE = Quadrature(nodes_per_panel=12)
+
+_DTYPES = {float: "float64", int: "int64"}
+
+
+def config_values(cfg: DictConfig) -> dict[str, Any]:
+    """Every key that affects a result, flattened to dotted names (``optimizer.lr``)."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    container.pop("hydra", None)
+    return _flatten(container)
+
+
+def _flatten(node: Mapping, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def split_values(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(row values, shared values): the keys that may vary inside a batch, and the rest."""
+    rows = {k: v for k, v in values.items() if k in ROW_KEYS}
+    shared = {k: v for k, v in values.items() if k not in ROW_KEYS}
+    return rows, shared
+
+
+def rows_frame(columns: Mapping[str, Any], length: int | None = None) -> pd.DataFrame:
+    """A batch frame with every row key, cast to its schema type (``separation=3`` is 3.0)."""
+    frame = pd.DataFrame({k: columns[k] for k in ROW_KEYS}, index=None if length is None else range(length))
+    return frame.astype({k: _DTYPES[t] for k, t in ROW_KEYS.items()})
+
+
+def config_hashes(rows: pd.DataFrame, shared: Mapping[str, Any]) -> np.ndarray:
+    """A stable 16-hex-digit hash per row of every key that affects its result.
+
+    The row keys are hashed as typed columns and the shared settings as one canonical JSON string,
+    with pandas' fixed-key hashing: the same configuration gets the same hash in any run, batch
+    or process, which is what resuming a sweep matches on.
+    """
+    frame = rows_frame(rows, len(rows)).reset_index(drop=True)
+    frame["__shared__"] = json.dumps(dict(sorted(shared.items())), sort_keys=True, default=str)
+    hashed = pd.util.hash_pandas_object(frame, index=False).to_numpy()
+    return np.char.mod("%016x", hashed)
+
+
+def settings_from(shared: Mapping[str, Any]) -> Settings:
+    """The fit settings from the shared (flattened) config values."""
+    estimator_options = {k.split(".", 1)[1]: v for k, v in shared.items() if k.startswith("estimator.") and k != "estimator.name"}
+    optimizer_options = {
+        k.split(".", 1)[1]: v for k, v in shared.items()
+        if k.startswith("optimizer.") and k != "optimizer.name" and k not in ROW_KEYS
+    }
+    return Settings(
+        divergence=DIVERGENCES[shared["divergence.name"]],
+        estimator=make_estimator(shared["estimator.name"], **estimator_options),
+        optimizer=make_optimizer(shared["optimizer.name"], **optimizer_options),
+        polish=bool(shared.get("polish", True)),
+    )
+
+
+def run_rows(rows: pd.DataFrame, shared: Mapping[str, Any]) -> pd.DataFrame:
+    """Fit every row of ``rows`` in one batch and return the result table (:data:`COLUMNS`)."""
+    tic = time.perf_counter()
+    rows = rows_frame(rows, len(rows)).reset_index(drop=True)
+    col = {k: torch.tensor(rows[k].to_numpy(dtype="float64")) for k in ROW_KEYS}
+    mixture = Mixture.two_component(col["separation"], col["weight"], col["center"], col["component_var"])
+    problem = Problem(
+        mixture=mixture,
+        init_mu=col["init_mu"],
+        init_sigma2=col["init_sigma2"],
+        lr=col["optimizer.lr"],
+        max_steps=torch.tensor(rows["optimizer.max_steps"].to_numpy(dtype="int64")),
+        tol=col["optimizer.tol"],
+    )
+    result = fit(problem, settings_from(shared))
+    log_sigma = 0.5 * torch.log(result.sigma2)
+    with torch.no_grad():
+        kl = {
+            name: divergence_value(div, ACCURATE, mixture, result.mu, log_sigma).numpy()
+            for name, div in DIVERGENCES.items()
+        }
+    status = result.status.numpy()
+    labels = np.array([s.label for s in Status], dtype=object)
+    n = len(rows)
+    out = pd.DataFrame(
+        {
+            "divergence": shared["divergence.name"],
+            "estimator": shared["estimator.name"],
+            "optimizer": shared["optimizer.name"],
+            "lr": rows["optimizer.lr"],
+            "separation": rows["separation"],
+            "weight": rows["weight"],
+            "center": rows["center"],
+            "component_var": rows["component_var"],
+            "init_mu": rows["init_mu"],
+            "init_sigma2": rows["init_sigma2"],
+            "mu": result.mu.numpy(),
+            "sigma2": result.sigma2.numpy(),
+            "loss": kl[shared["divergence.name"]],
+            "kl_forward": kl["forward"],
+            "kl_reverse": kl["reverse"],
+            "grad_norm": result.grad_norm.numpy(),
+            "steps": result.steps.numpy(),
+            "converged": status == Status.CONVERGED,
+            "status": labels[status],
+            "config_hash": config_hashes(rows, shared),
+            "max_steps": rows["optimizer.max_steps"],
+            "tol": rows["optimizer.tol"],
+            "fit_seconds": (time.perf_counter() - tic) / max(n, 1),
+        }
+    )
+    return out[COLUMNS]

@@ -1,0 +1,118 @@
+"""Every allowed range, in one place, checked on whole columns at once.
+
+A single run checks its one value per key; a sweep checks each key's full column before any fit
+starts, so one bad value among thousands stops everything with a message naming it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from hydra.errors import CompactHydraException
+
+from kl_sweep.divergences import DIVERGENCES
+
+ESTIMATORS = ("quadrature", "grid", "mc")
+OPTIMIZERS = ("adam", "sgd")
+
+
+class ConfigError(CompactHydraException, ValueError):
+    """A value outside what kl-sweep allows. Hydra prints its one-line message, no traceback."""
+
+    def __init__(self, key: str, value: Any, allowed: str, context: str = ""):
+        self.key, self.value, self.allowed = key, value, allowed
+        where = f" ({context})" if context else ""
+        super().__init__(f"kl_sweep: invalid {key}={_show(value)}{where}: allowed is {allowed}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))
+    if isinstance(value, (np.generic,)):
+        return repr(value.item())
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+@dataclass(frozen=True)
+class Rule:
+    allowed: str
+    ok: Callable[[np.ndarray], np.ndarray]
+
+
+def _numeric(v: np.ndarray) -> np.ndarray:
+    return np.asarray(v, dtype=np.float64)
+
+
+def _finite(lo: float = -np.inf, hi: float = np.inf, lo_open: bool = False, hi_open: bool = False) -> Callable:
+    def ok(v: np.ndarray) -> np.ndarray:
+        x = _numeric(v)
+        above = x > lo if lo_open else x >= lo
+        below = x < hi if hi_open else x <= hi
+        return np.isfinite(x) & above & below
+
+    return ok
+
+
+def _integer(lo: int, hi: int) -> Callable:
+    def ok(v: np.ndarray) -> np.ndarray:
+        x = _numeric(v)
+        return np.isfinite(x) & (x == np.round(x)) & (x >= lo) & (x <= hi)
+
+    return ok
+
+
+def _choice(options: tuple[str, ...]) -> Rule:
+    return Rule("one of " + ", ".join(options), lambda v: np.isin(np.asarray(v, dtype=object), options))
+
+
+RULES: dict[str, Rule] = {
+    "separation": Rule("a finite number >= 0", _finite(0.0)),
+    "weight": Rule("a number strictly between 0 and 1", _finite(0.0, 1.0, lo_open=True, hi_open=True)),
+    "center": Rule("a finite number", _finite()),
+    "component_var": Rule("a finite number > 0", _finite(0.0, lo_open=True)),
+    "init_mu": Rule("a finite number", _finite()),
+    "init_sigma2": Rule("a finite number > 0", _finite(0.0, lo_open=True)),
+    "divergence.name": _choice(tuple(DIVERGENCES)),
+    "estimator.name": _choice(ESTIMATORS),
+    "estimator.nodes_per_panel": Rule("an integer from 2 to 64", _integer(2, 64)),
+    "estimator.num_points": Rule("an integer from 3 to 1000000", _integer(3, 1_000_000)),
+    "estimator.num_samples": Rule("an integer from 2 to 10000000", _integer(2, 10_000_000)),
+    "estimator.seed": Rule("an integer from 0 to 2**63 - 1", _integer(0, 2**63 - 1)),
+    "optimizer.name": _choice(OPTIMIZERS),
+    "optimizer.lr": Rule("a finite number > 0", _finite(0.0, lo_open=True)),
+    "optimizer.max_steps": Rule("an integer from 1 to 10000000", _integer(1, 10_000_000)),
+    "optimizer.tol": Rule("a finite number > 0", _finite(0.0, lo_open=True)),
+    "optimizer.beta1": Rule("a number in [0, 1)", _finite(0.0, 1.0, hi_open=True)),
+    "optimizer.beta2": Rule("a number in [0, 1)", _finite(0.0, 1.0, hi_open=True)),
+    "optimizer.eps": Rule("a finite number > 0", _finite(0.0, lo_open=True)),
+    "optimizer.momentum": Rule("a number in [0, 1)", _finite(0.0, 1.0, hi_open=True)),
+}
+
+
+def validate(values: Mapping[str, Any], context: Callable[[str, Any], str] | None = None) -> None:
+    """Check every key of ``values`` that has a rule; each value may be a scalar or a column.
+
+    Raises :class:`ConfigError` for the first bad value, naming the key, the value and the range;
+    ``context(key, value)`` may add where the value came from (the override, in a sweep).
+    """
+    for key, rule in RULES.items():
+        if key not in values:
+            continue
+        column = np.atleast_1d(np.asarray(values[key], dtype=object))
+        try:
+            good = np.asarray(rule.ok(column), dtype=bool)
+        except (TypeError, ValueError):
+            good = np.array([_scalar_ok(rule, v) for v in column], dtype=bool)
+        if not good.all():
+            bad = column[int(np.argmin(good))]
+            raise ConfigError(key, bad, rule.allowed, context(key, bad) if context else "")
+
+
+def _scalar_ok(rule: Rule, value: Any) -> bool:
+    try:
+        return bool(rule.ok(np.array([value]))[0])
+    except (TypeError, ValueError):
+        return False
