@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 
 import kl_sweep.config  # noqa: F401  (registers the structured configs)
 from kl_sweep.io import write_parquet
+from kl_sweep.sweep import run_shard
 from kl_sweep.table import config_values, rows_frame, run_rows, split_values
 from kl_sweep.validate import validate
 
@@ -24,8 +25,11 @@ CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 def run(cfg: DictConfig, output_dir: str | Path) -> float:
     """Fit one configuration, write its one-row ``results.parquet`` into ``output_dir``, return the loss.
 
-    Validation comes first: a bad value raises before any fit and nothing is written.
+    Validation comes first: a bad value raises before any fit and nothing is written. A job the
+    kl_sweep sweeper launches carries ``shard``: it fits that shard's rows instead.
     """
+    if cfg.get("shard"):
+        return float(run_shard(cfg.shard))
     values = config_values(cfg)
     validate(values)
     row_values, shared = split_values(values)

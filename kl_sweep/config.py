@@ -7,7 +7,7 @@ rejects ``separation=abc`` while composing. Ranges are checked in :mod:`kl_sweep
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -66,6 +66,7 @@ class KLSweepConfig:
     init_mu: float = 1.0  # starting mean of Q
     init_sigma2: float = 1.0  # starting variance of Q
     polish: bool = True  # Newton polish once the optimiser has chosen its basin
+    shard: Optional[str] = None  # set by the kl_sweep sweeper: fit the rows of this shard file
     divergence: Any = MISSING
     estimator: Any = MISSING
     optimizer: Any = MISSING

@@ -34,6 +34,22 @@ def kl_reverse(log_p: Tensor, log_q: Tensor) -> Tensor:
     return log_q - log_p
 
 
+def kl_density_term(log_a: Tensor, log_b: Tensor) -> Tensor:
+    r"""Pointwise non-negative density of :math:`\mathrm{KL}(A\Vert B)`: :math:`a\,(\delta + e^{-\delta} - 1)`.
+
+    With :math:`\delta = \log a - \log b` this is :math:`a\delta + b - a`; the added :math:`b - a`
+    integrates to 0 when the nodes cover both A and B, so the integral is the KL, but each term is
+    non-negative: a KL of 1e-12 keeps its digits and is never negative. For :math:`|\delta| < 1`
+    ``expm1`` avoids the cancellation of :math:`b - a`; elsewhere the three terms are exponentiated
+    separately, so a density that underflows (a narrow P seen from a wide Q) loses nothing.
+    """
+    delta = log_a - log_b
+    a, b = torch.exp(log_a), torch.exp(log_b)
+    near = delta.abs() < 1.0
+    small = a * (delta + torch.expm1(-torch.where(near, delta, 0.0)))
+    return torch.where(near, small, a * delta + b - a)
+
+
 @dataclass(frozen=True)
 class Divergence:
     """``measure``: the distribution the expectation is under; ``integrand(log_p, log_q)``.
@@ -49,13 +65,16 @@ class Divergence:
     integrand: Callable[[Tensor, Tensor], Tensor]
     affine_in_log_q: bool = False
     log_q_derivatives: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+    #: ``(log_p, log_q) -> density-weighted non-negative term`` to integrate dx over P and Q's mass.
+    exact_term: Callable[[Tensor, Tensor], Tensor] | None = None
 
 
 DIVERGENCES: dict[str, Divergence] = {
-    "forward": Divergence("forward", "p", kl_forward, affine_in_log_q=True),
+    "forward": Divergence("forward", "p", kl_forward, affine_in_log_q=True, exact_term=kl_density_term),
     "reverse": Divergence(
         "reverse", "q", kl_reverse,
         log_q_derivatives=lambda log_p, log_q: (torch.ones_like(log_q), torch.zeros_like(log_q)),
+        exact_term=lambda log_p, log_q: kl_density_term(log_q, log_p),
     ),
 }
 
@@ -74,3 +93,22 @@ def divergence_value(
     """The divergence in nats for every row, shape [B], differentiable in (mu, log_sigma)."""
     x, w = estimator.nodes(divergence.measure, mixture, mu, log_sigma)
     return (w * integrand_terms(divergence, x, mixture, mu, log_sigma)).sum(-1)
+
+
+def divergence_exact(
+    divergence: Divergence, mixture: Mixture, mu: Tensor, log_sigma: Tensor, nodes_per_panel: int = 12
+) -> Tensor:
+    """The divergence in nats to near rounding level: what every reported value is.
+
+    Composite Gauss-Legendre with panels over both P's and Q's mass, integrating the divergence's
+    :attr:`~Divergence.exact_term` (exact for tiny and huge values alike) where it has one.
+    """
+    from kl_sweep.estimators import Quadrature, measure_log_prob
+
+    x, rule = Quadrature(nodes_per_panel).rule("pq", mixture, mu, log_sigma)
+    log_q = normal_log_prob(x, mu.unsqueeze(-1), gaussian_sigma2(log_sigma).unsqueeze(-1))
+    log_p = mixture.log_prob(x)
+    if divergence.exact_term is not None:
+        return (rule * divergence.exact_term(log_p, log_q)).sum(-1)
+    density = torch.exp(measure_log_prob(divergence.measure, x, mixture, mu, log_sigma))
+    return (rule * density * divergence.integrand(log_p, log_q)).sum(-1)

@@ -46,8 +46,11 @@ class Estimator(Protocol):
     fixed_nodes: bool
 
 
-def support(measure: Measure, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> tuple[Tensor, Tensor]:
-    """An interval [lo, hi] per row holding all but 1e-32 of the measure's mass."""
+def support(measure: Measure | str, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """An interval [lo, hi] per row holding all but 1e-32 of the measure's mass ("pq": of both)."""
+    if measure == "pq":
+        (lo_p, hi_p), (lo_q, hi_q) = (support(m, mixture, mu, log_sigma) for m in ("p", "q"))
+        return torch.minimum(lo_p, lo_q), torch.maximum(hi_p, hi_q)
     if measure == "q":
         sd = torch.exp(log_sigma)
         return mu - SUPPORT_SDS * sd, mu + SUPPORT_SDS * sd
@@ -86,22 +89,30 @@ class Quadrature:
     def nodes(
         self, measure: Measure, mixture: Mixture, mu: Tensor, log_sigma: Tensor
     ) -> tuple[Tensor, Tensor]:
+        x, rule = self.rule(measure, mixture, mu, log_sigma)
+        return x, rule * torch.exp(measure_log_prob(measure, x, mixture, mu, log_sigma))
+
+    def rule(self, cover: str, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """Nodes and plain quadrature weights for integrals dx over the mass of ``cover`` ("p", "q", "pq")."""
         with torch.no_grad():
-            edges = self.edges(measure, mixture, mu, log_sigma)
+            edges = self.edges(cover, mixture, mu, log_sigma)
             t, w = (torch.as_tensor(a, dtype=edges.dtype) for a in _legendre(self.nodes_per_panel))
             left, right = edges[..., :-1, None], edges[..., 1:, None]
             half = 0.5 * (right - left)
             x = (left + half * (t + 1.0)).flatten(-2)
-            rule = (half * w).flatten(-2)
-        return x, rule * torch.exp(measure_log_prob(measure, x, mixture, mu, log_sigma))
+            return x, (half * w).flatten(-2)
 
-    def edges(self, measure: Measure, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> Tensor:
+    def edges(self, measure: Measure | str, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> Tensor:
         lo, hi = support(measure, mixture, mu, log_sigma)
         scale = torch.as_tensor(SCALE_OFFSETS, dtype=mu.dtype)
-        if measure == "q":
-            centres, sds = mu.unsqueeze(-1), torch.exp(log_sigma).unsqueeze(-1)
-        else:
-            centres, sds = mixture.means, torch.sqrt(mixture.variances)
+        centres, sds = [], []
+        if "q" in measure:
+            centres.append(mu.unsqueeze(-1))
+            sds.append(torch.exp(log_sigma).unsqueeze(-1))
+        if "p" in measure:
+            centres.append(mixture.means)
+            sds.append(torch.sqrt(mixture.variances))
+        centres, sds = torch.cat(centres, -1), torch.cat(sds, -1)
         points = [(centres.unsqueeze(-1) + sds.unsqueeze(-1) * scale).flatten(-2)]
         switch, width = mixture.crossings()
         if switch.shape[-1] == 2 and torch.equal(switch[..., 0], switch[..., 1]):

@@ -210,7 +210,7 @@ class _Rows:
     def __len__(self) -> int:
         return self.rows.numel()
 
-    def subset(self, keep: Tensor) -> _Rows:
+    def subset(self, keep: Tensor) -> "_Rows":
         return _Rows(
             self.rows[keep], self.theta[keep], self.objective.subset(keep), self.lr[keep],
             self.max_steps[keep], self.tol[keep], self.steps[keep],

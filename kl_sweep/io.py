@@ -37,6 +37,9 @@ def write_parquet(frame: pd.DataFrame, path: str | Path, metadata: dict[str, str
             pq.write_table(table, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are ordinary files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -18,8 +18,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from kl_sweep.config import ROW_KEYS
-from kl_sweep.divergences import DIVERGENCES, divergence_value
-from kl_sweep.estimators import Quadrature, make_estimator
+from kl_sweep.divergences import DIVERGENCES, divergence_exact
+from kl_sweep.estimators import make_estimator
 from kl_sweep.fit import Problem, Settings, Status, fit
 from kl_sweep.mixture import Mixture
 from kl_sweep.optim import make_optimizer
@@ -33,16 +33,17 @@ COLUMNS = [
 #: Columns that measure time, not results: they differ between otherwise identical runs.
 TIMING_COLUMNS = ["fit_seconds"]
 
-#: The accurate quadrature every reported divergence is evaluated with, whatever the estimator.
-ACCURATE = Quadrature(nodes_per_panel=12)
-
 _DTYPES = {float: "float64", int: "int64"}
 
 
 def config_values(cfg: DictConfig) -> dict[str, Any]:
     """Every key that affects a result, flattened to dotted names (``optimizer.lr``)."""
-    container = OmegaConf.to_container(cfg, resolve=True)
-    container.pop("hydra", None)
+    # Resolve node by node, leaving out ``hydra`` (its job fields are unset while a sweep plans).
+    container = {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        for key in cfg.keys()
+        if key != "hydra"
+    }
     return _flatten(container)
 
 
@@ -66,7 +67,8 @@ def split_values(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
 
 def rows_frame(columns: Mapping[str, Any], length: int | None = None) -> pd.DataFrame:
     """A batch frame with every row key, cast to its schema type (``separation=3`` is 3.0)."""
-    frame = pd.DataFrame({k: columns[k] for k in ROW_KEYS}, index=None if length is None else range(length))
+    data = {k: columns[k].to_numpy() if isinstance(columns[k], pd.Series) else columns[k] for k in ROW_KEYS}
+    frame = pd.DataFrame(data, index=None if length is None else range(length))
     return frame.astype({k: _DTYPES[t] for k, t in ROW_KEYS.items()})
 
 
@@ -116,7 +118,7 @@ def run_rows(rows: pd.DataFrame, shared: Mapping[str, Any]) -> pd.DataFrame:
     log_sigma = 0.5 * torch.log(result.sigma2)
     with torch.no_grad():
         kl = {
-            name: divergence_value(div, ACCURATE, mixture, result.mu, log_sigma).numpy()
+            name: divergence_exact(div, mixture, result.mu, log_sigma).numpy()
             for name, div in DIVERGENCES.items()
         }
     status = result.status.numpy()

@@ -1,0 +1,37 @@
+
+from typing import Any, Dict, List, Optional
+
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig
+
+from .config import KLSweepSweeperConf  # noqa: F401  (registers the config)
+
+
+class KLSweepSweeper(Sweeper):
+    """Expands the sweep into a table, fits it in batched chunks, writes ``results.parquet``."""
+
+    def __init__(
+        self,
+        params: Optional[Dict[str, str]] = None,
+        chunk_size: int = 8192,
+        shards: int = 1,
+        shard_size: Optional[int] = None,
+        latest_link: Optional[str] = "multirun/latest",
+    ) -> None:
+        self.options = dict(
+            params=dict(params or {}), chunk_size=chunk_size, shards=shards,
+            shard_size=shard_size, latest_link=latest_link,
+        )
+        self.hydra_context: Optional[HydraContext] = None
+        self.task_function: Optional[TaskFunction] = None
+        self.config: Optional[DictConfig] = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
+
+    def sweep(self, arguments: List[str]) -> Any:
+        from ._core import run_sweep
+
+        assert self.hydra_context is not None and self.task_function is not None and self.config is not None
+        return run_sweep(self.hydra_context, self.task_function, self.config, arguments, **self.options)

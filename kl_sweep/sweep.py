@@ -1,0 +1,119 @@
+"""The Hydra-free half of a sweep: products of values, shard files, chunked fits, progress.
+
+The sweeper plugin (``hydra_plugins/kl_sweep_sweeper``) parses overrides and composes configs;
+everything here works on plain frames and dicts so it can be tested without Hydra.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+
+from kl_sweep.collect import PARTS, result_files
+from kl_sweep.config import ROW_KEYS
+from kl_sweep.io import write_parquet
+from kl_sweep.table import run_rows
+
+log = logging.getLogger("kl_sweep.sweep")
+
+
+def product(values: Mapping[str, Sequence[Any]]) -> pd.DataFrame:
+    """Cartesian product, first key slowest and last key fastest (Hydra's basic sweeper's order).
+
+    Built from index arithmetic on whole arrays, so a million rows cost no Python loop.
+    """
+    sizes = [len(v) for v in values.values()]
+    total = math.prod(sizes)
+    position = np.arange(total, dtype=np.int64)
+    columns = {}
+    stride = total
+    for (key, options), size in zip(values.items(), sizes):
+        stride //= size
+        index = (position // stride) % size
+        columns[key] = np.asarray(options, dtype=object)[index] if size else np.empty(0, dtype=object)
+    return pd.DataFrame(columns, index=pd.RangeIndex(total))
+
+
+def finished_hashes(sweep_dir: Path) -> set[str]:
+    """Hashes of the configurations that already have a row in ``sweep_dir`` (any layout)."""
+    done: set[str] = set()
+    for path, _ in result_files(sweep_dir):
+        done.update(pq.read_table(path, columns=["config_hash"]).column(0).to_pylist())
+    return done
+
+
+def write_shard(path: Path, rows: pd.DataFrame, groups: list[dict[str, Any]], sweep_id: str, sweep_dir: Path, chunk_size: int) -> Path:
+    """A shard file: the rows one job fits, and (in its metadata) the settings they share."""
+    spec = {"groups": groups, "sweep_id": sweep_id, "sweep_dir": str(sweep_dir), "chunk_size": chunk_size}
+    return write_parquet(rows, path, metadata={"shard": json.dumps(spec, default=str)})
+
+
+def run_shard(path: str | Path) -> int:
+    """Fit every row of a shard file in chunks; each chunk lands atomically in ``parts/``.
+
+    Returns the number of rows fitted. Chunks are fitted group by group (rows of one group share
+    a divergence, estimator and optimiser), at most ``chunk_size`` rows at a time, so memory stays
+    flat however large the shard.
+    """
+    from kl_sweep.io import read_metadata
+
+    spec = json.loads(read_metadata(path)["shard"])
+    rows = pd.read_parquet(path)
+    parts = Path(spec["sweep_dir"]) / PARTS
+    chunk_size = int(spec["chunk_size"])
+    progress = Progress(len(rows))
+    for group, frame in rows.groupby("group", sort=True):
+        shared = spec["groups"][int(group)]
+        for start in range(0, len(frame), chunk_size):  # over chunks of configurations
+            chunk = frame.iloc[start : start + chunk_size]
+            result = run_rows(chunk, shared)
+            result.insert(len(result.columns), "sweep_id", spec["sweep_id"])
+            result.insert(len(result.columns), "job_num", chunk["job_num"].to_numpy())
+            first, last = int(chunk["job_num"].iloc[0]), int(chunk["job_num"].iloc[-1])
+            write_parquet(result, parts / f"part-{first:012d}-{last:012d}-{len(chunk)}.parquet")
+            progress.update(len(chunk))
+    progress.close()
+    return len(rows)
+
+
+class Progress:
+    """A tqdm bar on a terminal; plain log lines (done of total, rate, time left) otherwise."""
+
+    def __init__(self, total: int, every: float = 5.0):
+        self.total, self.done, self.every = total, 0, every
+        self.start = self.last = time.perf_counter()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="cfg", desc="kl_sweep", smoothing=0.1)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if now - self.last >= self.every or self.done == self.total:
+            self.last = now
+            rate = self.done / max(now - self.start, 1e-9)
+            left = (self.total - self.done) / rate if rate > 0 else float("inf")
+            log.info(f"{self.done}/{self.total} configurations, {rate:.0f}/s, {left:.0f} s left")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def row_columns(rows: pd.DataFrame) -> list[str]:
+    return [k for k in ROW_KEYS if k in rows.columns]
