@@ -10,7 +10,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-import kl_sweep.config  # noqa: F401  (registers the structured configs)
+from kl_sweep.config import CONFIG_DIR
 from kl_sweep.io import write_parquet
 from kl_sweep.sweep import run_shard
 from kl_sweep.table import config_values, rows_frame, run_rows, split_values
@@ -18,8 +18,6 @@ from kl_sweep.validate import validate
 
 log = logging.getLogger("kl_sweep")
 RESULTS = "results.parquet"
-#: The repository's ``conf/``, found from this file so the app runs from any working directory.
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def run(cfg: DictConfig, output_dir: str | Path) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from hydra._internal.utils import get_args_parser
@@ -24,17 +25,23 @@ EXIT_BAD_INPUT = 2
 
 def preflight(argv: list[str]) -> str | None:
     """The one-line error for ``argv``, or None when it composes and validates."""
-    from kl_sweep.app import CONFIG_DIR
-    from kl_sweep.table import config_values
+    from kl_sweep.config import CONFIG_DIR, config_values
     from kl_sweep.validate import ConfigError, validate
 
     args, _ = get_args_parser().parse_known_args(argv)
-    if args.help or args.hydra_help or args.info or args.shell_completion or args.config_path or args.config_dir:
+    if (
+        args.help
+        or args.hydra_help
+        or args.info
+        or args.shell_completion
+        or args.config_path
+        or args.config_dir
+    ):
         return None
     try:
         overrides = OverridesParser.create().parse_overrides(args.overrides)
-    except HydraException as ex:
-        return f"kl_sweep: malformed override: {_first_line(ex)}"
+    except HydraException:
+        return malformed(args.overrides)
     if args.multirun:
         overrides = [o for o in overrides if not o.is_sweep_override()]
     fixed = [o.input_line for o in overrides]
@@ -60,12 +67,37 @@ def preflight(argv: list[str]) -> str | None:
     return None
 
 
+def malformed(lines: list[str]) -> str:
+    """The message for the first override Hydra's grammar rejects."""
+    parser = OverridesParser.create()
+    for line in lines:
+        try:
+            parser.parse_overrides([line])
+        except HydraException as ex:
+            return f"kl_sweep: malformed override {line!r}: {_first_line(ex)}"
+    return "kl_sweep: malformed overrides"
+
+
 def _first_line(ex: BaseException) -> str:
     text = str(ex).strip()
     return text.splitlines()[0] if text else type(ex).__name__
 
 
+def ensure_plugin_discoverable() -> None:
+    """Make Hydra find the kl_sweep sweeper however the project was installed.
+
+    Hydra scans ``hydra_plugins.__path__``; some editable installs of a flat layout leave the
+    repository's folder off it (hydra issue 2359), so add it when it is missing.
+    """
+    import hydra_plugins
+
+    here = str(Path(__file__).resolve().parent.parent / "hydra_plugins")
+    if here not in [str(Path(p).resolve()) for p in hydra_plugins.__path__ if Path(p).exists()]:
+        hydra_plugins.__path__.append(here)
+
+
 def main() -> None:
+    ensure_plugin_discoverable()
     if not os.environ.get("HYDRA_FULL_ERROR"):
         error = preflight(sys.argv[1:])
         if error:

@@ -6,11 +6,20 @@ rejects ``separation=abc`` while composing. Ranges are checked in :mod:`kl_sweep
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+#: The repository's ``conf/``, found from this file so the app runs from any working directory.
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+#: The divergences :mod:`kl_sweep.divergences` implements (checked there).
+DIVERGENCE_NAMES = ("forward", "reverse")
+ESTIMATOR_NAMES = ("quadrature", "grid", "mc")
+OPTIMIZER_NAMES = ("adam", "sgd")
 
 
 @dataclass
@@ -66,7 +75,7 @@ class KLSweepConfig:
     init_mu: float = 1.0  # starting mean of Q
     init_sigma2: float = 1.0  # starting variance of Q
     polish: bool = True  # Newton polish once the optimiser has chosen its basin
-    shard: Optional[str] = None  # set by the kl_sweep sweeper: fit the rows of this shard file
+    shard: str | None = None  # set by the kl_sweep sweeper: fit the rows of this shard file
     divergence: Any = MISSING
     estimator: Any = MISSING
     optimizer: Any = MISSING
@@ -85,6 +94,35 @@ ROW_KEYS: dict[str, type] = {
     "optimizer.max_steps": int,
     "optimizer.tol": float,
 }
+
+
+def config_values(cfg: DictConfig) -> dict[str, Any]:
+    """Every key that affects a result, flattened to dotted names (``optimizer.lr``)."""
+    # Resolve node by node, leaving out ``hydra`` (its job fields are unset while a sweep plans).
+    container = {
+        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+        for key in cfg.keys()
+        if key != "hydra"
+    }
+    return _flatten(container)
+
+
+def _flatten(node: Mapping, prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def split_values(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(row values, shared values): the keys that may vary inside a batch, and the rest."""
+    rows = {k: v for k, v in values.items() if k in ROW_KEYS}
+    shared = {k: v for k, v in values.items() if k not in ROW_KEYS}
+    return rows, shared
 
 
 def register_configs() -> None:

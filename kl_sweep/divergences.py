@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kl_sweep.config import DIVERGENCE_NAMES
 from kl_sweep.estimators import Estimator, Measure
 from kl_sweep.mixture import Mixture, gaussian_sigma2, normal_log_prob
 
@@ -35,7 +36,7 @@ def kl_reverse(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 def kl_density_term(log_a: Tensor, log_b: Tensor) -> Tensor:
-    r"""Pointwise non-negative density of :math:`\mathrm{KL}(A\Vert B)`: :math:`a\,(\delta + e^{-\delta} - 1)`.
+    r"""Pointwise non-negative density of KL(A||B): :math:`a\,(\delta + e^{-\delta} - 1)`.
 
     With :math:`\delta = \log a - \log b` this is :math:`a\delta + b - a`; the added :math:`b - a`
     integrates to 0 when the nodes cover both A and B, so the integral is the KL, but each term is
@@ -72,11 +73,15 @@ class Divergence:
 DIVERGENCES: dict[str, Divergence] = {
     "forward": Divergence("forward", "p", kl_forward, affine_in_log_q=True, exact_term=kl_density_term),
     "reverse": Divergence(
-        "reverse", "q", kl_reverse,
+        "reverse",
+        "q",
+        kl_reverse,
         log_q_derivatives=lambda log_p, log_q: (torch.ones_like(log_q), torch.zeros_like(log_q)),
         exact_term=lambda log_p, log_q: kl_density_term(log_q, log_p),
     ),
 }
+
+assert tuple(DIVERGENCES) == DIVERGENCE_NAMES, "kl_sweep.config.DIVERGENCE_NAMES lists the divergences"
 
 
 def integrand_terms(

@@ -60,9 +60,7 @@ def support(measure: Measure | str, mixture: Mixture, mu: Tensor, log_sigma: Ten
     return lo, hi
 
 
-def measure_log_prob(
-    measure: Measure, x: Tensor, mixture: Mixture, mu: Tensor, log_sigma: Tensor
-) -> Tensor:
+def measure_log_prob(measure: Measure, x: Tensor, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> Tensor:
     if measure == "q":
         return normal_log_prob(x, mu.unsqueeze(-1), gaussian_sigma2(log_sigma).unsqueeze(-1))
     return mixture.log_prob(x)

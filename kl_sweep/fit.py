@@ -11,7 +11,7 @@ first-order method only hovers around the optimum, Newton converges quadraticall
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from enum import IntEnum
 
 import torch
@@ -71,7 +71,7 @@ class Result:
 
 
 class Objective:
-    """The divergence of each active row as a function of theta = (mu, log sigma).
+    r"""The divergence of each active row as a function of theta = (mu, log sigma).
 
     When the estimator's nodes do not move with Q (expectations under P), they are computed once
     per fit. If moreover the integrand is ``g(log p) - log q`` (forward KL), the expectation is
@@ -125,8 +125,11 @@ class Objective:
         if self.moments is not None:
             return self._moment_derivatives(theta, hessian)
         if (
-            self.cache is None and self.moments is None and self.divergence.measure == "q"
-            and self.estimator.fixed_nodes and self.divergence.log_q_derivatives is not None
+            self.cache is None
+            and self.moments is None
+            and self.divergence.measure == "q"
+            and self.estimator.fixed_nodes
+            and self.divergence.log_q_derivatives is not None
         ):
             return self._closed_form_derivatives(theta, hessian)
         theta = theta.detach().requires_grad_(True)
@@ -135,10 +138,11 @@ class Objective:
             (grad,) = torch.autograd.grad(loss.sum(), theta, create_graph=hessian)
             hess = None
             if hessian:
-                rows = [torch.autograd.grad(grad[:, i].sum(), theta, retain_graph=i == 0)[0] for i in range(2)]
+                rows = [
+                    torch.autograd.grad(grad[:, i].sum(), theta, retain_graph=i == 0)[0] for i in range(2)
+                ]
                 hess = torch.stack(rows, 1).detach()
         return loss.detach(), grad.detach(), hess
-
 
     def _moment_derivatives(self, theta: Tensor, hessian: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         r"""Derivatives of the moment form :math:`L = c + m_0(s + \tfrac12\log 2\pi) + \tfrac12 S e^{-2s}`.
@@ -210,11 +214,17 @@ class _Rows:
     def __len__(self) -> int:
         return self.rows.numel()
 
-    def subset(self, keep: Tensor) -> "_Rows":
+    def subset(self, keep: Tensor) -> _Rows:
         return _Rows(
-            self.rows[keep], self.theta[keep], self.objective.subset(keep), self.lr[keep],
-            self.max_steps[keep], self.tol[keep], self.steps[keep],
-            {k: v[keep] for k, v in self.state.items()}, self.best[keep],
+            self.rows[keep],
+            self.theta[keep],
+            self.objective.subset(keep),
+            self.lr[keep],
+            self.max_steps[keep],
+            self.tol[keep],
+            self.steps[keep],
+            {k: v[keep] for k, v in self.state.items()},
+            self.best[keep],
         )
 
     @staticmethod
@@ -225,9 +235,15 @@ class _Rows:
             return b
         cat = torch.cat
         return _Rows(
-            cat([a.rows, b.rows]), cat([a.theta, b.theta]), _concat_objectives([a.objective, b.objective]),
-            cat([a.lr, b.lr]), cat([a.max_steps, b.max_steps]), cat([a.tol, b.tol]), cat([a.steps, b.steps]),
-            {k: cat([a.state[k], b.state[k]]) for k in a.state}, cat([a.best, b.best]),
+            cat([a.rows, b.rows]),
+            cat([a.theta, b.theta]),
+            _concat_objectives([a.objective, b.objective]),
+            cat([a.lr, b.lr]),
+            cat([a.max_steps, b.max_steps]),
+            cat([a.tol, b.tol]),
+            cat([a.steps, b.steps]),
+            {k: cat([a.state[k], b.state[k]]) for k in a.state},
+            cat([a.best, b.best]),
         )
 
 
@@ -256,9 +272,15 @@ def fit(problem: Problem, settings: Settings) -> Result:
     B = theta0.shape[0]
     out = _Outputs(theta0)
     first = _Rows(
-        torch.arange(B), theta0, Objective(settings.divergence, settings.estimator, problem.mixture, theta0),
-        problem.lr, problem.max_steps, problem.tol, torch.zeros(B, dtype=torch.long),
-        settings.optimizer.init_state(theta0), torch.full((B,), float("inf"), dtype=theta0.dtype),
+        torch.arange(B),
+        theta0,
+        Objective(settings.divergence, settings.estimator, problem.mixture, theta0),
+        problem.lr,
+        problem.max_steps,
+        problem.tol,
+        torch.zeros(B, dtype=torch.long),
+        settings.optimizer.init_state(theta0),
+        torch.full((B,), float("inf"), dtype=theta0.dtype),
     )
     second = first.subset(torch.zeros(B, dtype=torch.bool))
     iteration = 0
@@ -268,7 +290,23 @@ def fit(problem: Problem, settings: Settings) -> Result:
         second, to_first = _newton_step(second, settings, out)
         first, second = _Rows.concat(first, to_first), _Rows.concat(second, to_newton)
         iteration += 1
-    return Result(out.theta[:, 0], gaussian_sigma2(out.theta[:, 1]), out.loss, out.grad, out.steps, out.status)
+    return Result(
+        out.theta[:, 0], gaussian_sigma2(out.theta[:, 1]), out.loss, out.grad, out.steps, out.status
+    )
+
+
+#: |log sigma| beyond this makes sigma^2 overflow or underflow float64 (e^{±600} is near its ends).
+MAX_ABS_LOG_SIGMA = 300.0
+
+
+def _healthy(loss: Tensor, grad: Tensor, theta: Tensor) -> Tensor:
+    """Rows whose loss, gradient and parameters are finite, with a representable sigma^2."""
+    return (
+        torch.isfinite(loss)
+        & torch.isfinite(grad).all(-1)
+        & torch.isfinite(theta).all(-1)
+        & (theta[:, 1].abs() < MAX_ABS_LOG_SIGMA)
+    )
 
 
 def _first_order_step(group: _Rows, settings: Settings, out: _Outputs, check: bool) -> tuple[_Rows, _Rows]:
@@ -277,7 +315,7 @@ def _first_order_step(group: _Rows, settings: Settings, out: _Outputs, check: bo
         return group, group
     loss, grad, hess = group.objective.derivatives(group.theta, hessian=check)
     gnorm = grad.norm(dim=-1)
-    finite = torch.isfinite(loss) & torch.isfinite(grad).all(-1) & torch.isfinite(group.theta).all(-1)
+    finite = _healthy(loss, grad, group.theta)
     out.record(group, finite, loss, gnorm)
     converged = finite & (gnorm <= group.tol)
     budget = finite & ~converged & (group.steps >= group.max_steps)
@@ -311,7 +349,7 @@ def _newton_step(group: _Rows, settings: Settings, out: _Outputs) -> tuple[_Rows
     loss, grad, hess = group.objective.derivatives(group.theta, hessian=True)
     gnorm = grad.norm(dim=-1)
     step, _, pd = newton(grad, hess)
-    finite = torch.isfinite(loss) & torch.isfinite(grad).all(-1) & torch.isfinite(group.theta).all(-1)
+    finite = _healthy(loss, grad, group.theta)
     better = finite & (gnorm < group.best)
     out.record(group, better, loss, gnorm)
     group.best = torch.where(better, gnorm, group.best)
@@ -335,7 +373,12 @@ def _concat_objectives(objectives: list[Objective]) -> Objective:
     first = objectives[0]
     new = object.__new__(Objective)
     new.divergence, new.estimator = first.divergence, first.estimator
-    new.mixture = Mixture(*(torch.cat([getattr(o.mixture, f) for o in objectives]) for f in ("means", "variances", "log_weights")))
+    new.mixture = Mixture(
+        *(
+            torch.cat([getattr(o.mixture, f) for o in objectives])
+            for f in ("means", "variances", "log_weights")
+        )
+    )
     for attr in ("cache", "moments"):
         parts = [getattr(o, attr) for o in objectives]
         setattr(new, attr, None if parts[0] is None else tuple(torch.cat(p) for p in zip(*parts)))

@@ -17,7 +17,12 @@ def versions() -> dict[str, str]:
 
     from kl_sweep import __version__
 
-    return {"kl_sweep": __version__, "torch": torch.__version__, "pandas": pd.__version__, "pyarrow": pa.__version__}
+    return {
+        "kl_sweep": __version__,
+        "torch": torch.__version__,
+        "pandas": pd.__version__,
+        "pyarrow": pa.__version__,
+    }
 
 
 def write_parquet(frame: pd.DataFrame, path: str | Path, metadata: dict[str, str] | None = None) -> Path:

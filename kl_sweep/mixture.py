@@ -64,7 +64,10 @@ class Mixture:
         # Expanding around a point inside P (not 0) keeps c0 + c1 x + c2 x^2 free of cancellation
         # when P sits far from the origin.
         ref = self.means.mean(-1, keepdim=True)
-        c0, c1, c2 = (c.unsqueeze(-2) for c in Mixture(self.means - ref, self.variances, self.log_weights).log_quadratic())
+        c0, c1, c2 = (
+            c.unsqueeze(-2)
+            for c in Mixture(self.means - ref, self.variances, self.log_weights).log_quadratic()
+        )
         x = x - ref
         out = None
         for k in range(c0.shape[-1]):  # over the K components, not over configurations

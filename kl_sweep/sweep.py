@@ -52,7 +52,14 @@ def finished_hashes(sweep_dir: Path) -> set[str]:
     return done
 
 
-def write_shard(path: Path, rows: pd.DataFrame, groups: list[dict[str, Any]], sweep_id: str, sweep_dir: Path, chunk_size: int) -> Path:
+def write_shard(
+    path: Path,
+    rows: pd.DataFrame,
+    groups: list[dict[str, Any]],
+    sweep_id: str,
+    sweep_dir: Path,
+    chunk_size: int,
+) -> Path:
     """A shard file: the rows one job fits, and (in its metadata) the settings they share."""
     spec = {"groups": groups, "sweep_id": sweep_id, "sweep_dir": str(sweep_dir), "chunk_size": chunk_size}
     return write_parquet(rows, path, metadata={"shard": json.dumps(spec, default=str)})

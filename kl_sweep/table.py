@@ -15,9 +15,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from omegaconf import DictConfig, OmegaConf
 
-from kl_sweep.config import ROW_KEYS
+from kl_sweep.config import ROW_KEYS, config_values, split_values  # noqa: F401  (re-exported)
 from kl_sweep.divergences import DIVERGENCES, divergence_exact
 from kl_sweep.estimators import make_estimator
 from kl_sweep.fit import Problem, Settings, Status, fit
@@ -26,43 +25,34 @@ from kl_sweep.optim import make_optimizer
 
 #: The result table's columns, in order (a contract: analysis and tests read these names).
 COLUMNS = [
-    "divergence", "estimator", "optimizer", "lr", "separation", "weight", "center", "component_var",
-    "init_mu", "init_sigma2", "mu", "sigma2", "loss", "kl_forward", "kl_reverse", "grad_norm", "steps",
-    "converged", "status", "config_hash", "max_steps", "tol", "fit_seconds",
+    "divergence",
+    "estimator",
+    "optimizer",
+    "lr",
+    "separation",
+    "weight",
+    "center",
+    "component_var",
+    "init_mu",
+    "init_sigma2",
+    "mu",
+    "sigma2",
+    "loss",
+    "kl_forward",
+    "kl_reverse",
+    "grad_norm",
+    "steps",
+    "converged",
+    "status",
+    "config_hash",
+    "max_steps",
+    "tol",
+    "fit_seconds",
 ]
 #: Columns that measure time, not results: they differ between otherwise identical runs.
 TIMING_COLUMNS = ["fit_seconds"]
 
 _DTYPES = {float: "float64", int: "int64"}
-
-
-def config_values(cfg: DictConfig) -> dict[str, Any]:
-    """Every key that affects a result, flattened to dotted names (``optimizer.lr``)."""
-    # Resolve node by node, leaving out ``hydra`` (its job fields are unset while a sweep plans).
-    container = {
-        key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
-        for key in cfg.keys()
-        if key != "hydra"
-    }
-    return _flatten(container)
-
-
-def _flatten(node: Mapping, prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in node.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def split_values(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(row values, shared values): the keys that may vary inside a batch, and the rest."""
-    rows = {k: v for k, v in values.items() if k in ROW_KEYS}
-    shared = {k: v for k, v in values.items() if k not in ROW_KEYS}
-    return rows, shared
 
 
 def rows_frame(columns: Mapping[str, Any], length: int | None = None) -> pd.DataFrame:
@@ -87,9 +77,14 @@ def config_hashes(rows: pd.DataFrame, shared: Mapping[str, Any]) -> np.ndarray:
 
 def settings_from(shared: Mapping[str, Any]) -> Settings:
     """The fit settings from the shared (flattened) config values."""
-    estimator_options = {k.split(".", 1)[1]: v for k, v in shared.items() if k.startswith("estimator.") and k != "estimator.name"}
+    estimator_options = {
+        k.split(".", 1)[1]: v
+        for k, v in shared.items()
+        if k.startswith("estimator.") and k != "estimator.name"
+    }
     optimizer_options = {
-        k.split(".", 1)[1]: v for k, v in shared.items()
+        k.split(".", 1)[1]: v
+        for k, v in shared.items()
         if k.startswith("optimizer.") and k != "optimizer.name" and k not in ROW_KEYS
     }
     return Settings(

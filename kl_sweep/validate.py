@@ -13,10 +13,7 @@ from typing import Any
 import numpy as np
 from hydra.errors import CompactHydraException
 
-from kl_sweep.divergences import DIVERGENCES
-
-ESTIMATORS = ("quadrature", "grid", "mc")
-OPTIMIZERS = ("adam", "sgd")
+from kl_sweep.config import DIVERGENCE_NAMES, ESTIMATOR_NAMES, OPTIMIZER_NAMES
 
 
 class ConfigError(CompactHydraException, ValueError):
@@ -46,7 +43,9 @@ def _numeric(v: np.ndarray) -> np.ndarray:
     return np.asarray(v, dtype=np.float64)
 
 
-def _finite(lo: float = -np.inf, hi: float = np.inf, lo_open: bool = False, hi_open: bool = False) -> Callable:
+def _finite(
+    lo: float = -np.inf, hi: float = np.inf, lo_open: bool = False, hi_open: bool = False
+) -> Callable:
     def ok(v: np.ndarray) -> np.ndarray:
         x = _numeric(v)
         above = x > lo if lo_open else x >= lo
@@ -75,13 +74,13 @@ RULES: dict[str, Rule] = {
     "component_var": Rule("a finite number > 0", _finite(0.0, lo_open=True)),
     "init_mu": Rule("a finite number", _finite()),
     "init_sigma2": Rule("a finite number > 0", _finite(0.0, lo_open=True)),
-    "divergence.name": _choice(tuple(DIVERGENCES)),
-    "estimator.name": _choice(ESTIMATORS),
+    "divergence.name": _choice(DIVERGENCE_NAMES),
+    "estimator.name": _choice(ESTIMATOR_NAMES),
     "estimator.nodes_per_panel": Rule("an integer from 2 to 64", _integer(2, 64)),
     "estimator.num_points": Rule("an integer from 3 to 1000000", _integer(3, 1_000_000)),
     "estimator.num_samples": Rule("an integer from 2 to 10000000", _integer(2, 10_000_000)),
     "estimator.seed": Rule("an integer from 0 to 2**63 - 1", _integer(0, 2**63 - 1)),
-    "optimizer.name": _choice(OPTIMIZERS),
+    "optimizer.name": _choice(OPTIMIZER_NAMES),
     "optimizer.lr": Rule("a finite number > 0", _finite(0.0, lo_open=True)),
     "optimizer.max_steps": Rule("an integer from 1 to 10000000", _integer(1, 10_000_000)),
     "optimizer.tol": Rule("a finite number > 0", _finite(0.0, lo_open=True)),

@@ -14,9 +14,10 @@ import os
 import shutil
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,9 +30,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from kl_sweep.collect import assemble
-from kl_sweep.config import ROW_KEYS
+from kl_sweep.config import ROW_KEYS, config_values, split_values
 from kl_sweep.sweep import finished_hashes, product, write_shard
-from kl_sweep.table import config_hashes, config_values, rows_frame, split_values
+from kl_sweep.table import config_hashes, rows_frame
 from kl_sweep.validate import ConfigError, validate
 
 log = logging.getLogger("kl_sweep.sweeper")
@@ -49,37 +50,48 @@ class Plan:
     """Every configuration of the sweep, and the settings each group of rows shares."""
 
     rows: pd.DataFrame  # ROW_KEYS columns + group, job_num, config_hash
-    groups: List[Dict[str, Any]]
+    groups: list[dict[str, Any]]
     sweep_id: str
 
 
-def parse_overrides(params: Dict[str, str], arguments: Sequence[str], config_loader: Any) -> "OrderedDict[str, Override]":
+def parse_overrides(
+    params: dict[str, str], arguments: Sequence[str], config_loader: Any
+) -> OrderedDict[str, Override]:
     """Hydra's override grammar, config parameters first; a key on the command line wins."""
     lines = [f"{k}={v}" for k, v in params.items()] + list(arguments)
     parser = OverridesParser.create(config_loader=config_loader)
     try:
         parsed = parser.parse_overrides(lines)
-    except HydraException as ex:
-        raise SweepError(f"kl_sweep: malformed override: {str(ex).strip().splitlines()[0]}") from None
-    overrides: "OrderedDict[str, Override]" = OrderedDict()
+    except HydraException:
+        from kl_sweep.cli import malformed
+
+        raise SweepError(malformed(lines)) from None
+    overrides: OrderedDict[str, Override] = OrderedDict()
     for override in parsed:
         overrides[override.get_key_element()] = override
     return overrides
 
 
-def _values(key: str, override: Override) -> List[Any]:
+def _values(key: str, override: Override) -> list[Any]:
     """The list of values one override stands for: typed for row keys, strings for the rest."""
     line = override.input_line
     if override.is_sweep_override():
         if not override.is_discrete_sweep():
-            raise ConfigError(key, override.get_value_element_as_str(), "a list, range(), choice() or glob(); "
-                              "interval() needs a sampling sweeper such as optuna", f"override {line}")
-        values = list(override.sweep_iterator()) if key in ROW_KEYS else list(override.sweep_string_iterator())
+            raise ConfigError(
+                key,
+                override.get_value_element_as_str(),
+                "a list, range(), choice() or glob(); interval() needs a sampling sweeper such as optuna",
+                f"override {line}",
+            )
+        values = (
+            list(override.sweep_iterator()) if key in ROW_KEYS else list(override.sweep_string_iterator())
+        )
     else:
         values = [override.value()] if key in ROW_KEYS else [override.get_value_element_as_str()]
     if not values:
-        raise ConfigError(key, override.get_value_element_as_str(), "a sweep with at least one value",
-                          f"override {line}")
+        raise ConfigError(
+            key, override.get_value_element_as_str(), "a sweep with at least one value", f"override {line}"
+        )
     if key in ROW_KEYS:
         values = [_typed(key, v, line) for v in values]
     return values
@@ -95,7 +107,7 @@ def _typed(key: str, value: Any, line: str) -> Any:
     return kind(value)
 
 
-def make_plan(config_loader: Any, config: DictConfig, overrides: "OrderedDict[str, Override]") -> Plan:
+def make_plan(config_loader: Any, config: DictConfig, overrides: OrderedDict[str, Override]) -> Plan:
     """Expand the product, compose once per group of non-row values, validate every row.
 
     Raises before anything is written: one bad value anywhere stops the sweep with its override.
@@ -110,7 +122,7 @@ def make_plan(config_loader: Any, config: DictConfig, overrides: "OrderedDict[st
         frame["group"] = frame.groupby(group_keys, sort=False).ngroup().astype(np.int64)
     else:
         frame["group"] = np.int64(0)
-    groups: List[Dict[str, Any]] = []
+    groups: list[dict[str, Any]] = []
     parts = []
     for group, rows in frame.groupby("group", sort=True):  # one composition per group, not per row
         first = rows.iloc[0]
@@ -138,7 +150,7 @@ def make_plan(config_loader: Any, config: DictConfig, overrides: "OrderedDict[st
     return Plan(table, groups, sweep_id)
 
 
-def _compose(config_loader: Any, config: DictConfig, overrides: List[str]) -> DictConfig:
+def _compose(config_loader: Any, config: DictConfig, overrides: list[str]) -> DictConfig:
     try:
         return config_loader.load_sweep_config(config, overrides)
     except HydraException as ex:
@@ -154,7 +166,7 @@ def _compose(config_loader: Any, config: DictConfig, overrides: List[str]) -> Di
         raise SweepError(f"kl_sweep: {str(ex).strip().splitlines()[0]}") from None
 
 
-def _check_options(chunk_size: int, shards: int, shard_size: Optional[int]) -> None:
+def _check_options(chunk_size: int, shards: int, shard_size: int | None) -> None:
     if chunk_size < 1:
         raise ConfigError("hydra.sweeper.chunk_size", chunk_size, "an integer >= 1")
     if shards < 1:
@@ -176,17 +188,18 @@ def _check_writable(sweep_dir: Path, rows: int) -> None:
     need = rows * BYTES_PER_ROW + (1 << 20)
     if free < need:
         raise SweepError(
-            f"kl_sweep: not enough free space for the sweep in {existing}: {free} bytes free, about {need} needed"
+            f"kl_sweep: not enough free space for the sweep in {existing}: "
+            f"{free} bytes free, about {need} needed"
         )
 
 
-def _split(rows: pd.DataFrame, shards: int, shard_size: Optional[int]) -> List[pd.DataFrame]:
+def _split(rows: pd.DataFrame, shards: int, shard_size: int | None) -> list[pd.DataFrame]:
     n = math.ceil(len(rows) / shard_size) if shard_size else min(shards, len(rows))
     bounds = np.linspace(0, len(rows), n + 1).round().astype(int)
     return [rows.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def _link_latest(latest_link: Optional[str], sweep_dir: Path, cwd: str) -> None:
+def _link_latest(latest_link: str | None, sweep_dir: Path, cwd: str) -> None:
     if not latest_link:
         return
     link = Path(latest_link)
@@ -205,12 +218,12 @@ def run_sweep(
     hydra_context: HydraContext,
     task_function: TaskFunction,
     config: DictConfig,
-    arguments: List[str],
-    params: Dict[str, str],
+    arguments: list[str],
+    params: dict[str, str],
     chunk_size: int,
     shards: int,
-    shard_size: Optional[int],
-    latest_link: Optional[str],
+    shard_size: int | None,
+    latest_link: str | None,
 ) -> Any:
     tic = time.perf_counter()
     _check_options(chunk_size, shards, shard_size)
@@ -231,7 +244,9 @@ def run_sweep(
     if len(todo):
         shard_dir = sweep_dir / SHARDS
         specs = [
-            write_shard(shard_dir / f"shard-{i:05d}.parquet", part, plan.groups, plan.sweep_id, sweep_dir, chunk_size)
+            write_shard(
+                shard_dir / f"shard-{i:05d}.parquet", part, plan.groups, plan.sweep_id, sweep_dir, chunk_size
+            )
             for i, part in enumerate(_split(todo, shards, shard_size))
         ]
         launcher = Plugins.instance().instantiate_launcher(

@@ -1,6 +1,4 @@
-
 from dataclasses import dataclass
-from typing import Dict, Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -8,11 +6,13 @@ from hydra.core.config_store import ConfigStore
 @dataclass
 class KLSweepSweeperConf:
     _target_: str = "hydra_plugins.kl_sweep_sweeper.kl_sweep_sweeper.KLSweepSweeper"
-    params: Optional[Dict[str, str]] = None  # sweep parameters from the config; the command line wins
+    params: dict[str, str] | None = None  # sweep parameters from the config; the command line wins
     chunk_size: int = 8192  # configurations per batched fit: bounds memory however large the sweep
     shards: int = 1  # Hydra jobs the sweep is split into, sent through the configured launcher
-    shard_size: Optional[int] = None  # configurations per job instead of a number of jobs
-    latest_link: Optional[str] = "multirun/latest"  # symlink to the newest sweep dir; null: none
+    shard_size: int | None = None  # configurations per job instead of a number of jobs
+    latest_link: str | None = "multirun/latest"  # symlink to the newest sweep dir; null: none
 
 
-ConfigStore.instance().store(group="hydra/sweeper", name="kl_sweep", node=KLSweepSweeperConf, provider="kl_sweep")
+ConfigStore.instance().store(
+    group="hydra/sweeper", name="kl_sweep", node=KLSweepSweeperConf, provider="kl_sweep"
+)

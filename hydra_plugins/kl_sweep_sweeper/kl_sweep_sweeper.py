@@ -1,5 +1,4 @@
-
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
@@ -13,24 +12,27 @@ class KLSweepSweeper(Sweeper):
 
     def __init__(
         self,
-        params: Optional[Dict[str, str]] = None,
+        params: dict[str, str] | None = None,
         chunk_size: int = 8192,
         shards: int = 1,
-        shard_size: Optional[int] = None,
-        latest_link: Optional[str] = "multirun/latest",
+        shard_size: int | None = None,
+        latest_link: str | None = "multirun/latest",
     ) -> None:
         self.options = dict(
-            params=dict(params or {}), chunk_size=chunk_size, shards=shards,
-            shard_size=shard_size, latest_link=latest_link,
+            params=dict(params or {}),
+            chunk_size=chunk_size,
+            shards=shards,
+            shard_size=shard_size,
+            latest_link=latest_link,
         )
-        self.hydra_context: Optional[HydraContext] = None
-        self.task_function: Optional[TaskFunction] = None
-        self.config: Optional[DictConfig] = None
+        self.hydra_context: HydraContext | None = None
+        self.task_function: TaskFunction | None = None
+        self.config: DictConfig | None = None
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
 
-    def sweep(self, arguments: List[str]) -> Any:
+    def sweep(self, arguments: list[str]) -> Any:
         from ._core import run_sweep
 
         assert self.hydra_context is not None and self.task_function is not None and self.config is not None

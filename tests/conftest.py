@@ -1,0 +1,76 @@
+import functools
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from scipy import integrate
+
+ROOT = Path(__file__).resolve().parent.parent
+
+torch.set_default_dtype(torch.float64)
+
+
+@functools.cache
+def scipy_kl(divergence: str, separation, weight, component_var, mu, sigma2, center=0.0) -> float:
+    """KL by adaptive scipy quadrature, split at the means and the crossing: an independent method."""
+    m1, m2 = center - separation / 2, center + separation / 2
+    lw1, lw2 = math.log(weight), math.log1p(-weight)
+    c = -0.5 * math.log(2 * math.pi * component_var)
+    cq = -0.5 * math.log(2 * math.pi * sigma2)
+
+    def log_p(x):
+        a = lw1 + c - (x - m1) ** 2 / (2 * component_var)
+        b = lw2 + c - (x - m2) ** 2 / (2 * component_var)
+        top = max(a, b)
+        return top + math.log(math.exp(a - top) + math.exp(b - top))
+
+    def log_q(x):
+        return cq - (x - mu) ** 2 / (2 * sigma2)
+
+    sd = math.sqrt(component_var)
+    if divergence == "forward":
+
+        def f(x):
+            lp = log_p(x)
+            return math.exp(lp) * (lp - log_q(x))
+
+        lo, hi = m1 - 14 * sd, m2 + 14 * sd
+    else:
+
+        def f(x):
+            lq = log_q(x)
+            return math.exp(lq) * (lq - log_p(x))
+
+        lo, hi = mu - 14 * math.sqrt(sigma2), mu + 14 * math.sqrt(sigma2)
+    cross = center + (math.log(weight / (1 - weight)) * component_var / separation if separation > 0 else 0.0)
+    points = [lo, hi, mu, mu - math.sqrt(sigma2), mu + math.sqrt(sigma2), cross, m1, m2]
+    edges = sorted({p for p in points if lo <= p <= hi})
+    return sum(
+        integrate.quad(f, a, b, epsabs=1e-14, epsrel=1e-13, limit=500)[0]
+        for a, b in zip(edges[:-1], edges[1:])
+    )
+
+
+def run_cli(
+    *args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """``python -m kl_sweep ARGS`` in a subprocess, as a user runs it."""
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "kl_sweep", *args],
+        cwd=cwd or ROOT,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def cli():
+    return run_cli

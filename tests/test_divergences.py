@@ -1,0 +1,153 @@
+"""Each divergence against scipy quadrature, closed forms, and the other estimators."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import scipy_kl
+
+from kl_sweep.divergences import DIVERGENCES, divergence_exact, divergence_value
+from kl_sweep.estimators import Grid, MonteCarlo, Quadrature
+from kl_sweep.mixture import Mixture, normal_log_prob
+
+# The range the quadrature estimator promises 1e-8 nats on (component_var = 1).
+GRID = list(
+    itertools.product([0.0, 0.5, 3.0, 8.0, 20.0], [0.01, 0.5, 0.99], [-3.0, 0.3, 10.0], [1e-3, 1.0, 1e3])
+)
+
+
+def batch(rows, component_var=1.0):
+    s, w, mu, s2 = (torch.tensor(c) for c in zip(*rows))
+    mix = Mixture.two_component(s, w, torch.zeros_like(s), torch.full_like(s, component_var))
+    return mix, mu, 0.5 * torch.log(s2)
+
+
+def test_normal_log_prob_is_a_normalised_density():
+    x = torch.linspace(-200, 200, 400001)
+    for mean, var in [(0.0, 1.0), (3.0, 0.01), (-5.0, 100.0)]:
+        dens = torch.exp(normal_log_prob(x, torch.tensor(mean), torch.tensor(var)))
+        assert torch.trapezoid(dens, x).item() == pytest.approx(1.0, abs=1e-9)
+
+
+def test_mixture_log_prob_matches_scipy_far_from_origin():
+    from scipy import stats
+
+    mix = Mixture.two_component(
+        torch.tensor([3.0]), torch.tensor([0.3]), torch.tensor([1e4]), torch.tensor([2.0])
+    )
+    x = torch.tensor([[1e4 - 5, 1e4, 1e4 + 1.5, 1e4 + 40]])
+    want = np.log(
+        0.3 * stats.norm.pdf(x.numpy(), 1e4 - 1.5, np.sqrt(2))
+        + 0.7 * stats.norm.pdf(x.numpy(), 1e4 + 1.5, np.sqrt(2))
+    )
+    np.testing.assert_allclose(mix.log_prob(x).numpy(), want, rtol=1e-12)
+
+
+def test_moments_of_the_mixture():
+    mix = Mixture.two_component(
+        torch.tensor([4.0]), torch.tensor([0.25]), torch.tensor([1.0]), torch.tensor([2.0])
+    )
+    # means -1 and 3: E = 0.25*-1 + 0.75*3 = 2; Var = 2 + 0.25*9 + 0.75*1 = 5
+    assert mix.mean().item() == pytest.approx(2.0, abs=1e-15)
+    assert mix.variance().item() == pytest.approx(5.0, abs=1e-14)
+
+
+@pytest.mark.parametrize("name", ["forward", "reverse"])
+def test_quadrature_estimator_matches_scipy_to_1e8(name):
+    mix, mu, log_sigma = batch(GRID)
+    ours = divergence_value(DIVERGENCES[name], Quadrature(), mix, mu, log_sigma).numpy()
+    ref = np.array([scipy_kl(name, s, w, 1.0, m, s2) for s, w, m, s2 in GRID])
+    err = np.abs(ours - ref) / np.maximum(1.0, np.abs(ref))
+    assert err.max() < 1e-8, GRID[int(err.argmax())]
+
+
+@pytest.mark.parametrize("name", ["forward", "reverse"])
+def test_exact_evaluation_matches_scipy_and_is_never_negative(name):
+    rows = GRID + [
+        (s, w, m, s2) for s, w, m, s2 in itertools.product([1.0, 6.0], [0.2, 0.75], [-1.0, 2.0], [0.3, 4.0])
+    ]
+    mix, mu, log_sigma = batch(rows)
+    ours = divergence_exact(DIVERGENCES[name], mix, mu, log_sigma).numpy()
+    ref = np.array([scipy_kl(name, s, w, 1.0, m, s2) for s, w, m, s2 in rows])
+    err = np.abs(ours - ref) / np.maximum(1.0, np.abs(ref))
+    assert err.max() < 1e-9, rows[int(err.argmax())]
+    assert (ours >= 0).all()
+
+
+@pytest.mark.parametrize("name", ["forward", "reverse"])
+def test_divergence_of_a_gaussian_from_itself_is_zero(name):
+    # separation 0: P is N(center, component_var) exactly.
+    mix = Mixture.two_component(
+        torch.zeros(3),
+        torch.tensor([0.5, 0.1, 0.9]),
+        torch.tensor([0.0, 5.0, -2.0]),
+        torch.tensor([1.0, 4.0, 0.01]),
+    )
+    mu, log_sigma = mix.mean(), 0.5 * torch.log(mix.variance())
+    assert divergence_exact(DIVERGENCES[name], mix, mu, log_sigma).abs().max().item() < 1e-300 + 1e-30
+    assert divergence_value(DIVERGENCES[name], Quadrature(), mix, mu, log_sigma).abs().max().item() < 1e-14
+
+
+@pytest.mark.parametrize("name", ["forward", "reverse"])
+def test_tiny_divergences_keep_their_relative_accuracy(name):
+    # Gaussian against Gaussian: KL(N(0,1) || N(m, s^2)) = log s + (1 + m^2) / (2 s^2) - 1/2, and the
+    # reverse swaps the roles. For m = 1e-6 the KL is 5e-13: a difference of O(1) logs cannot see it.
+    mix = Mixture.two_component(torch.zeros(4), torch.full((4,), 0.5), torch.zeros(4), torch.ones(4))
+    mu = torch.tensor([1e-6, 1e-4, 0.0, 3e-3])
+    log_sigma = torch.tensor([0.0, 0.0, 1e-5, -2e-3])
+    s2 = torch.exp(2 * log_sigma)
+    if name == "forward":
+        want = log_sigma + (1 + mu**2) / (2 * s2) - 0.5
+        want = log_sigma + torch.expm1(-2 * log_sigma) / 2 + mu**2 / (2 * s2)
+    else:
+        want = -log_sigma + torch.expm1(2 * log_sigma) / 2 + mu**2 / 2
+    got = divergence_exact(DIVERGENCES[name], mix, mu, log_sigma)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6)
+
+
+def test_grid_estimator_agrees_with_quadrature_to_1e6():
+    rows = list(itertools.product([0.0, 2.0, 6.0], [0.3, 0.75], [-2.0, 1.0], [0.5, 3.0]))
+    mix, mu, log_sigma = batch(rows)
+    for div in DIVERGENCES.values():
+        quad = divergence_value(div, Quadrature(), mix, mu, log_sigma)
+        grid = divergence_value(div, Grid(), mix, mu, log_sigma)
+        assert (grid - quad).abs().max().item() < 1e-6
+
+
+def test_grid_spacing_enters_the_weights():
+    # The notebook summed over grid points; a KL in nats must not depend on the grid size.
+    mix, mu, log_sigma = batch([(4.0, 0.6, 0.5, 2.0)])
+    values = [
+        divergence_value(DIVERGENCES["reverse"], Grid(n), mix, mu, log_sigma).item()
+        for n in (2001, 4001, 8001)
+    ]
+    assert max(values) - min(values) < 1e-6
+
+
+def test_monte_carlo_agrees_within_four_standard_errors():
+    rows = list(itertools.product([0.0, 3.0, 6.0], [0.5, 0.8], [-1.0, 2.0], [0.7, 2.0]))
+    mix, mu, log_sigma = batch(rows)
+    est = MonteCarlo(num_samples=20000, seed=3)
+    for div in DIVERGENCES.values():
+        x, w = est.nodes(div.measure, mix, mu, log_sigma)
+        terms = div.integrand(
+            mix.log_prob(x), normal_log_prob(x, mu[:, None], torch.exp(2 * log_sigma)[:, None])
+        )
+        mc = (w * terms).sum(-1)
+        se = terms.std(-1) / math.sqrt(est.num_samples)
+        exact = divergence_exact(div, mix, mu, log_sigma)
+        z = ((mc - exact).abs() / se.clamp_min(1e-300))[se > 0]
+        assert z.max().item() < 4.0
+        assert torch.allclose(mc[se == 0], exact[se == 0], atol=1e-12)
+
+
+def test_monte_carlo_is_reproducible_for_a_seed_and_independent_of_the_batch():
+    mix, mu, log_sigma = batch([(3.0, 0.7, 0.5, 1.0), (6.0, 0.2, -1.0, 2.0)])
+    div = DIVERGENCES["reverse"]
+    a = divergence_value(div, MonteCarlo(seed=7), mix, mu, log_sigma)
+    b = divergence_value(div, MonteCarlo(seed=7), mix[torch.tensor([1])], mu[1:], log_sigma[1:])
+    c = divergence_value(div, MonteCarlo(seed=8), mix, mu, log_sigma)
+    assert a[1].item() == b[0].item()
+    assert (a != c).all()
