@@ -96,13 +96,17 @@ ROW_KEYS: dict[str, type] = {
 }
 
 
+#: Keys that steer a run but cannot change a result: left out of the values (and the hash).
+NON_RESULT_KEYS = frozenset({"shard"})
+
+
 def config_values(cfg: DictConfig) -> dict[str, Any]:
     """Every key that affects a result, flattened to dotted names (``optimizer.lr``)."""
     # Resolve node by node, leaving out ``hydra`` (its job fields are unset while a sweep plans).
     container = {
         key: OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
         for key in cfg.keys()
-        if key != "hydra"
+        if key != "hydra" and key not in NON_RESULT_KEYS
     }
     return _flatten(container)
 

@@ -21,7 +21,7 @@ def normal_log_prob(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
     ``mean`` and ``var`` broadcast against ``x``; the normalising constant is included, so
     :math:`\int \exp(\cdot)\,dx = 1` (the original notebook put :math:`2\pi\sigma^2` into the exponent).
     """
-    return -0.5 * (LOG_2PI + torch.log(var) + (x - mean) ** 2 / var)
+    return -0.5 * (LOG_2PI + torch.log(var) + (x - mean) * (x - mean) / var)
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class Mixture:
         r"""Coefficients of :math:`\log w_k + \log\mathcal N(x; m_k, v_k)` in x, each [B, K]."""
         c2 = -0.5 / self.variances
         c1 = self.means / self.variances
-        c0 = self.log_weights - 0.5 * (LOG_2PI + torch.log(self.variances)) + c2 * self.means**2
+        c0 = self.log_weights - 0.5 * (LOG_2PI + torch.log(self.variances)) + c2 * self.means * self.means
         return c0, c1, c2
 
     def mean(self) -> Tensor:
@@ -91,7 +91,7 @@ class Mixture:
 
         Written around the mean, not as :math:`E[x^2] - E[x]^2`, so nothing cancels.
         """
-        return (self.weights * (self.variances + (self.means - self.mean().unsqueeze(-1)) ** 2)).sum(-1)
+        return (self.weights * (self.variances + _square(self.means - self.mean().unsqueeze(-1)))).sum(-1)
 
     def crossings(self) -> tuple[Tensor, Tensor]:
         r"""Where two weighted components are equally dense, and how sharp the switch is there.
@@ -115,7 +115,7 @@ class Mixture:
                     self.log_weights[..., j]
                     - self.log_weights[..., k]
                     - 0.5 * (torch.log(vj) - torch.log(vk))
-                    - 0.5 * (mj**2 / vj - mk**2 / vk)
+                    - 0.5 * (mj * mj / vj - mk * mk / vk)
                 )
                 points_jk, widths_jk = _quadratic_roots(a, b, c)
                 points += points_jk
@@ -126,7 +126,7 @@ class Mixture:
 def _quadratic_roots(a: Tensor, b: Tensor, c: Tensor) -> tuple[list[Tensor], list[Tensor]]:
     """Real roots of a x^2 + b x + c with the width 1/|slope| there; the vertex if complex."""
     tiny = torch.finfo(a.dtype).tiny
-    disc = b**2 - 4 * a * c
+    disc = b * b - 4 * a * c
     linear = a.abs() <= 1e-12 * b.abs().clamp_min(tiny)
     sqrt_disc = torch.sqrt(disc.clamp_min(0.0))
     # The numerically stable pair: q = -(b + sign(b) sqrt(disc)) / 2, roots q/a and c/q.
@@ -147,6 +147,12 @@ def _quadratic_roots(a: Tensor, b: Tensor, c: Tensor) -> tuple[list[Tensor], lis
         slope = torch.where(linear, b, 2 * a * r + b).abs()
         widths.append(torch.where(complex_, w_vertex, 1.0 / slope.clamp_min(tiny)))
     return [r1, r2], widths
+
+
+def _square(x: Tensor) -> Tensor:
+    # x * x, not x ** 2: torch's vectorised pow can differ in the last bit from its scalar tail,
+    # which would make a row's result depend on its position in the batch.
+    return x * x
 
 
 def gaussian_sigma2(log_sigma: Tensor) -> Tensor:

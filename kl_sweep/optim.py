@@ -6,6 +6,7 @@ advances the whole batch; nothing here loops over configurations.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +31,10 @@ class Adam:
         state["m"].mul_(self.beta1).add_(grad, alpha=1 - self.beta1)
         state["v"].mul_(self.beta2).addcmul_(grad, grad, value=1 - self.beta2)
         t = state["t"].unsqueeze(-1)
-        m_hat = state["m"] / (1 - self.beta1**t)
-        v_hat = state["v"] / (1 - self.beta2**t)
+        # 1 - beta^t as -expm1(t log beta): exact to rounding, and exp (unlike pow) gives the
+        # same bits wherever a row sits in the batch.
+        m_hat = state["m"] / -torch.expm1(t * math.log(self.beta1))
+        v_hat = state["v"] / -torch.expm1(t * math.log(self.beta2))
         return theta - lr.unsqueeze(-1) * m_hat / (torch.sqrt(v_hat) + self.eps)
 
 

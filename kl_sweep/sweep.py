@@ -36,11 +36,10 @@ def product(values: Mapping[str, Sequence[Any]]) -> pd.DataFrame:
     total = math.prod(sizes)
     position = np.arange(total, dtype=np.int64)
     columns = {}
-    stride = total
-    for (key, options), size in zip(values.items(), sizes):
-        stride //= size
-        index = (position // stride) % size
-        columns[key] = np.asarray(options, dtype=object)[index] if size else np.empty(0, dtype=object)
+    for i, (key, options) in enumerate(values.items()):
+        stride = math.prod(sizes[i + 1 :])  # how many rows each value of this key spans
+        index = (position // max(stride, 1)) % max(sizes[i], 1)
+        columns[key] = np.asarray(options, dtype=object)[index] if total else np.empty(0, dtype=object)
     return pd.DataFrame(columns, index=pd.RangeIndex(total))
 
 

@@ -72,6 +72,12 @@ def parse_overrides(
     return overrides
 
 
+def _value_text(override: Override) -> str:
+    """What stands after ``=`` in the override, as typed (sweeps cannot be turned back into text)."""
+    line = override.input_line or ""
+    return line.split("=", 1)[1] if "=" in line else line
+
+
 def _values(key: str, override: Override) -> list[Any]:
     """The list of values one override stands for: typed for row keys, strings for the rest."""
     line = override.input_line
@@ -79,7 +85,7 @@ def _values(key: str, override: Override) -> list[Any]:
         if not override.is_discrete_sweep():
             raise ConfigError(
                 key,
-                override.get_value_element_as_str(),
+                _value_text(override),
                 "a list, range(), choice() or glob(); interval() needs a sampling sweeper such as optuna",
                 f"override {line}",
             )
@@ -89,9 +95,7 @@ def _values(key: str, override: Override) -> list[Any]:
     else:
         values = [override.value()] if key in ROW_KEYS else [override.get_value_element_as_str()]
     if not values:
-        raise ConfigError(
-            key, override.get_value_element_as_str(), "a sweep with at least one value", f"override {line}"
-        )
+        raise ConfigError(key, _value_text(override), "a sweep with at least one value", f"override {line}")
     if key in ROW_KEYS:
         values = [_typed(key, v, line) for v in values]
     return values
@@ -129,7 +133,6 @@ def make_plan(config_loader: Any, config: DictConfig, overrides: OrderedDict[str
         group_overrides = [f"{k}={first[k]}" for k in group_keys]
         cfg = _compose(config_loader, config, group_overrides)
         row_defaults, shared = split_values(config_values(cfg))
-        shared.pop("shard", None)
         columns = {k: rows[k].to_numpy() if k in rows else row_defaults[k] for k in ROW_KEYS}
 
         def context(key: str, value: Any) -> str:
