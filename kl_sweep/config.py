@@ -30,7 +30,7 @@ class DivergenceConf:
 @dataclass
 class QuadratureConf:
     name: str = "quadrature"  # composite Gauss-Legendre on P's and Q's scales, refined at mode switches
-    nodes_per_panel: int = 8  # Gauss-Legendre nodes on each panel
+    nodes_per_panel: int = 6  # Gauss-Legendre nodes on each panel (6 keeps 1e-9 nats)
 
 
 @dataclass

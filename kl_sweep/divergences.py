@@ -65,7 +65,7 @@ class Divergence:
     measure: Measure
     integrand: Callable[[Tensor, Tensor], Tensor]
     affine_in_log_q: bool = False
-    log_q_derivatives: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+    log_q_derivatives: Callable[[Tensor | None, Tensor], tuple[Tensor | float, Tensor | float]] | None = None
     #: ``(log_p, log_q) -> density-weighted non-negative term`` to integrate dx over P and Q's mass.
     exact_term: Callable[[Tensor, Tensor], Tensor] | None = None
 
@@ -76,7 +76,7 @@ DIVERGENCES: dict[str, Divergence] = {
         "reverse",
         "q",
         kl_reverse,
-        log_q_derivatives=lambda log_p, log_q: (torch.ones_like(log_q), torch.zeros_like(log_q)),
+        log_q_derivatives=lambda log_p, log_q: (1.0, 0.0),
         exact_term=lambda log_p, log_q: kl_density_term(log_q, log_p),
     ),
 }

@@ -52,10 +52,11 @@ class Settings:
     estimator: Estimator
     optimizer: FirstOrder
     polish: bool = True
-    #: Newton decrement below which a row is handed to the polish.
-    handover: float = 1e-2
+    #: Newton decrement below which a row is handed to the polish (the quadratic model then puts
+    #: it within 0.05 nats of its local minimum, with a positive definite Hessian).
+    handover: float = 0.1
     #: How often (in steps) the first-order phase looks for rows ready for the polish.
-    check_every: int = 10
+    check_every: int = 5
 
 
 @dataclass
@@ -174,26 +175,34 @@ class Objective:
         (a test checks it), without building a graph.
         """
         mu, log_sigma = theta[:, 0], theta[:, 1]
-        x, w = self.estimator.nodes("q", self.mixture, mu, log_sigma)
-        sigma = torch.exp(log_sigma).unsqueeze(-1)
-        z = (x - mu.unsqueeze(-1)) / sigma
-        log_q = -0.5 * (LOG_2PI + z * z) - log_sigma.unsqueeze(-1)
-        log_p = self.mixture.log_prob(x)
-        phi = self.divergence.integrand(log_p, log_q)
-        d1, d2 = self.divergence.log_q_derivatives(log_p, log_q)
+        # Nodes in Q's standard units z = (x - mu) / sigma: then log q, the weights and log p
+        # (a quadratic in z per component) each take one or two passes over [b, N].
+        z, rule = self.estimator.standard_rule(self.mixture, mu, log_sigma)
+        sigma = torch.exp(log_sigma)
+        zz = z * z
+        log_q = torch.add((-0.5 * LOG_2PI - log_sigma).unsqueeze(-1), zz, alpha=-0.5)
+        w = torch.exp(log_q).mul_(rule)  # q(x) dx
+        phi = self.divergence.integrand(self.mixture.log_prob_standard(z, mu, sigma), log_q)
+        d1, d2 = self.divergence.log_q_derivatives(None, log_q)
         # Every sum runs along the last (node) axis only: a row's result then never depends on
         # which other rows share its batch, so sweeps give the same bits in any chunking.
-        d_mu, d_s = z / sigma, z * z - 1.0
-        loss = (w * phi).sum(-1)
-        a = w * (phi + d1)
-        grad = torch.stack([(a * d_mu).sum(-1), (a * d_s).sum(-1)], -1)
+        if isinstance(d1, float) and d1 == 1.0:  # KL(Q||P): a = w (phi + 1) in one pass
+            a = torch.addcmul(w, w, phi)
+            a_sum = a.sum(-1)
+            loss = a_sum - w.sum(-1)
+        else:
+            a = w * (phi + d1)
+            a_sum = a.sum(-1)
+            loss = (w * phi).sum(-1)
+        az_sum, azz_sum = (a * z).sum(-1), (a * zz).sum(-1)
+        grad = torch.stack([az_sum / sigma, azz_sum - a_sum], -1)
         if not hessian:
             return loss, grad, None
-        b = w * (phi + 2 * d1 + d2)
-        s0 = sigma[:, 0]
-        h_mm = (b * d_mu * d_mu).sum(-1) - a.sum(-1) / (s0 * s0)
-        h_ms = (b * d_mu * d_s).sum(-1) - 2 * (a * z).sum(-1) / s0
-        h_ss = (b * d_s * d_s).sum(-1) - 2 * (a * z * z).sum(-1)
+        b = w * (phi + (2 * d1 + d2))
+        zz1 = zz - 1.0
+        h_mm = ((b * zz).sum(-1) - a_sum) / (sigma * sigma)
+        h_ms = ((b * z * zz1).sum(-1) - 2 * az_sum) / sigma
+        h_ss = (b * zz1 * zz1).sum(-1) - 2 * azz_sum
         hess = torch.stack([torch.stack([h_mm, h_ms], -1), torch.stack([h_ms, h_ss], -1)], -2)
         return loss, grad, hess
 
@@ -212,45 +221,46 @@ class _Rows:
     state: dict[str, Tensor]
     #: Smallest gradient norm seen since the row entered the Newton group.
     best: Tensor
+    #: What a row reports if it stops now: its last finite (first order) or best (Newton) point.
+    kept: dict[str, Tensor]
+
+    FIELDS = ("rows", "theta", "lr", "max_steps", "tol", "steps", "best")
 
     def __len__(self) -> int:
         return self.rows.numel()
 
     def subset(self, keep: Tensor) -> _Rows:
         return _Rows(
-            self.rows[keep],
-            self.theta[keep],
-            self.objective.subset(keep),
-            self.lr[keep],
-            self.max_steps[keep],
-            self.tol[keep],
-            self.steps[keep],
-            {k: v[keep] for k, v in self.state.items()},
-            self.best[keep],
+            objective=self.objective.subset(keep),
+            state={k: v[keep] for k, v in self.state.items()},
+            kept={k: v[keep] for k, v in self.kept.items()},
+            **{f: getattr(self, f)[keep] for f in self.FIELDS},
         )
 
+    def keep_if(self, mask: Tensor, loss: Tensor, gnorm: Tensor) -> None:
+        """Make the current point what these rows report, where ``mask`` holds."""
+        k = self.kept
+        k["theta"] = torch.where(mask.unsqueeze(-1), self.theta, k["theta"])
+        k["loss"] = torch.where(mask, loss, k["loss"])
+        k["grad"] = torch.where(mask, gnorm, k["grad"])
+        k["steps"] = torch.where(mask, self.steps, k["steps"])
+
     @staticmethod
-    def concat(a: _Rows, b: _Rows) -> _Rows:
-        if not len(b):
+    def concat(a: _Rows, b: _Rows | None) -> _Rows:
+        if b is None or not len(b):
             return a
         if not len(a):
             return b
-        cat = torch.cat
         return _Rows(
-            cat([a.rows, b.rows]),
-            cat([a.theta, b.theta]),
-            _concat_objectives([a.objective, b.objective]),
-            cat([a.lr, b.lr]),
-            cat([a.max_steps, b.max_steps]),
-            cat([a.tol, b.tol]),
-            cat([a.steps, b.steps]),
-            {k: cat([a.state[k], b.state[k]]) for k in a.state},
-            cat([a.best, b.best]),
+            objective=_concat_objectives([a.objective, b.objective]),
+            state={k: torch.cat([a.state[k], b.state[k]]) for k in a.state},
+            kept={k: torch.cat([a.kept[k], b.kept[k]]) for k in a.kept},
+            **{f: torch.cat([getattr(a, f), getattr(b, f)]) for f in _Rows.FIELDS},
         )
 
 
 class _Outputs:
-    """Full-size result tensors, written as rows finish or improve."""
+    """Full-size result tensors, written once per row, when it finishes."""
 
     def __init__(self, theta0: Tensor):
         B = theta0.shape[0]
@@ -259,13 +269,17 @@ class _Outputs:
         self.steps = torch.zeros(B, dtype=torch.long)
         self.status = torch.full((B,), int(Status.RUNNING), dtype=torch.long)
 
-    def record(self, group: _Rows, mask: Tensor, loss: Tensor, gnorm: Tensor) -> None:
-        rows = group.rows[mask]
-        self.theta[rows] = group.theta[mask]
-        self.loss[rows], self.grad[rows], self.steps[rows] = loss[mask], gnorm[mask], group.steps[mask]
-
     def finish(self, group: _Rows, mask: Tensor, status: Status) -> None:
-        self.status[group.rows[mask]] = int(status)
+        if not mask.any():
+            return
+        rows, k = group.rows[mask], group.kept
+        self.theta[rows] = k["theta"][mask]
+        self.loss[rows], self.grad[rows], self.steps[rows] = (
+            k["loss"][mask],
+            k["grad"][mask],
+            k["steps"][mask],
+        )
+        self.status[rows] = int(status)
 
 
 def fit(problem: Problem, settings: Settings) -> Result:
@@ -273,16 +287,19 @@ def fit(problem: Problem, settings: Settings) -> Result:
     theta0 = torch.stack([problem.init_mu, 0.5 * torch.log(problem.init_sigma2)], -1)
     B = theta0.shape[0]
     out = _Outputs(theta0)
+    nan = torch.full((B,), float("nan"), dtype=theta0.dtype)
+    steps = torch.zeros(B, dtype=torch.long)
     first = _Rows(
-        torch.arange(B),
-        theta0,
-        Objective(settings.divergence, settings.estimator, problem.mixture, theta0),
-        problem.lr,
-        problem.max_steps,
-        problem.tol,
-        torch.zeros(B, dtype=torch.long),
-        settings.optimizer.init_state(theta0),
-        torch.full((B,), float("inf"), dtype=theta0.dtype),
+        rows=torch.arange(B),
+        theta=theta0,
+        objective=Objective(settings.divergence, settings.estimator, problem.mixture, theta0),
+        lr=problem.lr,
+        max_steps=problem.max_steps,
+        tol=problem.tol,
+        steps=steps,
+        state=settings.optimizer.init_state(theta0),
+        best=torch.full((B,), float("inf"), dtype=theta0.dtype),
+        kept={"theta": theta0.clone(), "loss": nan, "grad": nan.clone(), "steps": steps.clone()},
     )
     second = first.subset(torch.zeros(B, dtype=torch.bool))
     iteration = 0
@@ -292,9 +309,8 @@ def fit(problem: Problem, settings: Settings) -> Result:
         second, to_first = _newton_step(second, settings, out)
         first, second = _Rows.concat(first, to_first), _Rows.concat(second, to_newton)
         iteration += 1
-    return Result(
-        out.theta[:, 0], gaussian_sigma2(out.theta[:, 1]), out.loss, out.grad, out.steps, out.status
-    )
+    sigma2 = gaussian_sigma2(out.theta[:, 1])
+    return Result(out.theta[:, 0], sigma2, out.loss, out.grad, out.steps, out.status)
 
 
 #: |log sigma| beyond this makes sigma^2 overflow or underflow float64 (e^{±600} is near its ends).
@@ -311,33 +327,38 @@ def _healthy(loss: Tensor, grad: Tensor, theta: Tensor) -> Tensor:
     )
 
 
-def _first_order_step(group: _Rows, settings: Settings, out: _Outputs, check: bool) -> tuple[_Rows, _Rows]:
+def _first_order_step(
+    group: _Rows, settings: Settings, out: _Outputs, check: bool
+) -> tuple[_Rows, _Rows | None]:
     """Evaluate, retire finished rows, hand basin-bound rows to Newton, step the rest."""
     if not len(group):
-        return group, group
+        return group, None
     loss, grad, hess = group.objective.derivatives(group.theta, hessian=check)
     gnorm = grad.norm(dim=-1)
     finite = _healthy(loss, grad, group.theta)
-    out.record(group, finite, loss, gnorm)
+    group.keep_if(finite, loss, gnorm)
     converged = finite & (gnorm <= group.tol)
     budget = finite & ~converged & (group.steps >= group.max_steps)
-    handover = torch.zeros_like(converged)
+    leaving = converged | ~finite | budget
+    to_newton = None
     if hess is not None:
         _, decrement, pd = newton(grad, hess)
-        handover = finite & ~converged & ~budget & pd & (decrement <= settings.handover)
+        handover = finite & ~leaving & pd & (decrement <= settings.handover)
+        if handover.any():
+            to_newton = group.subset(handover)
+            to_newton.best = torch.full_like(to_newton.best, float("inf"))
+            leaving = leaving | handover
     out.finish(group, converged, Status.CONVERGED)
     out.finish(group, ~finite, Status.DIVERGED)
     out.finish(group, budget, Status.MAX_STEPS)
-    to_newton = group.subset(handover)
-    to_newton.best = torch.full_like(to_newton.best, float("inf"))
-    keep = ~(converged | ~finite | budget | handover)
-    group, grad = group.subset(keep), grad[keep]
+    if leaving.any():
+        group, grad = group.subset(~leaving), grad[~leaving]
     group.theta = settings.optimizer.step(group.theta, grad, group.lr, group.state)
     group.steps = group.steps + 1
     return group, to_newton
 
 
-def _newton_step(group: _Rows, settings: Settings, out: _Outputs) -> tuple[_Rows, _Rows]:
+def _newton_step(group: _Rows, settings: Settings, out: _Outputs) -> tuple[_Rows, _Rows | None]:
     """One Newton iteration on the polish group.
 
     A row stops once its gradient norm is at most ``tol`` and one more Newton step no longer
@@ -347,13 +368,13 @@ def _newton_step(group: _Rows, settings: Settings, out: _Outputs) -> tuple[_Rows
     the first-order group from its best point.
     """
     if not len(group):
-        return group, group
+        return group, None
     loss, grad, hess = group.objective.derivatives(group.theta, hessian=True)
     gnorm = grad.norm(dim=-1)
     step, _, pd = newton(grad, hess)
     finite = _healthy(loss, grad, group.theta)
     better = finite & (gnorm < group.best)
-    out.record(group, better, loss, gnorm)
+    group.keep_if(better, loss, gnorm)
     group.best = torch.where(better, gnorm, group.best)
     converged = group.best <= group.tol
     done = converged & ~better
@@ -361,10 +382,13 @@ def _newton_step(group: _Rows, settings: Settings, out: _Outputs) -> tuple[_Rows
     out.finish(group, done | (budget & converged), Status.CONVERGED)
     out.finish(group, budget & ~converged, Status.MAX_STEPS)
     retreat = ~done & ~budget & (~finite | ~pd)
-    to_first = group.subset(retreat)
-    to_first.theta = out.theta[to_first.rows].clone()
+    to_first = None
+    if retreat.any():
+        to_first = group.subset(retreat)
+        to_first.theta = to_first.kept["theta"].clone()
     keep = ~(done | budget | retreat)
-    group, step = group.subset(keep), step[keep]
+    if not keep.all():
+        group, step = group.subset(keep), step[keep]
     # Cap the step at one e-fold of sigma, or that many sigmas of mu.
     group.theta = group.theta + step / step.abs().max(-1, keepdim=True).values.clamp_min(1.0)
     group.steps = group.steps + 1

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 LOG_2PI = math.log(2.0 * math.pi)
+INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def normal_log_prob(x: Tensor, mean: Tensor, var: Tensor) -> Tensor:
@@ -72,6 +73,25 @@ class Mixture:
         out = None
         for k in range(c0.shape[-1]):  # over the K components, not over configurations
             ell = torch.addcmul(c0[..., k], torch.addcmul(c1[..., k], c2[..., k], x), x)
+            out = ell if out is None else torch.logaddexp(out, ell)
+        return out
+
+    def log_prob_standard(self, z: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
+        r"""Log density at :math:`x = \mu + \sigma z`, for z [B, N] in Q's standard units: [B, N].
+
+        Each weighted component is a quadratic in z, with coefficients from those in x (expanded
+        around the same reference point as :meth:`log_prob`), so x itself is never formed.
+        """
+        ref = self.means.mean(-1, keepdim=True)
+        c0, c1, c2 = Mixture(self.means - ref, self.variances, self.log_weights).log_quadratic()
+        m, s = (mu.unsqueeze(-1) - ref), sigma.unsqueeze(-1)
+        a0 = c0 + m * (c1 + c2 * m)
+        a1 = s * (c1 + 2 * c2 * m)
+        a2 = c2 * s * s
+        a0, a1, a2 = (a.unsqueeze(-2) for a in (a0, a1, a2))
+        out = None
+        for k in range(a0.shape[-1]):  # over the K components, not over configurations
+            ell = torch.addcmul(a0[..., k], torch.addcmul(a1[..., k], a2[..., k], z), z)
             out = ell if out is None else torch.logaddexp(out, ell)
         return out
 
