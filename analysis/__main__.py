@@ -1,0 +1,69 @@
+"""``python -m analysis [SWEEP_DIR]``: figures to SWEEP_DIR/figures/, tables to SWEEP_DIR/tables/.
+
+Exit codes: 0 on success; 2 when SWEEP_DIR does not exist or holds no usable results (one line
+on stderr, nothing written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+from analysis.classify import DEFAULT_TOL  # noqa: E402 (after choosing the backend)
+from analysis.data import load_sweep  # noqa: E402
+from analysis.pipeline import DEFAULT_WEIGHT, analyse, write_report  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis",
+        description="Phase diagrams, bifurcation and basin charts, fit overlays, a loss landscape and "
+        "phase-boundary tables for one sweep.",
+    )
+    parser.add_argument(
+        "sweep_dir",
+        nargs="?",
+        default="multirun/latest",
+        type=Path,
+        help="sweep directory holding the results table (default: multirun/latest)",
+    )
+    parser.add_argument(
+        "--weight",
+        type=float,
+        default=None,
+        help=f"weight for the basin map, fit overlays and loss landscape; the nearest swept weight is "
+        f"used (default: nearest to {DEFAULT_WEIGHT})",
+    )
+    parser.add_argument(
+        "--tol",
+        type=float,
+        default=DEFAULT_TOL,
+        help=f"relative tolerance under which two converged endpoints are one optimum "
+        f"(default: {DEFAULT_TOL:g})",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        table = load_sweep(args.sweep_dir)
+    except (FileNotFoundError, ValueError) as err:
+        message = str(err).removeprefix("kl_sweep: ")  # the collect step names itself; say it once
+        message = message if str(args.sweep_dir) in message else f"{args.sweep_dir}: {message}"
+        print(f"analysis: {message}", file=sys.stderr)
+        return 2
+    written = write_report(analyse(table, tol=args.tol), args.sweep_dir, weight=args.weight)
+    for folder, kind in (("tables", "table"), ("figures", "figure")):
+        files = [p for p in written if p.parent.name == folder]
+        print(f"wrote {len(files)} {kind} files to {args.sweep_dir / folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

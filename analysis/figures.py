@@ -1,0 +1,536 @@
+"""The five figures of a sweep, each a function of a :class:`~analysis.pipeline.SweepAnalysis`.
+
+Every function returns a :class:`matplotlib.figure.Figure` built without pyplot (no global state,
+nothing shown), styled with seaborn's whitegrid theme and colour-blind-safe colours: seaborn's
+"colorblind" palette for categories, viridis/cividis for continuous values. They show the sweep's
+main context (the estimator, center and component_var with the most rows) when several are present.
+
+- :func:`phase_diagram`: outcome class and order parameter over separation x weight.
+- :func:`bifurcation_diagram`: final mu and sigma^2 against separation, every initialisation.
+- :func:`basin_map`: which optimum each init_mu reaches, for one weight.
+- :func:`fit_overlays`: P with the forward and reverse fits at a small and a large separation.
+- :func:`loss_landscape`: the reverse KL over (mu, log sigma) with the sweep's endpoints.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+import matplotlib as mpl
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib import patheffects
+from matplotlib.axes import Axes
+from matplotlib.colors import BoundaryNorm, ListedColormap, LogNorm
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from analysis import classify
+from analysis.data import RUN_KEYS, divergence_order, in_context, nearest_value
+from analysis.numerics import divergence_grid, gaussian_density, mixture_density
+from analysis.pipeline import NOT_CONVERGED, SweepAnalysis
+from analysis.tables import divergence_title
+
+SEPARATION_LABEL = "separation (component sd)"
+PALETTE = sns.color_palette("colorblind")
+#: One colour per outcome class, optimum type or run result, shared by every figure.
+COLOURS = {
+    classify.COVERING: PALETTE[0],
+    classify.HEAVIER: PALETTE[1],
+    classify.LIGHTER: PALETTE[2],
+    classify.MULTISTABLE: PALETTE[4],
+    classify.NO_MINIMUM: PALETTE[7],
+    classify.SADDLE: PALETTE[5],
+    NOT_CONVERGED: (0.82, 0.82, 0.82),
+}
+#: Line colour per divergence in the fit overlays.
+DIVERGENCE_COLOURS = {"forward": PALETTE[0], "reverse": PALETTE[3]}
+DPI = 150
+#: Artists with more cells or points than this are embedded in the SVGs as images, keeping them small.
+RASTERIZE_ABOVE = 5_000
+
+
+def style() -> AbstractContextManager:
+    """Seaborn's whitegrid style at notebook scale, applied only inside the ``with`` block."""
+    return mpl.rc_context({**sns.axes_style("whitegrid"), **sns.plotting_context("notebook", font_scale=1.0)})
+
+
+def cell_edges(values: np.ndarray) -> np.ndarray:
+    """Edges of cells centred on the sorted unique ``values`` (midpoints; half a gap beyond the ends)."""
+    v = np.unique(np.asarray(values, dtype=float))
+    if v.size == 1:
+        return np.array([v[0] - 0.5, v[0] + 0.5])
+    mid = 0.5 * (v[1:] + v[:-1])
+    return np.concatenate([[v[0] - (mid[0] - v[0])], mid, [v[-1] + (v[-1] - mid[-1])]])
+
+
+def grid_of(table: pd.DataFrame, x: str, y: str, value: str, frame: pd.DataFrame) -> pd.DataFrame:
+    """``value`` of ``table`` pivoted to y rows by x columns, on every x and y value found in ``frame``.
+
+    Pivoting every panel onto the same values keeps their cells aligned; combinations without a
+    row stay NaN and are drawn blank.
+    """
+    grid = table.pivot_table(index=y, columns=x, values=value, aggfunc="first")
+    return grid.reindex(index=np.unique(frame[y]), columns=np.unique(frame[x]))
+
+
+def categorical_mesh(ax: Axes, grid: pd.DataFrame, categories: list[str]) -> None:
+    """Colour the cells of ``grid`` (a pivot from :func:`grid_of`) by category (blank where NaN)."""
+    codes = grid.apply(lambda col: col.map({c: i for i, c in enumerate(categories)})).to_numpy(float)
+    cmap = ListedColormap([COLOURS[c] for c in categories])
+    norm = BoundaryNorm(np.arange(len(categories) + 1) - 0.5, len(categories))
+    ax.pcolormesh(
+        cell_edges(grid.columns),
+        cell_edges(grid.index),
+        np.ma.masked_invalid(codes),
+        cmap=cmap,
+        norm=norm,
+        edgecolors="face",
+        linewidth=0.0,
+        rasterized=codes.size > RASTERIZE_ABOVE,
+    )
+
+
+def mode_labels(weight: float) -> dict[str, str]:
+    """Legend names for the mode types that say which side each mode is on at ``weight``."""
+    heavy, light = ("left", "right") if weight >= 0.5 else ("right", "left")
+    return {classify.HEAVIER: f"heavier mode ({heavy})", classify.LIGHTER: f"lighter mode ({light})"}
+
+
+def patches(categories: list[str], names: dict[str, str] | None = None) -> list[Patch]:
+    names = names or {}
+    return [Patch(facecolor=COLOURS[c], edgecolor="0.3", label=names.get(c, c)) for c in categories]
+
+
+def context_note(result: SweepAnalysis) -> str:
+    """A subtitle naming the context shown, when the sweep holds more than one."""
+    runs = result.runs
+    if len(in_context(runs, result.context)) == len(runs):
+        return ""
+    return "\n(shown: " + ", ".join(f"{k}={v}" for k, v in result.context.items()) + ")"
+
+
+def phase_diagram(result: SweepAnalysis) -> Figure:
+    """Outcome class (top) and order parameter sigma^2 / Var_P (bottom) over separation x weight.
+
+    The class of a cell pools all its initialisations (rule in :mod:`analysis.classify`); black
+    markers give the separation where the global minimum turns mode-seeking (reverse KL).
+    """
+    cells = in_context(result.cells, result.context)
+    bounds = in_context(result.boundaries, result.context)
+    divergences = divergence_order(cells["divergence"])
+    categories = [o for o in classify.OUTCOMES if o != classify.NO_MINIMUM or (cells["outcome"] == o).any()]
+    with style():
+        fig = Figure(figsize=(4.6 * len(divergences) + 2.8, 8.4), layout="constrained")
+        axes = fig.subplots(2, len(divergences), squeeze=False, sharex=True, sharey=True)
+        mesh = None
+        switch_shown = False
+        for j, divergence in enumerate(divergences):
+            part = cells[cells["divergence"] == divergence]
+            top, bottom = axes[0, j], axes[1, j]
+            categorical_mesh(top, grid_of(part, "separation", "weight", "outcome", cells), categories)
+            grid = grid_of(part, "separation", "weight", "order_parameter", cells)
+            mesh = bottom.pcolormesh(
+                cell_edges(grid.columns),
+                cell_edges(grid.index),
+                np.ma.masked_invalid(grid.to_numpy(float)),
+                cmap="cividis",
+                vmin=0.0,
+                vmax=1.0,
+                edgecolors="face",
+                linewidth=0.0,
+            )
+            switch = bounds[bounds["divergence"] == divergence].dropna(subset=["global_switch_separation"])
+            for ax in (top, bottom):
+                if len(switch):
+                    ax.plot(
+                        switch["global_switch_separation"],
+                        switch["weight"],
+                        color="black",
+                        marker="o",
+                        markersize=5,
+                        linewidth=1.2,
+                        markerfacecolor="white",
+                    )
+                    switch_shown = True
+                ax.grid(False)
+            top.set_title(f"{divergence_title(divergence)}: outcome")
+            bottom.set_title(f"{divergence_title(divergence)}: order parameter")
+            bottom.set_xlabel(SEPARATION_LABEL)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("weight of left component")
+        handles: list = patches(categories)
+        if switch_shown:
+            handles.append(
+                Line2D(
+                    [],
+                    [],
+                    color="black",
+                    marker="o",
+                    markerfacecolor="white",
+                    label="global minimum turns\nmode-seeking",
+                ),
+            )
+        fig.legend(handles=handles, loc="outside right upper", title="outcome over inits", frameon=False)
+        if mesh is not None:
+            fig.colorbar(
+                mesh, ax=axes[1, :].tolist(), label="order parameter\nsigma^2 / Var_P (mean over inits)"
+            )
+        fig.suptitle("Phase diagram: where each divergence covers or seeks a mode" + context_note(result))
+    return fig
+
+
+def pick_evenly(values: np.ndarray, most: int) -> np.ndarray:
+    """At most ``most`` of the sorted unique ``values``, evenly spaced by index, ends included."""
+    v = np.unique(values)
+    if v.size <= most:
+        return v
+    return v[np.unique(np.round(np.linspace(0, v.size - 1, most)).astype(int))]
+
+
+def broken_line(part: pd.DataFrame, y: str) -> tuple[np.ndarray, np.ndarray]:
+    """x (separation) and y of every run's line, sorted by ``unit`` then separation, with NaN gaps.
+
+    A line is cut between units and wherever the run jumps to another type of optimum, so
+    that a jump between basins is not drawn as if it were a branch.
+    """
+    unit, reached = part["unit"].to_numpy(), part["reached"].to_numpy()
+    breaks = np.flatnonzero((unit[1:] != unit[:-1]) | (reached[1:] != reached[:-1])) + 1
+    return (
+        np.insert(part["separation"].to_numpy(float), breaks, np.nan),
+        np.insert(part[y].to_numpy(float), breaks, np.nan),
+    )
+
+
+def bifurcation_diagram(result: SweepAnalysis, max_weights: int = 6, max_inits: int = 40) -> Figure:
+    """Final mu (top) and sigma^2 (bottom) against separation: a colour per weight, a line per initialisation.
+
+    Converged runs only. Each initialisation (init_mu, init_sigma2, optimizer, lr) is followed
+    across separations, so where the fits branch the lines of one weight split; a line is cut where
+    its run jumps to another type of optimum (another basin). At most
+    ``max_weights`` weights and ``max_inits`` initialisations per weight are drawn (evenly chosen).
+    """
+    runs = in_context(result.runs, result.context)
+    divergences = divergence_order(runs["divergence"])
+    weights = pick_evenly(runs["weight"].to_numpy(float), max_weights)
+    n_skipped = int((~runs["converged"]).sum())
+    runs = runs[runs["converged"]]
+    colours = dict(zip(weights, sns.color_palette("viridis", len(weights)), strict=True))
+    runs = runs[runs["weight"].isin(weights)]
+    unit_id = runs.groupby(["weight", *RUN_KEYS], dropna=False).ngroup().to_numpy()
+    runs = runs.assign(unit=unit_id).sort_values(["unit", "separation"])
+    inits = runs.groupby("weight")["init_mu"].transform(
+        lambda s: s.isin(pick_evenly(s.to_numpy(), max_inits))
+    )
+    runs = runs[inits.astype(bool)]
+    seps = np.unique(runs["separation"])
+    centre = float(result.context["center"]) if pd.notna(result.context["center"]) else 0.0
+    with style():
+        fig = Figure(figsize=(5.2 * len(divergences) + 2.0, 8.2), layout="constrained")
+        axes = fig.subplots(2, len(divergences), squeeze=False, sharex=True, sharey="row")
+        for j, divergence in enumerate(divergences):
+            part = runs[runs["divergence"] == divergence]
+            for row, y in enumerate(("mu", "sigma2")):
+                ax = axes[row, j]
+                for weight in weights:
+                    sub = part[part["weight"] == weight]
+                    x, yy = broken_line(sub, y)
+                    ax.plot(
+                        x,
+                        yy,
+                        color=colours[weight],
+                        linewidth=1.0,
+                        alpha=0.55,
+                        marker="o",
+                        markersize=2.5,
+                        rasterized=len(part) > RASTERIZE_ABOVE // 2,
+                    )
+                if y == "mu":
+                    for sign in (-1, 1):
+                        ax.plot(seps, centre + sign * seps / 2, color="0.35", linestyle="--", linewidth=0.9)
+            axes[0, j].set_title(f"{divergence_title(divergence)}")
+            axes[1, j].set_xlabel(SEPARATION_LABEL)
+        axes[0, 0].set_ylabel("mu (final fit)")
+        axes[1, 0].set_ylabel("sigma^2 (final fit)")
+        handles = [
+            Line2D([], [], color=colours[w], marker="o", markersize=4, label=f"{w:g}") for w in weights
+        ]
+        handles.append(Line2D([], [], color="0.35", linestyle="--", label="component means"))
+        fig.legend(handles=handles, loc="outside right upper", title="weight", frameon=False)
+        note = f"; {n_skipped} non-converged runs not shown" if n_skipped else ""
+        fig.suptitle(
+            "Bifurcation diagram: final fit against separation, one line per initialisation"
+            + note
+            + context_note(result)
+        )
+    return fig
+
+
+def most_common(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """The rows of ``table`` sharing the most frequent combination of ``keys``."""
+    best = table.groupby(keys, dropna=False).size().idxmax()
+    return in_context(table, dict(zip(keys, best if isinstance(best, tuple) else (best,), strict=True)))
+
+
+def basin_map(result: SweepAnalysis, weight: float) -> Figure:
+    """For one weight: which kind of optimum each init_mu (y) reaches at each separation (x), per divergence.
+
+    Only runs with the most common (optimizer, lr, init_sigma2) are shown, so each grid cell is one run.
+    Dashed lines: the component means; dotted: the mixture mean (the moment-matched fit).
+    """
+    runs = in_context(result.runs, result.context)
+    weight = nearest_value(runs["weight"], weight)
+    runs = most_common(runs[runs["weight"] == weight], ["optimizer", "lr", "init_sigma2"])
+    divergences = divergence_order(runs["divergence"])
+    order = [classify.COVERING, classify.HEAVIER, classify.LIGHTER, classify.SADDLE, NOT_CONVERGED]
+    categories = [c for c in order if c in set(runs["reached"]) or c in order[:3]]
+    seps = cell_edges(runs["separation"])[[0, -1]]  # straight lines: the two ends suffice
+    centre = float(runs["center"].iloc[0])
+    mean = centre + seps * (0.5 - weight)
+    first = runs.iloc[0]
+    with style():
+        fig = Figure(figsize=(4.8 * len(divergences) + 2.8, 5.0), layout="constrained")
+        axes = fig.subplots(1, len(divergences), squeeze=False, sharey=True)[0]
+        for ax, divergence in zip(axes, divergences, strict=True):
+            part = runs[runs["divergence"] == divergence]
+            categorical_mesh(ax, grid_of(part, "separation", "init_mu", "reached", runs), categories)
+            for sign in (-1, 1):
+                ax.plot(seps, centre + sign * seps / 2, color="black", linestyle="--", linewidth=1.2)
+            ax.plot(seps, mean, color="black", linestyle=":", linewidth=1.5)
+            ax.set_xlim(*seps)
+            ax.set_ylim(cell_edges(runs["init_mu"])[[0, -1]])
+            ax.grid(False)
+            ax.set_title(divergence_title(divergence))
+            ax.set_xlabel(SEPARATION_LABEL)
+        axes[0].set_ylabel("init_mu (starting mean)")
+        handles: list = patches(categories, mode_labels(weight))
+        handles += [
+            Line2D([], [], color="black", linestyle="--", label="component means"),
+            Line2D([], [], color="black", linestyle=":", label="mixture mean"),
+        ]
+        fig.legend(handles=handles, loc="outside right upper", title="optimum reached", frameon=False)
+        fig.suptitle(
+            f"Basin map at weight {weight:g}: which optimum each starting mean reaches\n"
+            f"(init_sigma2={first['init_sigma2']:g}, optimizer={first['optimizer']}, lr={first['lr']:g})"
+            + context_note(result)
+        )
+    return fig
+
+
+def overlay_separations(result: SweepAnalysis, weight: float) -> list[float]:
+    """A small separation (the swept one nearest 2 component sd) and the largest swept one."""
+    runs = in_context(result.runs, result.context)
+    seps = np.unique(runs.loc[runs["weight"] == weight, "separation"])
+    sd = float(np.sqrt(runs["component_var"].iloc[0]))
+    small, large = nearest_value(seps, 2.0 * sd), float(seps.max())
+    return [small] if small == large else [small, large]
+
+
+def fit_overlays(result: SweepAnalysis, weight: float, separations: list[float] | None = None) -> Figure:
+    """P and each divergence's distinct minima as normalised densities, at a small and a large separation.
+
+    The legend gives each fit's type and the share of converged initialisations that reached it.
+    """
+    optima = in_context(result.optima, result.context)
+    weight = nearest_value(in_context(result.runs, result.context)["weight"], weight)
+    separations = separations or overlay_separations(result, weight)
+    minima = optima[classify.is_minimum(optima) & (optima["weight"] == weight)]
+    styles = ["-", "--", ":", "-."]
+    names = mode_labels(weight)
+    with style():
+        fig = Figure(figsize=(6.2 * len(separations), 5.4), layout="constrained")
+        axes = fig.subplots(1, len(separations), squeeze=False)[0]
+        for ax, separation in zip(axes, separations, strict=True):
+            here = minima[minima["separation"] == separation]
+            cell = in_context(result.runs, result.context).query(
+                "weight == @weight and separation == @separation"
+            )
+            cell = cell.iloc[0][["separation", "weight", "center", "component_var"]].astype(float)
+            sd = np.sqrt(cell["component_var"])
+            left, right = cell["center"] - separation / 2, cell["center"] + separation / 2
+            fit_sd = np.sqrt(here["sigma2"].to_numpy(float))
+            fit_mu = here["mu"].to_numpy(float)
+            lo = float(np.min(np.append(fit_mu - 3.5 * fit_sd, left - 4 * sd)))
+            hi = float(np.max(np.append(fit_mu + 3.5 * fit_sd, right + 4 * sd)))
+            x = np.linspace(lo, hi, 1200)
+            p = mixture_density(cell, x)
+            ax.fill_between(x, p, color="0.75", alpha=0.6, linewidth=0)
+            ax.plot(x, p, color="0.3", linewidth=1.5, label="P (mixture)")
+            for divergence in divergence_order(here["divergence"]):
+                fits = here[here["divergence"] == divergence].sort_values("share", ascending=False)
+                q = gaussian_density(x, fits["mu"].to_numpy(float), fits["sigma2"].to_numpy(float))
+                colour = DIVERGENCE_COLOURS.get(divergence, PALETTE[len(DIVERGENCE_COLOURS) + 2])
+                for k, (density, (_, fit)) in enumerate(zip(q, fits.iterrows(), strict=True)):  # a few optima
+                    kind = names.get(fit["type"], fit["type"])
+                    ax.plot(
+                        x,
+                        density,
+                        color=colour,
+                        linestyle=styles[k % len(styles)],
+                        linewidth=2.2,
+                        label=f"{divergence_title(divergence)}: {kind}, {fit['share']:.0%} of inits",
+                    )
+            top = max(float(np.max(line.get_ydata())) for line in ax.get_lines())
+            ax.set_ylim(0, 1.5 * top)  # headroom for the legend
+            ax.set_xlim(lo, hi)
+            ax.set_title(f"separation {separation:g} component sd")
+            ax.set_xlabel("x (component sd)")
+            ax.set_ylabel("density")
+            ax.legend(loc="upper right", fontsize="small", framealpha=0.9)
+        fig.suptitle(
+            f"P and the fitted Gaussians Q at weight {weight:g} (normalised densities)" + context_note(result)
+        )
+    return fig
+
+
+def landscape_cell(result: SweepAnalysis, weight: float, divergence: str) -> pd.Series:
+    """The configuration the landscape shows: ``divergence`` at ``weight`` and the largest separation."""
+    runs = in_context(result.runs, result.context)
+    runs = runs[runs["divergence"] == divergence]
+    weight = nearest_value(runs["weight"], weight)
+    runs = runs[runs["weight"] == weight]
+    return runs[runs["separation"] == runs["separation"].max()].iloc[0]
+
+
+def loss_landscape(result: SweepAnalysis, weight: float, divergence: str | None = None) -> Figure:
+    """The divergence over (mu, log sigma) for one configuration (largest separation), with the sweep's runs.
+
+    Filled contours on a log scale (one batched quadrature evaluation of the whole grid); white
+    circles are the starting points, joined by a straight line to where each run ended (not its
+    path); stars are the distinct minima (an X a saddle); the plus sign is the moment-matched fit.
+    Defaults to the reverse KL.
+    """
+    names = set(result.runs["divergence"])
+    divergence = divergence or ("reverse" if "reverse" in names else divergence_order(list(names))[0])
+    cell = landscape_cell(result, weight, divergence)
+    keys = ["separation", "weight"]
+    runs = in_context(result.runs, result.context)
+    runs = runs[(runs["divergence"] == divergence) & (runs[keys] == cell[keys]).all(axis=1)]
+    optima = in_context(result.optima, result.context)
+    optima = optima[(optima["divergence"] == divergence) & (optima[keys] == cell[keys]).all(axis=1)]
+    c, s, v, w = (float(cell[k]) for k in ("center", "separation", "component_var", "weight"))
+    sd, mm_mean, mm_var = np.sqrt(v), c + s * (0.5 - w), v + w * (1 - w) * s**2
+    mus = np.concatenate([[c - s / 2 - 3 * sd, c + s / 2 + 3 * sd], runs["init_mu"], runs["mu"]])
+    log_sds = 0.5 * np.log(np.concatenate([[0.09 * v, 2.0 * mm_var], runs["init_sigma2"], runs["sigma2"]]))
+    mu_grid = np.linspace(np.nanmin(mus) - 0.5 * sd, np.nanmax(mus) + 0.5 * sd, 241)
+    ls_grid = np.linspace(np.nanmin(log_sds) - 0.2, np.nanmax(log_sds) + 0.2, 181)
+    loss = divergence_grid(divergence, cell, mu_grid, ls_grid)
+    floor = max(float(np.nanmin(loss)), 1e-3)
+    levels = np.geomspace(floor, max(float(np.nanquantile(loss, 0.9)), 10 * floor), 22)
+    conv = runs[runs["converged"]]
+    outlined = [patheffects.withStroke(linewidth=2.6, foreground="black")]
+    n_minima = int(classify.is_minimum(optima).sum())
+    with style():
+        fig = Figure(figsize=(9.6, 7.0), layout="constrained")
+        ax = fig.subplots()
+        filled = ax.contourf(
+            mu_grid,
+            ls_grid,
+            np.clip(loss, floor, levels[-1]),
+            levels=levels,
+            norm=LogNorm(floor, levels[-1]),
+            cmap="cividis",
+        )
+        ax.contour(mu_grid, ls_grid, loss, levels=levels[::3], colors="white", linewidths=0.4, alpha=0.5)
+        fig.colorbar(
+            filled,
+            ax=ax,
+            label="loss (nats), log scale",
+            ticks=nice_log_ticks(floor, levels[-1]),
+            format="%.3g",
+        )
+        starts = np.column_stack([conv["init_mu"], 0.5 * np.log(conv["init_sigma2"])])
+        ends = np.column_stack([conv["mu"], 0.5 * np.log(conv["sigma2"])])
+        segments = np.full((3 * len(starts), 2), np.nan)
+        segments[0::3], segments[1::3] = starts, ends
+        ax.plot(segments[:, 0], segments[:, 1], color="white", linewidth=0.8, alpha=0.7)
+        ax.plot(
+            starts[:, 0],
+            starts[:, 1],
+            "o",
+            markerfacecolor="white",
+            markeredgecolor="black",
+            markersize=5,
+            label="starting points (init_mu, log of init sd)",
+        )
+        labels = mode_labels(w)
+        for _, opt in optima.iterrows():  # the few distinct optima of this configuration
+            saddle = opt["kind"] == classify.SADDLE
+            kind = classify.SADDLE if saddle else labels.get(opt["type"], opt["type"])
+            ax.plot(
+                opt["mu"],
+                0.5 * np.log(opt["sigma2"]),
+                marker="X" if saddle else "*",
+                linestyle="none",
+                markersize=17,
+                markerfacecolor=COLOURS[classify.SADDLE if saddle else opt["type"]],
+                markeredgecolor="black",
+                markeredgewidth=1.0,
+                label=f"{kind}: loss {opt['loss']:.3g} nats, {opt['n_runs']} of {len(conv)} runs",
+            )
+        ax.plot(
+            mm_mean,
+            0.5 * np.log(mm_var),
+            marker="P",
+            markersize=12,
+            linestyle="none",
+            color="white",
+            markeredgecolor="black",
+            label="moment-matched fit (forward-KL optimum)",
+        )
+        for sign in (-1, 1):
+            ax.axvline(c + sign * s / 2, color="white", linestyle="--", linewidth=1.2, path_effects=outlined)
+        ax.plot(
+            [],
+            [],
+            color="white",
+            linestyle="--",
+            linewidth=1.2,
+            path_effects=outlined,
+            label="component means",
+        )
+        ax.set_xlabel("mu")
+        ax.set_ylabel("log sigma")
+        ax.grid(False)
+        fig.legend(loc="outside lower center", ncol=2, fontsize="small", frameon=False)
+        ax.set_title(
+            f"{divergence_title(divergence)} over (mu, log sigma), separation {s:g} component sd, "
+            f"weight {w:g}:\n"
+            f"{n_minima} distinct minima reached by the sweep's {len(conv)} converged runs"
+            + context_note(result)
+        )
+    return fig
+
+
+def nice_log_ticks(lo: float, hi: float) -> list[float]:
+    """1-2-5 ticks between ``lo`` and ``hi`` for a log colour scale, with both ends."""
+    decades = np.arange(np.floor(np.log10(lo)), np.ceil(np.log10(hi)) + 1)
+    ticks = (10.0 ** decades[:, None] * np.array([1.0, 2.0, 5.0])).ravel()
+    inner = ticks[(ticks > lo * 1.15) & (ticks < hi / 1.15)]
+    return [lo, *inner, hi]
+
+
+#: Every figure ``python -m analysis`` writes, by file name.
+FIGURES: dict[str, Callable[[SweepAnalysis, float], Figure]] = {
+    "phase_diagram": lambda result, weight: phase_diagram(result),
+    "bifurcation": lambda result, weight: bifurcation_diagram(result),
+    "basin_map": basin_map,
+    "fit_overlays": fit_overlays,
+    "loss_landscape": loss_landscape,
+}
+
+
+def write_figures(result: SweepAnalysis, directory: Path, weight: float) -> list[Path]:
+    """Write every figure of :data:`FIGURES` as PNG and SVG into ``directory``; return the paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, make in FIGURES.items():
+        fig = make(result, weight)
+        for suffix in (".png", ".svg"):
+            fig.savefig(directory / f"{name}{suffix}", dpi=DPI)
+            written.append(directory / f"{name}{suffix}")
+    return written

@@ -1,0 +1,144 @@
+"""The tables: phase boundaries (CSV and Markdown), a Markdown summary of every cell's optima, and CSVs.
+
+Files written by :func:`write_tables` into ``SWEEP_DIR/tables/``:
+
+- ``phase_boundaries.csv`` / ``.md``: :func:`analysis.classify.phase_boundaries`, one row per
+  divergence and weight (and per estimator / center / component_var if the sweep varies them).
+- ``summary.md``: per divergence, separation and weight, the distinct optima found.
+- ``optima.csv``: the distinct optima with full precision; ``phases.csv``: one row per cell.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis import classify
+from analysis.data import CELL_KEYS, CONTEXT_KEYS, divergence_order
+from analysis.pipeline import SweepAnalysis
+
+#: How each divergence is named in headings.
+DIVERGENCE_TITLES = {"forward": "forward KL(P||Q)", "reverse": "reverse KL(Q||P)"}
+
+
+def divergence_title(name: str) -> str:
+    return DIVERGENCE_TITLES.get(name, name)
+
+
+def varying_context(table: pd.DataFrame) -> list[str]:
+    """The context columns (estimator, center, component_var) that take more than one value."""
+    return [k for k in CONTEXT_KEYS if k in table.columns and table[k].nunique(dropna=False) > 1]
+
+
+def format_value(value: object, digits: int = 6) -> str:
+    """A table cell: floats to ``digits`` significant digits, missing values as an em dash."""
+    if value is None or (isinstance(value, float | np.floating) and np.isnan(value)):
+        return "—"
+    if isinstance(value, float | np.floating):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def markdown_table(table: pd.DataFrame, digits: int = 6) -> str:
+    """``table`` as a GitHub-flavoured Markdown table (numbers right-aligned)."""
+    header = "| " + " | ".join(map(str, table.columns)) + " |"
+    numeric = [
+        pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c]) for c in table
+    ]
+    rule = "|" + "|".join("---:" if n else "---" for n in numeric) + "|"
+    cells = table.map(lambda v: format_value(v, digits)).to_numpy()
+    body = ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join([header, rule, *body]) + "\n"
+
+
+def boundary_table(result: SweepAnalysis) -> pd.DataFrame:
+    """The phase-boundary table without context columns that do not vary."""
+    keep = varying_context(result.boundaries)
+    drop = [k for k in CONTEXT_KEYS if k not in keep]
+    return result.boundaries.drop(columns=drop)
+
+
+def boundaries_markdown(result: SweepAnalysis) -> str:
+    table = boundary_table(result)
+    return "\n".join(
+        [
+            "# Phase boundaries",
+            "",
+            "One row per divergence and weight. `onset_separation`: the smallest swept separation with two",
+            "or more distinct converged minima (a grid value; `onset_lower` is the swept separation below).",
+            "`global_switch_separation`: where the lowest-loss minimum turns from covering to mode-seeking,",
+            "bracketed by `switch_lower` and `switch_upper`; `method` says whether it was interpolated",
+            "(linear zero of the loss difference between the two branches) or is the grid value. Separations",
+            "are in component standard deviations; — means the sweep does not bracket the boundary.",
+            f"Distinct means apart by more than a relative tolerance of {result.tol:g} "
+            "(see analysis/README.md).",
+            "",
+            markdown_table(table),
+        ]
+    )
+
+
+def summary_markdown(result: SweepAnalysis) -> str:
+    """Every cell's distinct optima (mu, sigma2, loss, share of converged runs), a section per divergence."""
+    extra = varying_context(result.cells)
+    optima = result.optima[CELL_KEYS + ["optimum", "type", "kind", "mu", "sigma2", "loss", "share", "n_runs"]]
+    rows = result.cells[CELL_KEYS + ["outcome", "n_runs", "n_not_converged"]].merge(
+        optima.rename(columns={"n_runs": "reached"}), on=CELL_KEYS, how="left"
+    )
+    rows["type"] = np.where(rows["kind"] == classify.SADDLE, "saddle (not counted)", rows["type"])
+    # Six decimals are far finer than the optimum tolerance; + 0.0 turns -0.0 into 0.0.
+    rows[["mu", "sigma2", "loss"]] = rows[["mu", "sigma2", "loss"]].round(6) + 0.0
+    rows["share"] = rows["share"].round(3)
+    rows = rows.sort_values(CELL_KEYS + ["optimum"])
+
+    counts = result.runs.groupby("divergence").agg(rows=("converged", "size"), converged=("converged", "sum"))
+    counts["not converged"] = counts["rows"] - counts["converged"]
+    counts["saddle runs"] = result.cells.groupby("divergence")["n_saddle_runs"].sum()
+    counts = counts.reset_index()
+
+    lines = [
+        "# Sweep summary: distinct optima per configuration",
+        "",
+        f"{len(result.runs)} runs; only converged runs define optima. Two converged endpoints are the",
+        f"same optimum when their means differ by at most {result.tol:g} of the fitted sd and their",
+        f"variances by at most {result.tol:g} relatively (chained; analysis/README.md has the exact rule).",
+        "`share` is the fraction of the configuration's converged runs reaching the optimum; `loss` is",
+        "the optimised divergence in nats; `type` is covering if sigma^2 >= 1/2 of the moment-matched",
+        "variance, else the mode it sits on (the left mode is called heavier at weight 1/2).",
+        "",
+        markdown_table(counts),
+    ]
+    columns = extra + ["separation", "weight", "outcome", "optimum", "type", "mu", "sigma2", "loss", "share"]
+    columns += ["reached", "n_runs", "n_not_converged"]
+    for divergence in divergence_order(rows["divergence"]):
+        part = rows[rows["divergence"] == divergence][columns]
+        part = part.rename(
+            columns={
+                "sigma2": "sigma^2",
+                "loss": "loss (nats)",
+                "reached": "runs reaching",
+                "n_runs": "runs",
+                "n_not_converged": "not converged",
+            }
+        )
+        lines += ["", f"## {divergence_title(divergence)}", "", markdown_table(part)]
+    return "\n".join(lines)
+
+
+def write_tables(result: SweepAnalysis, directory: Path) -> list[Path]:
+    """Write all tables into ``directory`` (created if needed); return the paths written."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "phase_boundaries.csv": lambda p: boundary_table(result).to_csv(p, index=False),
+        "phase_boundaries.md": lambda p: p.write_text(boundaries_markdown(result)),
+        "summary.md": lambda p: p.write_text(summary_markdown(result)),
+        "optima.csv": lambda p: result.optima.to_csv(p, index=False),
+        "phases.csv": lambda p: result.cells.to_csv(p, index=False),
+    }
+    written = []
+    for name, write in paths.items():
+        write(directory / name)
+        written.append(directory / name)
+    return written
