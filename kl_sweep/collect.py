@@ -74,8 +74,11 @@ def assemble(sweep_dir: str | Path) -> Path:
     """
     sweep_dir = Path(sweep_dir)
     path = write_parquet(read_sweep(sweep_dir), sweep_dir / RESULTS)
-    for part in (sweep_dir / PARTS).glob("*.parquet"):
+    parts = sweep_dir / PARTS
+    for part in parts.glob("*.parquet"):
         part.unlink(missing_ok=True)
+    if parts.is_dir() and not any(parts.iterdir()):
+        parts.rmdir()
     return path
 
 

@@ -10,9 +10,8 @@ import os
 from pathlib import Path
 
 import nbformat
-import numpy as np
 import pandas as pd
-import torch
+from conftest import run_cli
 from nbclient import NotebookClient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,72 +19,18 @@ NOTEBOOK = REPO / "analysis" / "phase_behaviour.ipynb"
 
 
 def real_sweep(directory: Path) -> pd.DataFrame:
-    """Fit every (divergence, separation, weight, init_mu) with the core and write ``results.parquet``."""
-    from kl_sweep.divergences import DIVERGENCES, divergence_value
-    from kl_sweep.estimators import Quadrature
-    from kl_sweep.fit import Problem, Settings, Status, fit
-    from kl_sweep.mixture import Mixture
-    from kl_sweep.optim import Adam
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        grid = np.meshgrid(np.arange(0.0, 8.01, 1.0), [0.5, 0.75], np.linspace(-6.0, 6.0, 9), indexing="ij")
-        s, w, x0 = (torch.tensor(a.ravel()) for a in grid)
-        n = s.numel()
-        mixture = Mixture.two_component(s, w, torch.zeros(n), torch.ones(n))
-        frames = []
-        for name in ("forward", "reverse"):
-            problem = Problem(
-                mixture,
-                x0.clone(),
-                torch.ones(n),
-                torch.full((n,), 0.05),
-                torch.full((n,), 3000, dtype=torch.long),
-                torch.full((n,), 1e-8),
-            )
-            fitted = fit(problem, Settings(DIVERGENCES[name], Quadrature(), Adam()))
-            log_sigma = 0.5 * torch.log(fitted.sigma2)
-            kl = {
-                k: divergence_value(DIVERGENCES[k], Quadrature(), mixture, fitted.mu, log_sigma)
-                .detach()
-                .numpy()
-                for k in ("forward", "reverse")
-            }
-            status = np.array([Status(int(code)).label for code in fitted.status])
-            frames.append(
-                pd.DataFrame(
-                    dict(
-                        divergence=name,
-                        estimator="quadrature",
-                        optimizer="adam",
-                        lr=0.05,
-                        separation=s.numpy(),
-                        weight=w.numpy(),
-                        center=0.0,
-                        component_var=1.0,
-                        init_mu=x0.numpy(),
-                        init_sigma2=1.0,
-                        mu=fitted.mu.numpy(),
-                        sigma2=fitted.sigma2.numpy(),
-                        loss=fitted.loss.numpy(),
-                        kl_forward=kl["forward"],
-                        kl_reverse=kl["reverse"],
-                        grad_norm=fitted.grad_norm.numpy(),
-                        steps=fitted.steps.numpy(),
-                        converged=status == "converged",
-                        status=status,
-                    )
-                )
-            )
-    finally:
-        torch.set_default_dtype(previous)
-    table = pd.concat(frames, ignore_index=True)
-    table["config_hash"] = [f"{i:08x}" for i in range(len(table))]
-    table["sweep_id"], table["job_num"] = "notebook-test", np.arange(len(table))
-    directory.mkdir(parents=True, exist_ok=True)
-    table.to_parquet(directory / "results.parquet")
-    return table
+    """A small real sweep through the command line: both divergences, separations 0-8, 2 weights, 9 starts."""
+    proc = run_cli(
+        "-m",
+        "separation=range(0,9,1)",
+        "weight=0.5,0.75",
+        "init_mu=range(-6,7,1.5)",
+        "divergence=forward,reverse",
+        f"hydra.sweep.dir={directory}",
+        "hydra.sweeper.latest_link=null",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return pd.read_parquet(directory / "results.parquet")
 
 
 def test_notebook_is_committed_without_outputs():
@@ -112,5 +57,5 @@ def test_notebook_runs_top_to_bottom_on_a_real_sweep(tmp_path, monkeypatch):
     assert len(images) == 5  # phase diagram, bifurcation, basin map, fit overlays, loss landscape
     text = "".join(out.get("text", "") for out in outputs)
     assert f"{len(table)} runs from {sweep}" in text
-    # Nothing is written next to the sweep: the notebook only displays.
-    assert sorted(p.name for p in sweep.iterdir()) == ["results.parquet"]
+    # Nothing is written into the sweep: the notebook only displays.
+    assert sorted(p.name for p in sweep.iterdir()) == ["0", "multirun.yaml", "results.parquet"]
