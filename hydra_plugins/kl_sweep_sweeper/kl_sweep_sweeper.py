@@ -1,3 +1,5 @@
+import os
+import sys
 from typing import Any
 
 from hydra.plugins.sweeper import Sweeper
@@ -33,7 +35,16 @@ class KLSweepSweeper(Sweeper):
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
 
     def sweep(self, arguments: list[str]) -> Any:
-        from ._core import run_sweep
+        from kl_sweep.validate import ConfigError
+
+        from ._core import SweepError, run_sweep
 
         assert self.hydra_context is not None and self.task_function is not None and self.config is not None
-        return run_sweep(self.hydra_context, self.task_function, self.config, arguments, **self.options)
+        try:
+            return run_sweep(self.hydra_context, self.task_function, self.config, arguments, **self.options)
+        except (ConfigError, SweepError) as ex:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            # The same as a single run's bad input: one line, exit status 2, nothing written.
+            print(ex, file=sys.stderr)
+            raise SystemExit(2) from None
