@@ -11,7 +11,7 @@ first-order method only hovers around the optimum, Newton converges quadraticall
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 
 import torch
@@ -71,50 +71,65 @@ class Result:
     status: Tensor
 
 
+@dataclass
 class Objective:
     r"""The divergence of each active row as a function of theta = (mu, log sigma).
 
     When the estimator's nodes do not move with Q (expectations under P), they are computed once
-    per fit. If moreover the integrand is ``g(log p) - log q`` (forward KL), the expectation is
-    :math:`\sum_i w_i g_i - \sum_i w_i \log q(x_i)`, and since log q is quadratic in x the second
-    sum needs only the moments :math:`\sum_i w_i x_i^j`, j = 0, 1, 2: each step then costs O(1)
-    per row, with exactly the estimator's value.
+    per fit (:meth:`build`). If moreover the integrand is ``g(log p) - log q`` (forward KL), the
+    expectation is :math:`\sum_i w_i g_i - \sum_i w_i \log q(x_i)`, and since log q is quadratic
+    in x the second sum needs only the moments :math:`\sum_i w_i x_i^j`, j = 0, 1, 2: each step
+    then costs O(1) per row, with exactly the estimator's value.
     """
 
-    def __init__(self, divergence: Divergence, estimator: Estimator, mixture: Mixture, theta: Tensor):
-        self.divergence, self.estimator, self.mixture = divergence, estimator, mixture
-        self.cache: tuple[Tensor, ...] | None = None
-        self.moments: tuple[Tensor, ...] | None = None
-        if divergence.measure == "p" and estimator.static_p:
-            with torch.no_grad():
-                x, w = estimator.nodes("p", mixture, theta[:, 0], theta[:, 1])
-                log_p = mixture.log_prob(x)
-                if divergence.affine_in_log_q:
-                    # Moments about P's mean, so that nothing cancels when P is far from 0.
-                    ref = mixture.mean().unsqueeze(-1)
-                    zero_q = torch.zeros_like(log_p)
-                    const = (w * divergence.integrand(log_p, zero_q)).sum(-1)
-                    u = x - ref
-                    self.moments = (const, w.sum(-1), (w * u).sum(-1), (w * u * u).sum(-1), ref[:, 0])
-                else:
-                    self.cache = (x, w, log_p)
+    divergence: Divergence
+    estimator: Estimator
+    mixture: Mixture
+    #: (x, w, log p) at the fixed nodes under P, for integrands that need them.
+    cache: tuple[Tensor, ...] | None = None
+    #: (c, m0, m1, m2, ref): the moment form of an integrand affine in log q.
+    moments: tuple[Tensor, ...] | None = None
+
+    @classmethod
+    def build(
+        cls, divergence: Divergence, estimator: Estimator, mixture: Mixture, theta: Tensor
+    ) -> Objective:
+        if not (divergence.measure == "p" and estimator.static_p):
+            return cls(divergence, estimator, mixture)
+        with torch.no_grad():
+            x, w = estimator.nodes("p", mixture, theta[:, 0], theta[:, 1])
+            log_p = mixture.log_prob(x)
+            if not divergence.affine_in_log_q:
+                return cls(divergence, estimator, mixture, cache=(x, w, log_p))
+            # Moments about P's mean, so that nothing cancels when P is far from 0.
+            ref = mixture.mean().unsqueeze(-1)
+            const = (w * divergence.integrand(log_p, torch.zeros_like(log_p))).sum(-1)
+            u = x - ref
+            moments = (const, w.sum(-1), (w * u).sum(-1), (w * u * u).sum(-1), ref[:, 0])
+            return cls(divergence, estimator, mixture, moments=moments)
 
     def subset(self, keep: Tensor) -> Objective:
-        new = object.__new__(Objective)
-        new.divergence, new.estimator, new.mixture = self.divergence, self.estimator, self.mixture[keep]
-        new.cache = None if self.cache is None else tuple(c[keep] for c in self.cache)
-        new.moments = None if self.moments is None else tuple(c[keep] for c in self.moments)
-        return new
+        return replace(
+            self, mixture=self.mixture[keep], cache=_take(self.cache, keep), moments=_take(self.moments, keep)
+        )
+
+    @staticmethod
+    def concat(a: Objective, b: Objective) -> Objective:
+        def cat(x, y):
+            return None if x is None else tuple(torch.cat(pair) for pair in zip(x, y))
+
+        return replace(
+            a,
+            mixture=Mixture.cat([a.mixture, b.mixture]),
+            cache=cat(a.cache, b.cache),
+            moments=cat(a.moments, b.moments),
+        )
 
     def __call__(self, theta: Tensor) -> Tensor:
+        """The loss per row (differentiable in theta unless the moment form is used)."""
         mu, log_sigma = theta[:, 0], theta[:, 1]
         if self.moments is not None:
-            const, m0, m1, m2, ref = self.moments
-            d = mu - ref
-            # sum_i w_i log q(x_i) with log q(x) = -log sigma - (log 2 pi)/2 - (x - mu)^2 / (2 sigma^2)
-            sq = m2 - 2 * d * m1 + d * d * m0
-            e_log_q = -m0 * (log_sigma + 0.5 * LOG_2PI) - 0.5 * sq * torch.exp(-2 * log_sigma)
-            return const - e_log_q
+            return self._moment_derivatives(theta, hessian=False)[0]
         if self.cache is None:
             return divergence_value(self.divergence, self.estimator, self.mixture, mu, log_sigma)
         x, w, log_p = self.cache
@@ -252,7 +267,7 @@ class _Rows:
         if not len(a):
             return b
         return _Rows(
-            objective=_concat_objectives([a.objective, b.objective]),
+            objective=Objective.concat(a.objective, b.objective),
             state={k: torch.cat([a.state[k], b.state[k]]) for k in a.state},
             kept={k: torch.cat([a.kept[k], b.kept[k]]) for k in a.kept},
             **{f: torch.cat([getattr(a, f), getattr(b, f)]) for f in _Rows.FIELDS},
@@ -292,7 +307,7 @@ def fit(problem: Problem, settings: Settings) -> Result:
     first = _Rows(
         rows=torch.arange(B),
         theta=theta0,
-        objective=Objective(settings.divergence, settings.estimator, problem.mixture, theta0),
+        objective=Objective.build(settings.divergence, settings.estimator, problem.mixture, theta0),
         lr=problem.lr,
         max_steps=problem.max_steps,
         tol=problem.tol,
@@ -395,17 +410,5 @@ def _newton_step(group: _Rows, settings: Settings, out: _Outputs) -> tuple[_Rows
     return group, to_first
 
 
-def _concat_objectives(objectives: list[Objective]) -> Objective:
-    first = objectives[0]
-    new = object.__new__(Objective)
-    new.divergence, new.estimator = first.divergence, first.estimator
-    new.mixture = Mixture(
-        *(
-            torch.cat([getattr(o.mixture, f) for o in objectives])
-            for f in ("means", "variances", "log_weights")
-        )
-    )
-    for attr in ("cache", "moments"):
-        parts = [getattr(o, attr) for o in objectives]
-        setattr(new, attr, None if parts[0] is None else tuple(torch.cat(p) for p in zip(*parts)))
-    return new
+def _take(parts: tuple[Tensor, ...] | None, keep: Tensor) -> tuple[Tensor, ...] | None:
+    return None if parts is None else tuple(p[keep] for p in parts)

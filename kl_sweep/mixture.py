@@ -48,6 +48,13 @@ class Mixture:
         log_weights = torch.stack([torch.log(weight), torch.log1p(-weight)], dim=-1)
         return cls(means, variances, log_weights)
 
+    @classmethod
+    def cat(cls, parts: list[Mixture]) -> Mixture:
+        """The rows of several batches, one after the other."""
+        return cls(
+            *(torch.cat([getattr(p, f) for p in parts]) for f in ("means", "variances", "log_weights"))
+        )
+
     def __getitem__(self, index: Tensor) -> Mixture:
         return Mixture(self.means[index], self.variances[index], self.log_weights[index])
 

@@ -95,7 +95,7 @@ def test_closed_form_derivatives_equal_autograd(estimator):
     prob = problem(rows)
     theta = torch.stack([prob.init_mu + 0.1, 0.5 * torch.log(prob.init_sigma2) - 0.2], -1)
     for div in DIVERGENCES.values():
-        obj = Objective(div, estimator, prob.mixture, theta)
+        obj = Objective.build(div, estimator, prob.mixture, theta)
         loss, grad, hess = obj.derivatives(theta, hessian=True)
         for i in range(len(rows)):
 
