@@ -59,6 +59,9 @@ def preflight(argv: list[str]) -> str | None:
             return f"kl_sweep: invalid {group[0]}={group[1]}: allowed is one of {', '.join(ex.options)}"
         return f"kl_sweep: {_first_line(ex)}"
     except (HydraException, OmegaConfBaseException) as ex:
+        unknown = _unknown_key(ex)
+        if unknown:
+            return unknown
         cause = ex.__cause__
         detail = f": {_first_line(cause)}" if cause is not None else ""
         return f"kl_sweep: {_first_line(ex)}{detail}"
@@ -76,6 +79,19 @@ def malformed(lines: list[str]) -> str:
         except HydraException as ex:
             return f"kl_sweep: malformed override {line!r}: {_first_line(ex)}"
     return "kl_sweep: malformed overrides"
+
+
+def _unknown_key(ex: BaseException) -> str | None:
+    """A one-line message for an override of a key the config does not have, else None."""
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    from kl_sweep.validate import KNOWN_KEYS
+
+    cause = ex.__cause__
+    if not isinstance(cause, (ConfigKeyError, ConfigAttributeError)) or not getattr(cause, "key", None):
+        return None
+    full = getattr(cause, "full_key", None) or cause.key
+    return f"kl_sweep: unknown key {full}: allowed keys are {', '.join(KNOWN_KEYS)}"
 
 
 def _first_line(ex: BaseException) -> str:

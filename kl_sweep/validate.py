@@ -25,6 +25,14 @@ class ConfigError(CompactHydraException, ValueError):
         super().__init__(f"kl_sweep: invalid {key}={_show(value)}{where}: allowed is {allowed}")
 
 
+class UnknownKeyError(ConfigError):
+    def __init__(self, key: str, value: Any):
+        self.key, self.value, self.allowed = key, value, ", ".join(KNOWN_KEYS)
+        CompactHydraException.__init__(
+            self, f"kl_sweep: unknown key {key} (set to {_show(value)}): allowed keys are {self.allowed}"
+        )
+
+
 def _show(value: Any) -> str:
     if isinstance(value, (float, np.floating)):
         return repr(float(value))
@@ -91,12 +99,20 @@ RULES: dict[str, Rule] = {
 }
 
 
+#: Every key a configuration may have (flattened); anything else, such as ``+colour=red``, is refused.
+KNOWN_KEYS = tuple(sorted({*RULES, "polish"}))
+
+
 def validate(values: Mapping[str, Any], context: Callable[[str, Any], str] | None = None) -> None:
     """Check every key of ``values`` that has a rule; each value may be a scalar or a column.
 
     Raises :class:`ConfigError` for the first bad value, naming the key, the value and the range;
     ``context(key, value)`` may add where the value came from (the override, in a sweep).
     """
+    for key, value in values.items():
+        if key not in KNOWN_KEYS:
+            shown = np.atleast_1d(np.asarray(value, dtype=object))[0]
+            raise UnknownKeyError(key, shown)
     for key, rule in RULES.items():
         if key not in values:
             continue
