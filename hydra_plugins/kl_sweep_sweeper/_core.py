@@ -16,13 +16,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.core.override_parser.types import Override
+from hydra.core.override_parser.types import Override, RangeSweep
 from hydra.core.plugins import Plugins
 from hydra.errors import CompactHydraException, HydraException
 from hydra.types import HydraContext, TaskFunction
@@ -78,6 +79,19 @@ def _value_text(override: Override) -> str:
     return line.split("=", 1)[1] if "=" in line else line
 
 
+def _count(key: str, override: Override) -> int | None:
+    """How many values a range() stands for, without enumerating it (None for other overrides)."""
+    value = override.value()
+    if not isinstance(value, RangeSweep) or value.start is None or value.stop is None:
+        return None
+    start, stop, step = (Decimal(str(v)) for v in (value.start, value.stop, value.step))
+    if step == 0:
+        raise ConfigError(
+            key, _value_text(override), "a range with a non-zero step", f"override {override.input_line}"
+        )
+    return max(0, math.ceil((stop - start) / step))
+
+
 def _values(key: str, override: Override) -> list[Any]:
     """The list of values one override stands for: typed for row keys, strings for the rest."""
     line = override.input_line
@@ -111,12 +125,31 @@ def _typed(key: str, value: Any, line: str) -> Any:
     return kind(value)
 
 
-def make_plan(config_loader: Any, config: DictConfig, overrides: OrderedDict[str, Override]) -> Plan:
+def make_plan(
+    config_loader: Any,
+    config: DictConfig,
+    overrides: OrderedDict[str, Override],
+    max_configurations: int = 100_000_000,
+) -> Plan:
     """Expand the product, compose once per group of non-row values, validate every row.
 
-    Raises before anything is written: one bad value anywhere stops the sweep with its override.
+    Raises before anything is written: one bad value anywhere stops the sweep with its override,
+    and a product larger than ``max_configurations`` is refused before it is enumerated.
     """
+    counts = [_count(key, o) for key, o in overrides.items()]
+    known = math.prod(c for c in counts if c is not None)
+    if known > max_configurations:
+        raise SweepError(
+            f"kl_sweep: the sweep has at least {known:,} configurations; allowed is at most "
+            f"{max_configurations:,} (hydra.sweeper.max_configurations)"
+        )
     values = OrderedDict((key, _values(key, o)) for key, o in overrides.items())
+    total = math.prod(len(v) for v in values.values())
+    if total > max_configurations:
+        raise SweepError(
+            f"kl_sweep: the sweep has {total:,} configurations; allowed is at most "
+            f"{max_configurations:,} (hydra.sweeper.max_configurations)"
+        )
     frame = product(values)
     if frame.empty:
         raise SweepError("kl_sweep: the sweep is empty")
@@ -227,11 +260,12 @@ def run_sweep(
     shards: int,
     shard_size: int | None,
     latest_link: str | None,
+    max_configurations: int = 100_000_000,
 ) -> Any:
     tic = time.perf_counter()
     _check_options(chunk_size, shards, shard_size)
     overrides = parse_overrides(params, arguments, hydra_context.config_loader)
-    plan = make_plan(hydra_context.config_loader, config, overrides)
+    plan = make_plan(hydra_context.config_loader, config, overrides, max_configurations)
     sweep_dir = Path(config.hydra.sweep.dir).absolute()
     _check_writable(sweep_dir, len(plan.rows))
 

@@ -11,6 +11,7 @@ class KLSweepSweeperConf:
     shards: int = 1  # Hydra jobs the sweep is split into, sent through the configured launcher
     shard_size: int | None = None  # configurations per job instead of a number of jobs
     latest_link: str | None = "multirun/latest"  # symlink to the newest sweep dir; null: none
+    max_configurations: int = 100_000_000  # refuse larger sweeps before enumerating them
 
 
 ConfigStore.instance().store(

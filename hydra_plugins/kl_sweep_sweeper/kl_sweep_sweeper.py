@@ -19,6 +19,7 @@ class KLSweepSweeper(Sweeper):
         shards: int = 1,
         shard_size: int | None = None,
         latest_link: str | None = "multirun/latest",
+        max_configurations: int = 100_000_000,
     ) -> None:
         self.options = dict(
             params=dict(params or {}),
@@ -26,6 +27,7 @@ class KLSweepSweeper(Sweeper):
             shards=shards,
             shard_size=shard_size,
             latest_link=latest_link,
+            max_configurations=max_configurations,
         )
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
