@@ -98,7 +98,7 @@ def hessian_eigenvalues(optima: pd.DataFrame, divergence: str, chunk: int = 20_0
         for start in range(0, len(optima), chunk):  # chunks of optima, each a batch
             part = optima.iloc[start : start + chunk]
             theta = torch.stack([tensor(part["mu"]), 0.5 * torch.log(tensor(part["sigma2"]))], -1)
-            objective = Objective(DIVERGENCES[divergence], Quadrature(), mixtures(part), theta)
+            objective = Objective.build(DIVERGENCES[divergence], Quadrature(), mixtures(part), theta)
             _, _, hess = objective.derivatives(theta, hessian=True)
             out[start : start + len(part)] = torch.linalg.eigvalsh(
                 0.5 * (hess + hess.transpose(-1, -2))
