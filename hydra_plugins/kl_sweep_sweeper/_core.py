@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -218,8 +219,13 @@ def _check_writable(sweep_dir: Path, rows: int) -> None:
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
         raise SweepError(f"kl_sweep: cannot write the sweep to {sweep_dir}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise SweepError(f"kl_sweep: cannot write the sweep to {sweep_dir}: {existing} is not writable")
+    try:  # a real write, not os.access: root passes os.access on read-only file systems
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as ex:
+        raise SweepError(
+            f"kl_sweep: cannot write the sweep to {sweep_dir}: {existing} is not writable ({ex.strerror})"
+        ) from None
     free = shutil.disk_usage(existing).free
     need = rows * BYTES_PER_ROW + (1 << 20)
     if free < need:
