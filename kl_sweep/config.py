@@ -47,22 +47,25 @@ class MonteCarloConf:
 
 
 @dataclass
-class AdamConf:
-    name: str = "adam"
+class FirstOrderConf:
+    name: str = MISSING  # the update rule
     lr: float = 0.05  # learning rate
     max_steps: int = 5000  # step budget, Newton polish steps included
     tol: float = 1e-8  # converged when |grad| in (mu, log sigma) is at most this
+
+
+@dataclass
+class AdamConf(FirstOrderConf):
+    name: str = "adam"
     beta1: float = 0.9  # decay of the first-moment estimate
     beta2: float = 0.999  # decay of the second-moment estimate
     eps: float = 1e-8  # added to the root second moment
 
 
 @dataclass
-class SGDConf:
+class SGDConf(FirstOrderConf):
     name: str = "sgd"
     lr: float = 0.01  # learning rate
-    max_steps: int = 5000  # step budget, Newton polish steps included
-    tol: float = 1e-8  # converged when |grad| in (mu, log sigma) is at most this
     momentum: float = 0.9  # heavy-ball momentum
 
 

@@ -76,8 +76,33 @@ def _legendre(order: int) -> tuple[np.ndarray, np.ndarray]:
     return np.polynomial.legendre.leggauss(order)
 
 
+class FixedNodeEstimator:
+    """An estimator whose nodes sit at fixed x: Q enters only through the density in the weights.
+
+    Subclasses give :meth:`rule` (nodes and weights for integrals dx over a cover); expectations
+    and Q's standard-unit form follow from it.
+    """
+
+    static_p = True
+    fixed_nodes = True
+
+    def rule(self, cover: str, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def nodes(
+        self, measure: Measure, mixture: Mixture, mu: Tensor, log_sigma: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        x, rule = self.rule(measure, mixture, mu, log_sigma)
+        return x, rule * torch.exp(measure_log_prob(measure, x, mixture, mu, log_sigma))
+
+    def standard_rule(self, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """The "q" rule with nodes in Q's standard units z = (x - mu) / sigma, weights still for dx."""
+        x, rule = self.rule("q", mixture, mu, log_sigma)
+        return (x - mu.unsqueeze(-1)) / torch.exp(log_sigma).unsqueeze(-1), rule
+
+
 @dataclass(frozen=True)
-class Quadrature:
+class Quadrature(FixedNodeEstimator):
     """Composite Gauss-Legendre with ``nodes_per_panel`` nodes on each panel.
 
     Panel edges: the measure's scale points (:data:`SCALE_OFFSETS` standard deviations around Q,
@@ -86,14 +111,6 @@ class Quadrature:
     """
 
     nodes_per_panel: int = 6
-    static_p: bool = True
-    fixed_nodes: bool = True
-
-    def nodes(
-        self, measure: Measure, mixture: Mixture, mu: Tensor, log_sigma: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        x, rule = self.rule(measure, mixture, mu, log_sigma)
-        return x, rule * torch.exp(measure_log_prob(measure, x, mixture, mu, log_sigma))
 
     def rule(self, cover: str, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> tuple[Tensor, Tensor]:
         """Nodes and plain quadrature weights for integrals dx over the mass of ``cover`` ("p", "q", "pq").
@@ -145,7 +162,7 @@ class Quadrature:
 
 
 @dataclass(frozen=True)
-class Grid:
+class Grid(FixedNodeEstimator):
     """Trapezoid rule on ``num_points`` evenly spaced points over :func:`support`.
 
     The notebook's method done right: the grid spacing enters the weights (a KL in nats, not a
@@ -153,14 +170,6 @@ class Grid:
     """
 
     num_points: int = 4001
-    static_p: bool = True
-    fixed_nodes: bool = True
-
-    def nodes(
-        self, measure: Measure, mixture: Mixture, mu: Tensor, log_sigma: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        x, rule = self.rule(measure, mixture, mu, log_sigma)
-        return x, rule * torch.exp(measure_log_prob(measure, x, mixture, mu, log_sigma))
 
     def rule(self, cover: str, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> tuple[Tensor, Tensor]:
         """Grid points and trapezoid weights over the mass of ``cover`` ("p", "q", "pq")."""
@@ -173,10 +182,6 @@ class Grid:
             rule[..., 0] *= 0.5
             rule[..., -1] *= 0.5
             return x, rule
-
-    def standard_rule(self, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> tuple[Tensor, Tensor]:
-        x, rule = self.rule("q", mixture, mu, log_sigma)
-        return (x - mu.unsqueeze(-1)) / torch.exp(log_sigma).unsqueeze(-1), rule
 
 
 @dataclass(frozen=True)
