@@ -9,6 +9,7 @@ sweeps are composed here; the sweeper validates every swept value before it fits
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -91,6 +92,11 @@ def _unknown_key(ex: BaseException) -> str | None:
     if not isinstance(cause, (ConfigKeyError, ConfigAttributeError)) or not getattr(cause, "key", None):
         return None
     full = getattr(cause, "full_key", None) or cause.key
+    schema = getattr(cause, "object_type", None)
+    if dataclasses.is_dataclass(schema):
+        prefix = str(full).rsplit(".", 1)[0] + "." if "." in str(full) else ""
+        keys = ", ".join(f"{prefix}{f.name}" for f in dataclasses.fields(schema) if f.name != "shard")
+        return f"kl_sweep: unknown key {full}: allowed keys here are {keys}"
     return f"kl_sweep: unknown key {full}: allowed keys are {', '.join(KNOWN_KEYS)}"
 
 
