@@ -64,9 +64,19 @@ def _finite(
 
 
 def _integer(lo: int, hi: int) -> Callable:
+    """Whole numbers in [lo, hi], compared exactly: float64 cannot tell 2**63 from 2**63 - 1."""
+
     def ok(v: np.ndarray) -> np.ndarray:
-        x = _numeric(v)
-        return np.isfinite(x) & (x == np.round(x)) & (x >= lo) & (x <= hi)
+        column = np.asarray(v, dtype=object)
+        x = _numeric(column)
+        whole = np.isfinite(x) & (x == np.round(x))
+        try:
+            exact = column.astype(np.int64)
+        except (OverflowError, ValueError, TypeError):  # beyond int64: judge value by value
+            return np.array([bool(w) and lo <= int(c) <= hi for w, c in zip(whole, column)], dtype=bool)
+        with np.errstate(invalid="ignore"):
+            in_range = (exact >= lo) & (exact <= hi) & ~(np.abs(x) > 2.0**63)
+        return whole & in_range
 
     return ok
 
