@@ -22,7 +22,7 @@ from torch import Tensor
 
 from kl_sweep.config import DIVERGENCE_NAMES
 from kl_sweep.estimators import Estimator, Measure
-from kl_sweep.mixture import Mixture, gaussian_sigma2, normal_log_prob
+from kl_sweep.mixture import LOG_2PI, Mixture, gaussian_sigma2, normal_log_prob
 
 
 def kl_forward(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -96,8 +96,25 @@ def divergence_value(
     divergence: Divergence, estimator: Estimator, mixture: Mixture, mu: Tensor, log_sigma: Tensor
 ) -> Tensor:
     """The divergence in nats for every row, shape [B], differentiable in (mu, log_sigma)."""
-    x, w = estimator.nodes(divergence.measure, mixture, mu, log_sigma)
-    return (w * integrand_terms(divergence, x, mixture, mu, log_sigma)).sum(-1)
+    from kl_sweep.estimators import FixedNodeEstimator, default_origin
+
+    if not isinstance(estimator, FixedNodeEstimator):  # Monte Carlo: samples carry the measure
+        x, w = estimator.nodes(divergence.measure, mixture, mu, log_sigma)
+        return (w * integrand_terms(divergence, x, mixture, mu, log_sigma)).sum(-1)
+    origin = default_origin(divergence.measure, mixture, mu).detach()
+    u, rule = estimator.relative_rule(divergence.measure, mixture, mu, log_sigma, origin)
+    log_p, log_q = _log_densities(u, origin, mixture, mu, log_sigma)
+    density = torch.exp(log_q if divergence.measure == "q" else log_p)
+    return (rule * density * divergence.integrand(log_p, log_q)).sum(-1)
+
+
+def _log_densities(
+    u: Tensor, origin: Tensor, mixture: Mixture, mu: Tensor, log_sigma: Tensor
+) -> tuple[Tensor, Tensor]:
+    """log p and log q at x = origin + u, computed from u so that nothing rounds x."""
+    z = (u - (mu - origin).unsqueeze(-1)) / torch.exp(log_sigma).unsqueeze(-1)
+    log_q = -0.5 * (LOG_2PI + z * z) - log_sigma.unsqueeze(-1)
+    return mixture.log_prob_standard(u, origin, torch.ones_like(origin)), log_q
 
 
 def divergence_exact(
@@ -108,12 +125,14 @@ def divergence_exact(
     Composite Gauss-Legendre with panels over both P's and Q's mass, integrating the divergence's
     :attr:`~Divergence.exact_term` (exact for tiny and huge values alike) where it has one.
     """
-    from kl_sweep.estimators import Quadrature, measure_log_prob
+    from kl_sweep.estimators import Quadrature
 
-    x, rule = Quadrature(nodes_per_panel).rule("pq", mixture, mu, log_sigma)
-    log_q = normal_log_prob(x, mu.unsqueeze(-1), gaussian_sigma2(log_sigma).unsqueeze(-1))
-    log_p = mixture.log_prob(x)
+    # Nodes as offsets u from an origin: Q's mean for expectations under Q, P's centre under P,
+    # so that the distribution that weights the integrand is resolved whatever its width.
+    origin = mu if divergence.measure == "q" else mixture.means.mean(-1)
+    u, rule = Quadrature(nodes_per_panel).relative_rule("pq", mixture, mu, log_sigma, origin)
+    log_p, log_q = _log_densities(u, origin, mixture, mu, log_sigma)
     if divergence.exact_term is not None:
         return (rule * divergence.exact_term(log_p, log_q)).sum(-1)
-    density = torch.exp(measure_log_prob(divergence.measure, x, mixture, mu, log_sigma))
+    density = torch.exp(log_q if divergence.measure == "q" else log_p)
     return (rule * density * divergence.integrand(log_p, log_q)).sum(-1)

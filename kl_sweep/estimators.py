@@ -51,18 +51,29 @@ class Estimator(Protocol):
         ...
 
 
-def support(measure: Measure | str, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> tuple[Tensor, Tensor]:
-    """An interval [lo, hi] per row holding all but 1e-32 of the measure's mass ("pq": of both)."""
+def support(
+    measure: Measure | str, mixture: Mixture, mu: Tensor, log_sigma: Tensor, origin: Tensor | float = 0.0
+) -> tuple[Tensor, Tensor]:
+    """An interval [lo, hi] per row, relative to ``origin``, holding all but 1e-32 of the measure's
+    mass ("pq": of both)."""
     if measure == "pq":
-        (lo_p, hi_p), (lo_q, hi_q) = (support(m, mixture, mu, log_sigma) for m in ("p", "q"))
+        (lo_p, hi_p), (lo_q, hi_q) = (support(m, mixture, mu, log_sigma, origin) for m in ("p", "q"))
         return torch.minimum(lo_p, lo_q), torch.maximum(hi_p, hi_q)
     if measure == "q":
         sd = torch.exp(log_sigma)
-        return mu - SUPPORT_SDS * sd, mu + SUPPORT_SDS * sd
+        return (mu - origin) - SUPPORT_SDS * sd, (mu - origin) + SUPPORT_SDS * sd
     sd = torch.sqrt(mixture.variances)
-    lo = (mixture.means - SUPPORT_SDS * sd).min(-1).values
-    hi = (mixture.means + SUPPORT_SDS * sd).max(-1).values
-    return lo, hi
+    means = mixture.means - (origin.unsqueeze(-1) if isinstance(origin, Tensor) else origin)
+    return (means - SUPPORT_SDS * sd).min(-1).values, (means + SUPPORT_SDS * sd).max(-1).values
+
+
+def default_origin(cover: str, mixture: Mixture, mu: Tensor) -> Tensor:
+    """Where a cover's nodes are laid out from: Q's mean when Q must be resolved, else P's centre.
+
+    Nodes are built as offsets u from this origin. A Q narrower than the float spacing of its mean
+    (sigma ~ 1e-16 at mu ~ 1e3) would otherwise have every panel edge mu + sigma * c round to mu.
+    """
+    return mixture.means.mean(-1) if cover == "p" else mu
 
 
 def measure_log_prob(measure: Measure, x: Tensor, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> Tensor:
@@ -79,15 +90,23 @@ def _legendre(order: int) -> tuple[np.ndarray, np.ndarray]:
 class FixedNodeEstimator:
     """An estimator whose nodes sit at fixed x: Q enters only through the density in the weights.
 
-    Subclasses give :meth:`rule` (nodes and weights for integrals dx over a cover); expectations
-    and Q's standard-unit form follow from it.
+    Subclasses give :meth:`relative_rule`: nodes as offsets u from an origin, and weights for
+    integrals dx over a cover; expectations, the x-space rule and Q's standard-unit form follow.
     """
 
     static_p = True
     fixed_nodes = True
 
-    def rule(self, cover: str, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> tuple[Tensor, Tensor]:
+    def relative_rule(
+        self, cover: str, mixture: Mixture, mu: Tensor, log_sigma: Tensor, origin: Tensor
+    ) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
+
+    def rule(self, cover: str, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """Nodes x and weights for integrals dx over the mass of ``cover`` ("p", "q", "pq")."""
+        origin = default_origin(cover, mixture, mu).detach()  # fixed nodes: they do not follow Q
+        u, rule = self.relative_rule(cover, mixture, mu, log_sigma, origin)
+        return origin.unsqueeze(-1) + u, rule
 
     def nodes(
         self, measure: Measure, mixture: Mixture, mu: Tensor, log_sigma: Tensor
@@ -97,8 +116,8 @@ class FixedNodeEstimator:
 
     def standard_rule(self, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> tuple[Tensor, Tensor]:
         """The "q" rule with nodes in Q's standard units z = (x - mu) / sigma, weights still for dx."""
-        x, rule = self.rule("q", mixture, mu, log_sigma)
-        return (x - mu.unsqueeze(-1)) / torch.exp(log_sigma).unsqueeze(-1), rule
+        u, rule = self.relative_rule("q", mixture, mu, log_sigma, mu.detach())
+        return u / torch.exp(log_sigma.detach()).unsqueeze(-1), rule
 
 
 @dataclass(frozen=True)
@@ -112,22 +131,17 @@ class Quadrature(FixedNodeEstimator):
 
     nodes_per_panel: int = 6
 
-    def rule(self, cover: str, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> tuple[Tensor, Tensor]:
-        """Nodes and plain quadrature weights for integrals dx over the mass of ``cover`` ("p", "q", "pq").
+    def relative_rule(
+        self, cover: str, mixture: Mixture, mu: Tensor, log_sigma: Tensor, origin: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Nodes (offsets from ``origin``) and weights for integrals dx over the mass of ``cover``.
 
         Under P alone the nodes stay put for a whole fit (they are computed once), so they get
         twice the order at no cost per step: the forward optimum is then P's moments to rounding.
         """
         with torch.no_grad():
             order = 2 * self.nodes_per_panel if cover == "p" else self.nodes_per_panel
-            return self._panels(self.edges(cover, mixture, mu, log_sigma), order=order)
-
-    def standard_rule(self, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> tuple[Tensor, Tensor]:
-        """The "q" rule with nodes in Q's standard units z = (x - mu) / sigma, weights still for dx."""
-        with torch.no_grad():
-            sigma = torch.exp(log_sigma).unsqueeze(-1)
-            z_edges = (self.edges("q", mixture, mu, log_sigma) - mu.unsqueeze(-1)) / sigma
-            return self._panels(z_edges, self.nodes_per_panel, scale=sigma.unsqueeze(-1))
+            return self._panels(self.edges(cover, mixture, mu, log_sigma, origin), order=order)
 
     @staticmethod
     def _panels(edges: Tensor, order: int, scale: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
@@ -137,15 +151,19 @@ class Quadrature(FixedNodeEstimator):
         half = 0.5 * (right - left)
         return torch.addcmul(left, half, t + 1.0).flatten(-2), (half * scale * w).flatten(-2)
 
-    def edges(self, measure: Measure | str, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> Tensor:
-        lo, hi = support(measure, mixture, mu, log_sigma)
+    def edges(
+        self, measure: Measure | str, mixture: Mixture, mu: Tensor, log_sigma: Tensor, origin: Tensor
+    ) -> Tensor:
+        """Sorted panel edges per row, as offsets from ``origin`` (never as x: see :func:`default_origin`)."""
+        o = origin.unsqueeze(-1)
+        lo, hi = support(measure, mixture, mu, log_sigma, origin)
         scale = torch.as_tensor(SCALE_OFFSETS, dtype=mu.dtype)
         centres, sds = [], []
         if "q" in measure:
-            centres.append(mu.unsqueeze(-1))
+            centres.append((mu - origin).unsqueeze(-1))
             sds.append(torch.exp(log_sigma).unsqueeze(-1))
         if "p" in measure:
-            centres.append(mixture.means)
+            centres.append(mixture.means - o)
             sds.append(torch.sqrt(mixture.variances))
         centres, sds = torch.cat(centres, -1), torch.cat(sds, -1)
         points = [(centres.unsqueeze(-1) + sds.unsqueeze(-1) * scale).flatten(-2)]
@@ -155,7 +173,7 @@ class Quadrature(FixedNodeEstimator):
             switch, width = switch[..., :1], width[..., :1]
         offsets = torch.as_tensor(SWITCH_OFFSETS, dtype=mu.dtype)
         width = width.clamp_max(1e300)
-        points.append((switch.unsqueeze(-1) + width.unsqueeze(-1) * offsets).flatten(-2))
+        points.append(((switch - o).unsqueeze(-1) + width.unsqueeze(-1) * offsets).flatten(-2))
         points = torch.cat(points, -1)
         points = torch.minimum(torch.maximum(points, lo.unsqueeze(-1)), hi.unsqueeze(-1))
         return torch.sort(points, -1).values
@@ -171,17 +189,19 @@ class Grid(FixedNodeEstimator):
 
     num_points: int = 4001
 
-    def rule(self, cover: str, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> tuple[Tensor, Tensor]:
-        """Grid points and trapezoid weights over the mass of ``cover`` ("p", "q", "pq")."""
+    def relative_rule(
+        self, cover: str, mixture: Mixture, mu: Tensor, log_sigma: Tensor, origin: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Grid points (offsets from ``origin``) and trapezoid weights over the mass of ``cover``."""
         with torch.no_grad():
-            lo, hi = support(cover, mixture, mu, log_sigma)
-            u = torch.linspace(0.0, 1.0, self.num_points, dtype=mu.dtype)
-            x = lo.unsqueeze(-1) + (hi - lo).unsqueeze(-1) * u
+            lo, hi = support(cover, mixture, mu, log_sigma, origin)
+            t = torch.linspace(0.0, 1.0, self.num_points, dtype=mu.dtype)
+            u = lo.unsqueeze(-1) + (hi - lo).unsqueeze(-1) * t
             h = ((hi - lo) / (self.num_points - 1)).unsqueeze(-1)
-            rule = torch.full_like(x, 1.0) * h
+            rule = torch.full_like(u, 1.0) * h
             rule[..., 0] *= 0.5
             rule[..., -1] *= 0.5
-            return x, rule
+            return u, rule
 
 
 @dataclass(frozen=True)

@@ -328,16 +328,19 @@ def fit(problem: Problem, settings: Settings) -> Result:
     return Result(out.theta[:, 0], sigma2, out.loss, out.grad, out.steps, out.status)
 
 
-#: |log sigma| beyond this makes sigma^2 overflow or underflow float64 (e^{±600} is near its ends).
-MAX_ABS_LOG_SIGMA = 300.0
+#: Where a fit counts as diverged: sigma^2 outside (e^-200, e^200) ~ (1e-87, 1e87), or |mu| past
+#: 1e100. Nothing meaningful lies out there, and inside these bounds every reported quantity (both
+#: KLs, their gradients) stays representable in float64.
+MAX_ABS_LOG_SIGMA = 100.0
+MAX_ABS_MU = 1e100
 
 
 def _healthy(loss: Tensor, grad: Tensor, theta: Tensor) -> Tensor:
-    """Rows whose loss, gradient and parameters are finite, with a representable sigma^2."""
+    """Rows whose loss, gradient and parameters are finite and within the bounds above."""
     return (
         torch.isfinite(loss)
         & torch.isfinite(grad).all(-1)
-        & torch.isfinite(theta).all(-1)
+        & (theta[:, 0].abs() < MAX_ABS_MU)
         & (theta[:, 1].abs() < MAX_ABS_LOG_SIGMA)
     )
 
