@@ -27,6 +27,7 @@ EXIT_BAD_INPUT = 2
 def preflight(argv: list[str]) -> str | None:
     """The one-line error for ``argv``, or None when it composes and validates."""
     from kl_sweep.config import CONFIG_DIR, config_values
+    from kl_sweep.io import writable_dir_problem
     from kl_sweep.validate import ConfigError, validate
 
     args, _ = get_args_parser().parse_known_args(argv)
@@ -43,15 +44,26 @@ def preflight(argv: list[str]) -> str | None:
         overrides = OverridesParser.create().parse_overrides(args.overrides)
     except HydraException:
         return malformed(args.overrides)
+    for o in overrides:
+        if not o.key_or_group:
+            return f"kl_sweep: malformed override {o.input_line!r}: an override is key=value"
+        if o.is_sweep_override() and not args.multirun:
+            return (
+                f"kl_sweep: {o.input_line} is a sweep: add -m (--multirun) to run each value, "
+                f"or write {o.key_or_group}=[...] for a list"
+            )
     if args.multirun:
         overrides = [o for o in overrides if not o.is_sweep_override()]
     fixed = [o.input_line for o in overrides]
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
-            cfg = compose(config_name=args.config_name or "config", overrides=fixed)
+            cfg = compose(config_name=args.config_name or "config", overrides=fixed, return_hydra_config=True)
         if not args.multirun:
             validate(config_values(cfg))
+            problem = writable_dir_problem(Path(str(cfg.hydra.run.dir)))
+            if problem:
+                return f"kl_sweep: cannot write the run to {cfg.hydra.run.dir}: {problem}"
     except ConfigError as ex:
         return str(ex)
     except MissingConfigException as ex:
@@ -66,6 +78,8 @@ def preflight(argv: list[str]) -> str | None:
         cause = ex.__cause__
         detail = f": {_first_line(cause)}" if cause is not None else ""
         return f"kl_sweep: {_first_line(ex)}{detail}"
+    except Exception as ex:  # anything else Hydra raises while composing: one line, not a traceback
+        return f"kl_sweep: {_first_line(ex)}"
     finally:
         GlobalHydra.instance().clear()
     return None

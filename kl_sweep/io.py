@@ -25,6 +25,25 @@ def versions() -> dict[str, str]:
     }
 
 
+def writable_dir_problem(path: Path) -> str | None:
+    """Why files cannot be written under ``path`` (which may not exist yet), or None if they can.
+
+    Checks the nearest existing ancestor with a real, invisible write: ``os.access`` says yes to
+    root even on read-only file systems.
+    """
+    existing = Path(path).absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as ex:
+        return f"{existing} is not writable ({ex.strerror})"
+    return None
+
+
 def write_parquet(frame: pd.DataFrame, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Write ``frame`` to ``path`` atomically: a temporary file in the same folder, then a rename.
 

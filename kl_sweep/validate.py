@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from hydra.errors import CompactHydraException
 
-from kl_sweep.config import DIVERGENCE_NAMES, ESTIMATOR_NAMES, OPTIMIZER_NAMES
+from kl_sweep.config import DIVERGENCE_NAMES, ESTIMATOR_NAMES, OPTIMIZER_NAMES, ROW_KEYS
 
 
 class ConfigError(CompactHydraException, ValueError):
@@ -109,6 +109,8 @@ RULES: dict[str, Rule] = {
 }
 
 
+#: The keys every configuration needs (``~separation`` would delete one).
+REQUIRED_KEYS = (*ROW_KEYS, "polish", "divergence.name", "estimator.name", "optimizer.name")
 #: Every key a configuration may have (flattened); anything else, such as ``+colour=red``, is refused.
 KNOWN_KEYS = tuple(sorted({*RULES, "polish"}))
 
@@ -119,6 +121,9 @@ def validate(values: Mapping[str, Any], context: Callable[[str, Any], str] | Non
     Raises :class:`ConfigError` for the first bad value, naming the key, the value and the range;
     ``context(key, value)`` may add where the value came from (the override, in a sweep).
     """
+    for key in REQUIRED_KEYS:
+        if key not in values:
+            raise ConfigError(key, "<deleted>", "a value: this key cannot be removed")
     for key, value in values.items():
         if key not in KNOWN_KEYS:
             shown = np.atleast_1d(np.asarray(value, dtype=object))[0]

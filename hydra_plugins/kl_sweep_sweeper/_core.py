@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -33,6 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from kl_sweep.collect import assemble
 from kl_sweep.config import ROW_KEYS, config_values, split_values
+from kl_sweep.io import writable_dir_problem
 from kl_sweep.sweep import finished_hashes, product, write_shard
 from kl_sweep.table import config_hashes, rows_frame
 from kl_sweep.validate import ConfigError, validate
@@ -167,7 +167,11 @@ def make_plan(
         group_overrides = [f"{k}={first[k]}" for k in group_keys]
         cfg = _compose(config_loader, config, group_overrides)
         row_defaults, shared = split_values(config_values(cfg))
-        columns = {k: rows[k].to_numpy() if k in rows else row_defaults[k] for k in ROW_KEYS}
+        columns = {
+            k: rows[k].to_numpy() if k in rows else row_defaults[k]
+            for k in ROW_KEYS
+            if k in rows or k in row_defaults
+        }
 
         def context(key: str, value: Any) -> str:
             return f"override {overrides[key].input_line}" if key in overrides else "from the config"
@@ -191,6 +195,11 @@ def _compose(config_loader: Any, config: DictConfig, overrides: list[str]) -> Di
     try:
         return config_loader.load_sweep_config(config, overrides)
     except HydraException as ex:
+        from kl_sweep.cli import _unknown_key
+
+        unknown = _unknown_key(ex)
+        if unknown:
+            raise SweepError(unknown) from None
         options = getattr(ex, "options", None)
         missing = getattr(ex, "missing_cfg_file", None)
         if options and missing and "/" in missing:
@@ -214,18 +223,12 @@ def _check_options(chunk_size: int, shards: int, shard_size: int | None) -> None
 
 def _check_writable(sweep_dir: Path, rows: int) -> None:
     """Fail before fitting when the sweep directory cannot take the results."""
+    problem = writable_dir_problem(sweep_dir)
+    if problem:
+        raise SweepError(f"kl_sweep: cannot write the sweep to {sweep_dir}: {problem}")
     existing = sweep_dir
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
-    if existing.exists() and not existing.is_dir():
-        raise SweepError(f"kl_sweep: cannot write the sweep to {sweep_dir}: {existing} is not a directory")
-    try:  # a real write, not os.access: root passes os.access on read-only file systems
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as ex:
-        raise SweepError(
-            f"kl_sweep: cannot write the sweep to {sweep_dir}: {existing} is not writable ({ex.strerror})"
-        ) from None
     free = shutil.disk_usage(existing).free
     need = rows * BYTES_PER_ROW + (1 << 20)
     if free < need:
