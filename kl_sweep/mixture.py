@@ -63,51 +63,29 @@ class Mixture:
         return torch.exp(self.log_weights)
 
     def log_prob(self, x: Tensor) -> Tensor:
-        r"""Log density at ``x`` of shape [B, N]: [B, N].
+        """Log density at ``x`` of shape [B, N]: [B, N]."""
+        zero = torch.zeros_like(self.means[:, 0])
+        return self.log_prob_standard(x, zero, torch.ones_like(zero))
 
-        Each weighted component's log density is the quadratic
-        :math:`\ell_k(x) = c_{0k} + c_{1k} x + c_{2k} x^2`; the components are combined with
-        ``logaddexp``, so no density is ever exponentiated.
+    def log_prob_standard(self, z: Tensor, origin: Tensor, scale: Tensor) -> Tensor:
+        r"""Log density at :math:`x = \text{origin} + \text{scale}\cdot z`, for z [B, N]: [B, N].
+
+        Each weighted component is :math:`\log w_k - \tfrac12\log(2\pi v_k) - d^2/(2 v_k)` with
+        :math:`d = \text{scale}\cdot z + (\text{origin} - m_k)` formed directly: x itself is never
+        rounded (a Q narrower than the float spacing of its mean stays resolved), and nothing
+        cancels however far a component sits from the others in units of its own width. The
+        components are combined with ``logaddexp``: no density is ever exponentiated.
         """
-        # Expanding around a point inside P (not 0) keeps c0 + c1 x + c2 x^2 free of cancellation
-        # when P sits far from the origin.
-        ref = self.means.mean(-1, keepdim=True)
-        c0, c1, c2 = (
-            c.unsqueeze(-2)
-            for c in Mixture(self.means - ref, self.variances, self.log_weights).log_quadratic()
-        )
-        x = x - ref
+        const = self.log_weights - 0.5 * (LOG_2PI + torch.log(self.variances))
+        shift = origin.unsqueeze(-1) - self.means
+        curvature = -0.5 / self.variances
+        scale = scale.unsqueeze(-1)
         out = None
-        for k in range(c0.shape[-1]):  # over the K components, not over configurations
-            ell = torch.addcmul(c0[..., k], torch.addcmul(c1[..., k], c2[..., k], x), x)
+        for k in range(self.means.shape[-1]):  # over the K components, not over configurations
+            d = torch.addcmul(shift[:, k : k + 1], z, scale)
+            ell = torch.addcmul(const[:, k : k + 1], d * curvature[:, k : k + 1], d)
             out = ell if out is None else torch.logaddexp(out, ell)
         return out
-
-    def log_prob_standard(self, z: Tensor, mu: Tensor, sigma: Tensor) -> Tensor:
-        r"""Log density at :math:`x = \mu + \sigma z`, for z [B, N] in Q's standard units: [B, N].
-
-        Each weighted component is a quadratic in z, with coefficients from those in x (expanded
-        around the same reference point as :meth:`log_prob`), so x itself is never formed.
-        """
-        ref = self.means.mean(-1, keepdim=True)
-        c0, c1, c2 = Mixture(self.means - ref, self.variances, self.log_weights).log_quadratic()
-        m, s = (mu.unsqueeze(-1) - ref), sigma.unsqueeze(-1)
-        a0 = c0 + m * (c1 + c2 * m)
-        a1 = s * (c1 + 2 * c2 * m)
-        a2 = c2 * s * s
-        a0, a1, a2 = (a.unsqueeze(-2) for a in (a0, a1, a2))
-        out = None
-        for k in range(a0.shape[-1]):  # over the K components, not over configurations
-            ell = torch.addcmul(a0[..., k], torch.addcmul(a1[..., k], a2[..., k], z), z)
-            out = ell if out is None else torch.logaddexp(out, ell)
-        return out
-
-    def log_quadratic(self) -> tuple[Tensor, Tensor, Tensor]:
-        r"""Coefficients of :math:`\log w_k + \log\mathcal N(x; m_k, v_k)` in x, each [B, K]."""
-        c2 = -0.5 / self.variances
-        c1 = self.means / self.variances
-        c0 = self.log_weights - 0.5 * (LOG_2PI + torch.log(self.variances)) + c2 * self.means * self.means
-        return c0, c1, c2
 
     def mean(self) -> Tensor:
         r""":math:`E_P[x] = \sum_k w_k m_k`, shape [B]."""
