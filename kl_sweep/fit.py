@@ -89,6 +89,9 @@ class Objective:
     cache: tuple[Tensor, ...] | None = None
     #: (c, m0, m1, m2, ref): the moment form of an integrand affine in log q.
     moments: tuple[Tensor, ...] | None = None
+    #: Rows whose nodes see all of P (mass within 1e-6 of 1); a grid coarser than P's components
+    #: sees nothing, and its objective would be a flat, meaningless zero. None: all rows.
+    trusted: Tensor | None = None
 
     @classmethod
     def build(
@@ -99,18 +102,23 @@ class Objective:
         with torch.no_grad():
             x, w = estimator.nodes("p", mixture, theta[:, 0], theta[:, 1])
             log_p = mixture.log_prob(x)
+            trusted = (w.sum(-1) - 1.0).abs() <= 1e-6
             if not divergence.affine_in_log_q:
-                return cls(divergence, estimator, mixture, cache=(x, w, log_p))
+                return cls(divergence, estimator, mixture, cache=(x, w, log_p), trusted=trusted)
             # Moments about P's mean, so that nothing cancels when P is far from 0.
             ref = mixture.mean().unsqueeze(-1)
             const = (w * divergence.integrand(log_p, torch.zeros_like(log_p))).sum(-1)
             u = x - ref
             moments = (const, w.sum(-1), (w * u).sum(-1), (w * u * u).sum(-1), ref[:, 0])
-            return cls(divergence, estimator, mixture, moments=moments)
+            return cls(divergence, estimator, mixture, moments=moments, trusted=trusted)
 
     def subset(self, keep: Tensor) -> Objective:
         return replace(
-            self, mixture=self.mixture[keep], cache=_take(self.cache, keep), moments=_take(self.moments, keep)
+            self,
+            mixture=self.mixture[keep],
+            cache=_take(self.cache, keep),
+            moments=_take(self.moments, keep),
+            trusted=None if self.trusted is None else self.trusted[keep],
         )
 
     @staticmethod
@@ -123,6 +131,7 @@ class Objective:
             mixture=Mixture.cat([a.mixture, b.mixture]),
             cache=cat(a.cache, b.cache),
             moments=cat(a.moments, b.moments),
+            trusted=None if a.trusted is None else torch.cat([a.trusted, b.trusted]),
         )
 
     def __call__(self, theta: Tensor) -> Tensor:
@@ -355,6 +364,10 @@ def _first_order_step(
     gnorm = grad.norm(dim=-1)
     finite = _healthy(loss, grad, group.theta)
     group.keep_if(finite, loss, gnorm)
+    if group.objective.trusted is not None:
+        # An estimator that cannot see P breaks down like a blow-up: the row is marked diverged
+        # at its starting point (which has finite values), and the sweep goes on.
+        finite = finite & group.objective.trusted
     converged = finite & (gnorm <= group.tol)
     budget = finite & ~converged & (group.steps >= group.max_steps)
     leaving = converged | ~finite | budget
