@@ -81,8 +81,12 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(cli, tmp_path, overrid
 def test_error_names_the_allowed_range():
     from kl_sweep.validate import validate
 
+    values = config_values(composed())
+    validate(values)  # the defaults are valid
     with pytest.raises(ConfigError, match=r"invalid weight=1\.0.*strictly between 0 and 1"):
-        validate({"weight": [0.5, 0.7, 1.0]})
+        validate({**values, "weight": [0.5, 0.7, 1.0]})
+    with pytest.raises(ConfigError, match=r"separation.*cannot be removed"):
+        validate({k: v for k, v in values.items() if k != "separation"})
 
 
 def test_config_hash_is_stable_and_covers_every_setting():
