@@ -288,3 +288,11 @@ def test_a_file_in_the_way_of_the_sweep_directory_fails_before_fitting(cli, tmp_
     blocker.write_text("x")
     proc = sweep(cli, blocker / "sweep", "experiment=smoke", check=False)
     assert proc.returncode != 0 and "not a directory" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_huge_sweep_is_refused_before_it_is_enumerated(cli, tmp_path):
+    out = tmp_path / "sweep"
+    # Refused from the range's length (arithmetic), before a billion values are listed.
+    proc = sweep(cli, out, "separation=range(0,1,1e-9)", "weight=0.5,0.6", check=False)
+    assert proc.returncode == 2 and "at least 1,000,000,000 configurations" in proc.stderr
+    assert "max_configurations" in proc.stderr and not out.exists()
