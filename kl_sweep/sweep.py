@@ -20,7 +20,6 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from kl_sweep.collect import PARTS, result_files
-from kl_sweep.config import ROW_KEYS
 from kl_sweep.io import write_parquet
 from kl_sweep.table import run_rows
 
@@ -119,7 +118,3 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def row_columns(rows: pd.DataFrame) -> list[str]:
-    return [k for k in ROW_KEYS if k in rows.columns]
