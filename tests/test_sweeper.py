@@ -296,3 +296,36 @@ def test_a_huge_sweep_is_refused_before_it_is_enumerated(cli, tmp_path):
     proc = sweep(cli, out, "separation=range(0,1,1e-9)", "weight=0.5,0.6", check=False)
     assert proc.returncode == 2 and "at least 1,000,000,000 configurations" in proc.stderr
     assert "max_configurations" in proc.stderr and not out.exists()
+
+
+def test_progress_is_log_lines_off_a_terminal_and_a_bar_on_one(cli, tmp_path):
+    proc = sweep(cli, tmp_path / "plain", "experiment=smoke")
+    assert (
+        f"{SMOKE}/{SMOKE} configurations" in proc.stderr + proc.stdout
+        and "s left" in proc.stderr + proc.stdout
+    )
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    cmd = [sys.executable, "-m", "kl_sweep", "-m", "experiment=smoke", f"hydra.sweep.dir={tmp_path / 'tty'}"]
+    cmd.append("hydra.sweeper.latest_link=null")
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    child = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=follower)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closes when the child exits
+            break
+        if not chunk:
+            break
+        seen += chunk
+    child.wait()
+    os.close(leader)
+    assert child.returncode == 0
+    assert f"{SMOKE}/{SMOKE}".encode() in seen and b"cfg/s" in seen  # tqdm's bar: done/total, rate
