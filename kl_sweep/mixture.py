@@ -77,13 +77,15 @@ class Mixture:
         components are combined with ``logaddexp``: no density is ever exponentiated.
         """
         const = self.log_weights - 0.5 * (LOG_2PI + torch.log(self.variances))
-        shift = origin.unsqueeze(-1) - self.means
-        curvature = -0.5 / self.variances
-        scale = scale.unsqueeze(-1)
+        # e = d / sqrt(2 v_k) = z * (scale k) + (origin - m_k) k with k = sqrt(1 / (2 v_k)): the
+        # per-row factors are folded in first, so each component costs two passes over [B, N].
+        k = torch.rsqrt(2.0 * self.variances)
+        shift = (origin.unsqueeze(-1) - self.means) * k
+        slope = scale.unsqueeze(-1) * k
         out = None
-        for k in range(self.means.shape[-1]):  # over the K components, not over configurations
-            d = torch.addcmul(shift[:, k : k + 1], z, scale)
-            ell = torch.addcmul(const[:, k : k + 1], d * curvature[:, k : k + 1], d)
+        for c in range(self.means.shape[-1]):  # over the K components, not over configurations
+            e = torch.addcmul(shift[:, c : c + 1], z, slope[:, c : c + 1])
+            ell = torch.addcmul(const[:, c : c + 1], e, e, value=-1.0)
             out = ell if out is None else torch.logaddexp(out, ell)
         return out
 
