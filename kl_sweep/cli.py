@@ -72,7 +72,7 @@ def preflight(argv: list[str]) -> str | None:
             return f"kl_sweep: invalid {group[0]}={group[1]}: allowed is one of {', '.join(ex.options)}"
         return f"kl_sweep: {_first_line(ex)}"
     except (HydraException, OmegaConfBaseException) as ex:
-        unknown = _unknown_key(ex)
+        unknown = unknown_key_message(ex)
         if unknown:
             return unknown
         cause = ex.__cause__
@@ -96,7 +96,7 @@ def malformed(lines: list[str]) -> str:
     return "kl_sweep: malformed overrides"
 
 
-def _unknown_key(ex: BaseException) -> str | None:
+def unknown_key_message(ex: BaseException) -> str | None:
     """A one-line message for an override of a key the config does not have, else None."""
     from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 

@@ -195,9 +195,9 @@ def _compose(config_loader: Any, config: DictConfig, overrides: list[str]) -> Di
     try:
         return config_loader.load_sweep_config(config, overrides)
     except HydraException as ex:
-        from kl_sweep.cli import _unknown_key
+        from kl_sweep.cli import unknown_key_message
 
-        unknown = _unknown_key(ex)
+        unknown = unknown_key_message(ex)
         if unknown:
             raise SweepError(unknown) from None
         options = getattr(ex, "options", None)
