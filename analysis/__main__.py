@@ -16,7 +16,8 @@ matplotlib.use("Agg")
 
 from analysis.classify import DEFAULT_TOL  # noqa: E402 (after choosing the backend)
 from analysis.data import load_sweep  # noqa: E402
-from analysis.pipeline import DEFAULT_WEIGHT, analyse, write_report  # noqa: E402
+from analysis.pipeline import DEFAULT_WEIGHT, analyse  # noqa: E402
+from analysis.report import write_report  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

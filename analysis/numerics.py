@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 if TYPE_CHECKING:
-    from kl_sweep.mixture import Mixture
+    from kl_sweep.core.mixture import Mixture
 
 
 @contextmanager
@@ -36,7 +36,7 @@ def tensor(values: pd.Series | np.ndarray | float) -> torch.Tensor:
 
 def mixtures(table: pd.DataFrame) -> Mixture:
     """The two-component mixture P of every row of ``table`` (separation, weight, center, component_var)."""
-    from kl_sweep.mixture import Mixture
+    from kl_sweep.core.mixture import Mixture
 
     return Mixture.two_component(
         tensor(table["separation"]),
@@ -55,7 +55,7 @@ def mixture_density(cell: pd.Series, x: np.ndarray) -> np.ndarray:
 
 def gaussian_density(x: np.ndarray, mu: np.ndarray, sigma2: np.ndarray) -> np.ndarray:
     """Normalised densities of N(mu_k, sigma2_k) at ``x``: shape [len(mu), len(x)]."""
-    from kl_sweep.mixture import normal_log_prob
+    from kl_sweep.core.mixture import normal_log_prob
 
     with float64():
         log_q = normal_log_prob(
@@ -69,8 +69,8 @@ def divergence_grid(divergence: str, cell: pd.Series, mu: np.ndarray, log_sigma:
 
     The whole grid is one batch of the core's accurate quadrature: no loop over grid points.
     """
-    from kl_sweep.divergences import DIVERGENCES, divergence_value
-    from kl_sweep.estimators import Quadrature
+    from kl_sweep.core.divergences import DIVERGENCES, divergence_value
+    from kl_sweep.core.estimators import Quadrature
 
     mm, ll = np.meshgrid(mu, log_sigma)
     cells = pd.DataFrame(
@@ -86,12 +86,12 @@ def divergence_grid(divergence: str, cell: pd.Series, mu: np.ndarray, log_sigma:
 def hessian_eigenvalues(optima: pd.DataFrame, divergence: str, chunk: int = 20_000) -> np.ndarray:
     """Eigenvalues [n, 2] (ascending) of the Hessian of ``divergence`` in (mu, log sigma) at each row's fit.
 
-    Uses the core's :class:`~kl_sweep.fit.Objective` with :class:`~kl_sweep.estimators.Quadrature`,
+    Uses the core's :class:`~kl_sweep.core.fit.Objective` with :class:`~kl_sweep.core.estimators.Quadrature`,
     ``chunk`` rows at a time to bound memory.
     """
-    from kl_sweep.divergences import DIVERGENCES
-    from kl_sweep.estimators import Quadrature
-    from kl_sweep.fit import Objective
+    from kl_sweep.core.divergences import DIVERGENCES
+    from kl_sweep.core.estimators import Quadrature
+    from kl_sweep.core.fit import Objective
 
     out = np.empty((len(optima), 2))
     with float64():

@@ -1,13 +1,12 @@
-"""From a sweep's table to everything the figures and tables show, and writing them all.
+"""From a sweep's table to everything the figures and tables show.
 
-:func:`analyse` is the one place the classification steps are chained; :func:`write_report` is
-what ``python -m analysis`` runs.
+:func:`analyse` is the one place the classification steps are chained; :mod:`analysis.report`
+writes what it returns (``figures`` and ``tables`` import this module, never the other way round).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -70,16 +69,3 @@ def analyse(
     )
     runs["reached"] = runs["reached"].fillna(NOT_CONVERGED)
     return SweepAnalysis(runs, optima, cells, boundaries, primary_context(table), tol)
-
-
-def write_report(result: SweepAnalysis, sweep_dir: str | Path, weight: float | None = None) -> list[Path]:
-    """Write the tables to ``sweep_dir/tables/`` and the figures to ``sweep_dir/figures/``; return the paths.
-
-    ``weight`` picks the single-weight figures' weight (the nearest swept one; default 0.75).
-    """
-    from analysis import figures, tables
-
-    sweep_dir = Path(sweep_dir)
-    written = tables.write_tables(result, sweep_dir / "tables")
-    written += figures.write_figures(result, sweep_dir / "figures", weight=result.default_weight(weight))
-    return written

@@ -23,7 +23,7 @@ HESSIAN_RTOL = 1e-6
 
 def stationary_kind(optima: pd.DataFrame) -> pd.Series:
     """``minimum``, ``saddle`` or ``unchecked`` for every row of the optima table (see module doc)."""
-    from kl_sweep.divergences import DIVERGENCES
+    from kl_sweep.core.divergences import DIVERGENCES
 
     kind = pd.Series(UNCHECKED, index=optima.index, dtype=object)
     for divergence, part in optima.groupby("divergence"):  # one batch per divergence

@@ -14,11 +14,11 @@ import time
 
 import torch
 
-from kl_sweep.divergences import DIVERGENCES
-from kl_sweep.estimators import Quadrature
-from kl_sweep.fit import Problem, Settings, Status, fit
-from kl_sweep.mixture import Mixture
-from kl_sweep.optim import Adam
+from kl_sweep.core.divergences import DIVERGENCES
+from kl_sweep.core.estimators import Quadrature
+from kl_sweep.core.fit import Problem, Settings, Status, fit
+from kl_sweep.core.mixture import Mixture
+from kl_sweep.core.optim import Adam
 
 
 def make_problem(n: int, seed: int = 0) -> Problem:

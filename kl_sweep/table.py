@@ -17,11 +17,11 @@ import pandas as pd
 import torch
 
 from kl_sweep.config import ROW_KEYS, config_values, split_values  # noqa: F401  (re-exported)
-from kl_sweep.divergences import DIVERGENCES, divergence_exact
-from kl_sweep.estimators import make_estimator
-from kl_sweep.fit import Problem, Settings, Status, fit
-from kl_sweep.mixture import Mixture
-from kl_sweep.optim import make_optimizer
+from kl_sweep.core.divergences import DIVERGENCES, divergence_exact
+from kl_sweep.core.estimators import make_estimator
+from kl_sweep.core.fit import Problem, Settings, Status, fit
+from kl_sweep.core.mixture import Mixture
+from kl_sweep.core.optim import make_optimizer
 
 #: The result table's columns, in order (a contract: analysis and tests read these names).
 COLUMNS = [

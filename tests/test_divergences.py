@@ -8,9 +8,9 @@ import pytest
 import torch
 from conftest import scipy_kl
 
-from kl_sweep.divergences import DIVERGENCES, divergence_exact, divergence_value
-from kl_sweep.estimators import Grid, MonteCarlo, Quadrature
-from kl_sweep.mixture import Mixture, normal_log_prob
+from kl_sweep.core.divergences import DIVERGENCES, divergence_exact, divergence_value
+from kl_sweep.core.estimators import Grid, MonteCarlo, Quadrature
+from kl_sweep.core.mixture import Mixture, normal_log_prob
 
 # The range the quadrature estimator promises 1e-8 nats on (component_var = 1).
 GRID = list(

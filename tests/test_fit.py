@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from kl_sweep.divergences import DIVERGENCES, divergence_value
-from kl_sweep.estimators import Grid, MonteCarlo, Quadrature
-from kl_sweep.fit import Objective, Problem, Settings, Status, fit
-from kl_sweep.mixture import Mixture
-from kl_sweep.optim import SGD, Adam
+from kl_sweep.core.divergences import DIVERGENCES, divergence_value
+from kl_sweep.core.estimators import Grid, MonteCarlo, Quadrature
+from kl_sweep.core.fit import Objective, Problem, Settings, Status, fit
+from kl_sweep.core.mixture import Mixture
+from kl_sweep.core.optim import SGD, Adam
 
 
 def problem(rows, lr=0.05, max_steps=5000, tol=1e-8, component_var=None):

@@ -17,11 +17,11 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from scipy import integrate, special
 
-from kl_sweep.divergences import DIVERGENCES, divergence_exact, divergence_value
-from kl_sweep.estimators import Quadrature
-from kl_sweep.fit import Problem, Settings, Status, fit
-from kl_sweep.mixture import Mixture
-from kl_sweep.optim import Adam
+from kl_sweep.core.divergences import DIVERGENCES, divergence_exact, divergence_value
+from kl_sweep.core.estimators import Quadrature
+from kl_sweep.core.fit import Problem, Settings, Status, fit
+from kl_sweep.core.mixture import Mixture
+from kl_sweep.core.optim import Adam
 
 torch.set_default_dtype(torch.float64)
 

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 
 from kl_sweep.config import DIVERGENCE_NAMES
-from kl_sweep.estimators import Estimator, Measure
-from kl_sweep.mixture import LOG_2PI, Mixture, gaussian_sigma2, normal_log_prob
+from kl_sweep.core.estimators import Estimator, Measure
+from kl_sweep.core.mixture import LOG_2PI, Mixture, gaussian_sigma2, normal_log_prob
 
 
 def kl_forward(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -96,7 +96,7 @@ def divergence_value(
     divergence: Divergence, estimator: Estimator, mixture: Mixture, mu: Tensor, log_sigma: Tensor
 ) -> Tensor:
     """The divergence in nats for every row, shape [B], differentiable in (mu, log_sigma)."""
-    from kl_sweep.estimators import FixedNodeEstimator, default_origin
+    from kl_sweep.core.estimators import FixedNodeEstimator, default_origin
 
     if not isinstance(estimator, FixedNodeEstimator):  # Monte Carlo: samples carry the measure
         x, w = estimator.nodes(divergence.measure, mixture, mu, log_sigma)
@@ -125,7 +125,7 @@ def divergence_exact(
     Composite Gauss-Legendre with panels over both P's and Q's mass, integrating the divergence's
     :attr:`~Divergence.exact_term` (exact for tiny and huge values alike) where it has one.
     """
-    from kl_sweep.estimators import Quadrature
+    from kl_sweep.core.estimators import Quadrature
 
     # Nodes as offsets u from an origin: Q's mean for expectations under Q, P's centre under P,
     # so that the distribution that weights the integrand is resolved whatever its width.

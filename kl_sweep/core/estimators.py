@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kl_sweep.mixture import Mixture, gaussian_sigma2, normal_log_prob
+from kl_sweep.core.mixture import Mixture, gaussian_sigma2, normal_log_prob
 
 Measure = Literal["p", "q"]
 

@@ -17,10 +17,10 @@ from enum import IntEnum
 import torch
 from torch import Tensor
 
-from kl_sweep.divergences import Divergence, divergence_value
-from kl_sweep.estimators import Estimator
-from kl_sweep.mixture import LOG_2PI, Mixture, gaussian_sigma2, normal_log_prob
-from kl_sweep.optim import FirstOrder, newton
+from kl_sweep.core.divergences import Divergence, divergence_value
+from kl_sweep.core.estimators import Estimator
+from kl_sweep.core.mixture import LOG_2PI, Mixture, gaussian_sigma2, normal_log_prob
+from kl_sweep.core.optim import FirstOrder, newton
 
 
 class Status(IntEnum):
