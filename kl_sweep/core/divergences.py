@@ -84,6 +84,17 @@ DIVERGENCES: dict[str, Divergence] = {
 assert tuple(DIVERGENCES) == DIVERGENCE_NAMES, "kl_sweep.config.DIVERGENCE_NAMES lists the divergences"
 
 
+def get_divergence(name: str, alpha: float | Tensor | None = None) -> Divergence:
+    """The divergence called ``name``, with its parameter ``alpha`` where it has one.
+
+    The one way code outside this module (the fit's table builder, the continuation, the analysis)
+    turns a name and an optional parameter into a :class:`Divergence`.
+    """
+    if alpha is not None:
+        raise ValueError(f"divergence {name!r} takes no alpha")
+    return DIVERGENCES[name]
+
+
 def integrand_terms(
     divergence: Divergence, x: Tensor, mixture: Mixture, mu: Tensor, log_sigma: Tensor
 ) -> Tensor:
