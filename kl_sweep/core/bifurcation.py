@@ -1,0 +1,414 @@
+r"""Branches of stationary points, their folds, fold lines, cusps, coexistence and crossover points.
+
+For one :class:`~kl_sweep.core.landscape.Landscape` (a divergence, P's center and component
+variance), the fits are the stationary points :math:`F(\theta; d, w) = \nabla_\theta L = 0` in
+:math:`\theta = (\mu, \log\sigma)`. Everything here is batched: rows are branches, weights or
+special points, and no Python loop runs over them.
+
+- **Branches** (:func:`continue_branches`): at fixed weight w, the curve F = 0 in
+  :math:`(\mu, \log\sigma, d)`, traced by pseudo-arclength (:mod:`kl_sweep.core.continuation`) so
+  that it goes round folds. A point is a minimum where the Hessian H is positive definite.
+- **Folds and pitchforks** (:func:`branch_special_points`): det H changes sign between two points
+  of a branch. If the branch also turns in d there (the d-component of its tangent changes sign)
+  it is a **fold**: a minimum and a saddle merge, and the minimum is born or dies as d grows. The
+  zero is bracketed along the curve (:func:`kl_sweep.core.continuation.locate`) and then polished
+  by Newton on the extended system :math:`(F, \det H) = 0` in :math:`(\mu, \log\sigma, d)`
+  (:func:`polish_folds`), which is regular at a fold. If the branch does not turn, two other
+  branches cross it there: a **pitchfork**, the symmetric case (weight 1/2, where the covering
+  minimum dies between two mirror-image saddles); its location is the bracketed zero.
+- **Fold lines and cusps** (:func:`continue_fold_lines`, :func:`cusp_points`): the fold system
+  :math:`(F, \det H) = 0` is 3 equations in :math:`(\mu, \log\sigma, d, w)`, a curve, traced the
+  same way across weights. Its projection on (d, w) is a fold line; a **cusp** is where that
+  projection has zero speed, i.e. where the curve's tangent has no (d, w) component: two fold
+  lines meet there and the curve turns back in d or in w. The test functions are the d- and
+  w-components of the tangent; each zero is bracketed and kept as a cusp if the other component
+  vanishes there too (:data:`CUSP_TANGENT_TOL`). At weight 1/2 this is the pitchfork above (the
+  unfolding of a symmetric pitchfork is a cusp).
+- **Coexistence (Maxwell) points** (:func:`solve_maxwell`): two minima with equal loss at the
+  same (d, w), so the global minimum jumps between them: Newton on
+  :math:`F(\theta_1) = 0, F(\theta_2) = 0, L(\theta_1) - L(\theta_2) = 0` in
+  :math:`(\theta_1, \theta_2, d)`.
+- **Crossovers** (:func:`solve_crossover`): a minimum whose :math:`\sigma^2 / V^*` passes a given
+  ratio (1/2: covering versus mode-seeking), with :math:`V^* = v + w(1 - w)d^2` P's variance:
+  Newton on :math:`F = 0, \sigma^2/V^* = r` in :math:`(\mu, \log\sigma, d)`.
+
+Every located point carries its residual: the largest of :math:`\lVert F\rVert_\infty` and the
+other equations of its system (det H relative to :math:`\lVert H\rVert^2` for folds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from kl_sweep.core.continuation import Curve, Located, Options, continuation, locate
+from kl_sweep.core.landscape import LOG_SIGMA, MU, SEPARATION, WEIGHT, Jet, Landscape, determinant
+
+#: A zero of one tangent component is a cusp if the other (d or w) component is below this there.
+CUSP_TANGENT_TOL = 1e-4
+#: sigma^2 / V* at which a minimum counts as covering (the analysis's rule).
+COVERING_RATIO = 0.5
+
+
+def _hessian_scale(h: Tensor) -> Tensor:
+    return (h * h).sum((-1, -2)).clamp_min(1e-300)
+
+
+@dataclass(frozen=True)
+class BranchProblem:
+    """F(mu, log sigma; d, w) = 0 in u = (mu, log sigma, d), with w fixed per row ([B])."""
+
+    landscape: Landscape
+    weight: Tensor
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def full(self, u: Tensor) -> Tensor:
+        return torch.cat([u, self.weight.unsqueeze(-1)], -1)
+
+    def residual(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        jet = self.landscape.jet(self.full(u), order=2)
+        self._cache["last"] = (u, jet)
+        return jet.gradient, jet.second[:, :, :3]
+
+    def _jet(self, u: Tensor) -> Jet:
+        last = self._cache.get("last")
+        if last is not None and last[0].shape == u.shape and torch.equal(last[0], u):
+            return last[1]
+        return self.landscape.jet(self.full(u), order=2)
+
+    def monitors(self, u: Tensor, jacobian: Tensor, tangent: Tensor) -> dict[str, Tensor]:
+        jet = self._jet(u)
+        h = jet.hessian
+        _, var = self.landscape.moment_matched(u[:, 2], self.weight)
+        return {
+            "loss": jet.loss,
+            "det": determinant(h) / _hessian_scale(h),
+            "h00": h[:, 0, 0],
+            "t_d": tangent[:, 2],
+            "ratio": torch.exp(2 * u[:, 1]) / var - COVERING_RATIO,
+        }
+
+    def take(self, index: Tensor) -> BranchProblem:
+        return BranchProblem(self.landscape, self.weight[index])
+
+
+@dataclass(frozen=True)
+class FoldProblem:
+    """(F, det H) = 0 in u = (mu, log sigma, d, w): the fold curve (3 equations, 4 unknowns)."""
+
+    landscape: Landscape
+
+    def residual(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        jet = self.landscape.jet(u, order=3)
+        g = torch.cat([jet.gradient, jet.det.unsqueeze(-1)], -1)
+        return g, torch.cat([jet.second, jet.det_grad.unsqueeze(1)], 1)
+
+    def monitors(self, u: Tensor, jacobian: Tensor, tangent: Tensor) -> dict[str, Tensor]:
+        return {"t_d": tangent[:, SEPARATION], "t_w": tangent[:, WEIGHT]}
+
+    def take(self, index: Tensor) -> FoldProblem:
+        return self
+
+
+def newton(system, x: Tensor, iterations: int = 30, tol: float = 1e-12) -> tuple[Tensor, Tensor]:
+    """Newton on a batch of square systems ``system(x, rows) -> (G [m, k], J [m, k, k])``.
+
+    ``system`` gets the points x [m, k] of the rows ``rows`` of the batch (so that it can pick its
+    per-row constants).
+
+    A row is done once its update is below ``tol`` (relative to 1 + |x|) and is no longer
+    evaluated: only the unfinished rows take part in each iteration. Returns (x, G at x).
+    """
+    x = x.clone()
+    active = torch.arange(x.shape[0])
+    g, jac = system(x, active)
+    for _ in range(iterations):
+        delta = torch.linalg.solve(jac, -g.unsqueeze(-1)).squeeze(-1)
+        delta = torch.where(torch.isfinite(delta), delta, 0.0)
+        x[active] = x[active] + delta
+        moving = ~(delta.abs() <= tol * (1.0 + x[active].abs())).all(-1)
+        active = active[moving]
+        if active.numel() == 0:
+            break
+        g, jac = system(x[active], active)
+    return x, system(x, torch.arange(x.shape[0]))[0]
+
+
+def stationary_points(landscape: Landscape, u: Tensor, iterations: int = 30) -> tuple[Tensor, Jet]:
+    """Newton on F = 0 in theta at each row's fixed (d, w), from u [B, 4]; returns (u, its jet).
+
+    Starting points must lie in the basin of Newton's method (a fit, or a point interpolated on a
+    branch); the caller checks the returned gradient.
+    """
+    params = u[:, 2:]
+
+    def system(theta: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        jet = landscape.jet(torch.cat([theta, params[rows]], -1), order=2)
+        return jet.gradient, jet.hessian
+
+    theta, _ = newton(system, u[:, :2], iterations)
+    point = torch.cat([theta, params], -1)
+    return point, landscape.jet(point, order=2)
+
+
+@dataclass
+class Branches:
+    """Continued branches: ``curve`` in (mu, log sigma, d), one row per branch and direction, and
+    each row's ``weight`` [R]."""
+
+    curve: Curve
+    weight: Tensor
+    problem: BranchProblem
+
+    def points(self) -> Tensor:
+        """All points as u = (mu, log sigma, d, w), [R, S, 4] (NaN past each row's end)."""
+        w = self.weight[:, None, None].expand(-1, self.curve.points.shape[1], 1)
+        return torch.cat([self.curve.points, w], -1)
+
+
+def continue_branches(
+    landscape: Landscape,
+    seeds: Tensor,
+    separation_range: tuple[float, float],
+    options: Options | None = None,
+) -> Branches:
+    """Trace the branch through every seed u [B, 4] (a stationary point) up and down in separation.
+
+    Rows 0..B-1 of the result head towards larger d, rows B..2B-1 towards smaller d. The box is
+    ``separation_range`` in d (and |log sigma| <= 12).
+    """
+    lo, hi = separation_range
+    options = options or Options()
+    options = replace(options, lower=(-float("inf"), -12.0, lo), upper=(float("inf"), 12.0, hi))
+    seeds, _ = stationary_points(landscape, seeds)
+    both = torch.cat([seeds, seeds])
+    sign = torch.cat([torch.ones(len(seeds)), -torch.ones(len(seeds))]).to(seeds.dtype)
+    direction = torch.zeros(len(both), 3, dtype=seeds.dtype)
+    direction[:, 2] = sign
+    problem = BranchProblem(landscape, both[:, WEIGHT])
+    curve = continuation(problem, both[:, :3], direction, options)
+    return Branches(curve, both[:, WEIGHT], problem)
+
+
+@dataclass
+class SpecialPoints:
+    """Folds and pitchforks on branches: u [M, 4], ``fold`` (else pitchfork), ``birth`` (else death:
+    the minimum exists above, else below, the point in d), the branch row and step, the residual."""
+
+    u: Tensor
+    fold: Tensor
+    birth: Tensor
+    branch: Tensor
+    step: Tensor
+    residual: Tensor
+    converged: Tensor
+
+
+def _sign_changes(values: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """(row, step) of every step where ``values`` changes sign to the next valid point."""
+    a, b = values[:, :-1], values[:, 1:]
+    change = valid[:, :-1] & valid[:, 1:] & (torch.sign(a) * torch.sign(b) < 0)
+    rows, steps = change.nonzero(as_tuple=True)
+    return rows, steps
+
+
+def branch_special_points(landscape: Landscape, branches: Branches, options: Options | None = None) -> SpecialPoints:
+    """Folds and pitchforks where a minimum is born or dies along each branch (see module docstring)."""
+    options = options or Options()
+    curve = branches.curve
+    valid = curve.valid
+    det = curve.monitors["det"]
+    rows, steps = _sign_changes(det, valid)
+    minimum = (det > 0) & (curve.monitors["h00"] > 0)
+    involves_min = minimum[rows, steps] | minimum[rows, steps + 1]
+    rows, steps = rows[involves_min], steps[involves_min]
+    empty = torch.empty(0, dtype=torch.long)
+    if rows.numel() == 0:
+        z = torch.empty(0, 4, dtype=det.dtype)
+        return SpecialPoints(z, empty.bool(), empty.bool(), empty, empty, z[:, 0], empty.bool())
+    td = curve.monitors["t_d"]
+    fold = torch.sign(td[rows, steps]) * torch.sign(td[rows, steps + 1]) < 0
+    found = locate(branches.problem, curve, rows, steps, "det", options)
+    u = torch.cat([found.u, branches.weight[rows].unsqueeze(-1)], -1)
+    polished, residual = polish_folds(landscape, u[fold])
+    u[fold] = polished
+    residual_all = _stationary_residual(landscape, u)
+    residual_all[fold] = residual
+    # Which side of the point in d holds the minimum: the bracket end that is a minimum.
+    min_end = torch.where(minimum[rows, steps], steps, steps + 1)
+    birth = curve.points[rows, min_end, 2] > u[:, SEPARATION]
+    converged = found.converged & (residual_all <= 1e-8)
+    return SpecialPoints(u, fold, birth, rows, steps, residual_all, converged)
+
+
+def _stationary_residual(landscape: Landscape, u: Tensor) -> Tensor:
+    jet = landscape.jet(u, order=2)
+    h = jet.hessian
+    rel_det = (determinant(h) / _hessian_scale(h)).abs()
+    return torch.maximum(jet.gradient.abs().amax(-1), rel_det)
+
+
+def polish_folds(landscape: Landscape, u: Tensor) -> tuple[Tensor, Tensor]:
+    """Newton on (F, det H) = 0 in (mu, log sigma, d) at each row's weight, from u [M, 4].
+
+    Returns (u, residual) with residual = max(|F|_inf, |det H| / |H|_F^2).
+    """
+    if u.shape[0] == 0:
+        return u, u[:, 0]
+    w = u[:, WEIGHT:]
+
+    def system(x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        jet = landscape.jet(torch.cat([x, w[rows]], -1), order=3)
+        g = torch.cat([jet.gradient, jet.det.unsqueeze(-1)], -1)
+        return g, torch.cat([jet.second[:, :, :3], jet.det_grad[:, None, :3]], 1)
+
+    x, _ = newton(system, u[:, :3])
+    point = torch.cat([x, w], -1)
+    return point, _stationary_residual(landscape, point)
+
+
+@dataclass
+class FoldLines:
+    """Fold curves in u = (mu, log sigma, d, w): ``curve`` rows, traced from fold seeds both ways."""
+
+    curve: Curve
+    problem: FoldProblem
+
+
+def continue_fold_lines(
+    landscape: Landscape,
+    folds: Tensor,
+    separation_range: tuple[float, float],
+    weight_range: tuple[float, float],
+    options: Options | None = None,
+) -> FoldLines:
+    """Trace the fold curve through every fold point u [M, 4], towards larger and smaller weight.
+
+    Rows 0..M-1 head towards larger w, rows M..2M-1 towards smaller w (or, where the curve runs
+    along w = const, the orientation the bordered tangent picks).
+    """
+    options = options or Options(ds=0.02, ds_max=0.1, max_steps=600)
+    options = replace(
+        options,
+        lower=(-float("inf"), -12.0, separation_range[0], weight_range[0]),
+        upper=(float("inf"), 12.0, separation_range[1], weight_range[1]),
+    )
+    both = torch.cat([folds, folds])
+    direction = torch.zeros_like(both)
+    direction[:, WEIGHT] = torch.cat([torch.ones(len(folds)), -torch.ones(len(folds))]).to(both.dtype)
+    # The fold lines of the weight-1/2 pitchfork run along w; a small d-component breaks the tie.
+    direction[:, SEPARATION] = 1e-3 * direction[:, WEIGHT]
+    problem = FoldProblem(landscape)
+    return FoldLines(continuation(problem, both, direction, options), problem)
+
+
+def cusp_points(fold_lines: FoldLines, options: Options | None = None) -> Located:
+    """Cusps on the fold curves: zeros of the tangent's d- or w-component where the other vanishes too.
+
+    Returns the located points (u [C, 4], possibly the same cusp from several curves) with the
+    ``monitors`` t_d and t_w at each.
+    """
+    options = options or Options()
+    curve = fold_lines.curve
+    valid = curve.valid
+    found = []
+    for name in ("t_d", "t_w"):  # the two test functions, not configurations
+        rows, steps = _sign_changes(curve.monitors[name], valid)
+        if rows.numel():
+            found.append(locate(fold_lines.problem, curve, rows, steps, name, options))
+    if not found:
+        z = torch.empty(0, 4, dtype=curve.points.dtype)
+        return Located(z, z, {"t_d": z[:, 0], "t_w": z[:, 0]}, z[:, 0].bool())
+    u = torch.cat([f.u for f in found])
+    t = torch.cat([f.tangent for f in found])
+    mon = {k: torch.cat([f.monitors[k] for f in found]) for k in ("t_d", "t_w")}
+    converged = torch.cat([f.converged for f in found])
+    speed = torch.sqrt(mon["t_d"] ** 2 + mon["t_w"] ** 2)
+    cusp = speed <= CUSP_TANGENT_TOL
+    return Located(u[cusp], t[cusp], {k: v[cusp] for k, v in mon.items()}, converged[cusp])
+
+
+def fold_residual(landscape: Landscape, u: Tensor) -> Tensor:
+    """max(|F|_inf, |det H| / |H|_F^2) at u [M, 4]: how well a point solves the fold system."""
+    return _stationary_residual(landscape, u)
+
+
+def solve_maxwell(
+    landscape: Landscape, first: Tensor, second: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Equal-loss points of two minima at one weight: Newton in (theta_1, theta_2, d).
+
+    ``first`` and ``second`` are u [M, 4] guesses (same d and w per row). Returns (u_1, u_2,
+    residual) with residual = max(|F_1|, |F_2|, |L_1 - L_2|).
+    """
+    w = first[:, WEIGHT:]
+
+    def unpack(x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        d = x[:, 4:5]
+        return torch.cat([x[:, 0:2], d, w[rows]], -1), torch.cat([x[:, 2:4], d, w[rows]], -1)
+
+    def system(x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        a, b = unpack(x, rows)
+        ja, jb = landscape.jet(a, 2), landscape.jet(b, 2)
+        g = torch.cat([ja.gradient, jb.gradient, (ja.loss - jb.loss).unsqueeze(-1)], -1)
+        m = x.shape[0]
+        jac = torch.zeros(m, 5, 5, dtype=x.dtype)
+        jac[:, 0:2, 0:2] = ja.hessian
+        jac[:, 0:2, 4] = ja.second[:, :, SEPARATION]
+        jac[:, 2:4, 2:4] = jb.hessian
+        jac[:, 2:4, 4] = jb.second[:, :, SEPARATION]
+        jac[:, 4, 0:2] = ja.gradient
+        jac[:, 4, 2:4] = -jb.gradient
+        jac[:, 4, 4] = ja.grad[:, SEPARATION] - jb.grad[:, SEPARATION]
+        return g, jac
+
+    x0 = torch.cat([first[:, :2], second[:, :2], first[:, SEPARATION : SEPARATION + 1]], -1)
+    x, g = newton(system, x0)
+    a, b = unpack(x, torch.arange(x.shape[0]))
+    return a, b, g.abs().amax(-1)
+
+
+def solve_crossover(landscape: Landscape, u: Tensor, ratio: float = COVERING_RATIO) -> tuple[Tensor, Tensor]:
+    """Where a minimum's sigma^2 / V* equals ``ratio``: Newton in (mu, log sigma, d) from u [M, 4].
+
+    Returns (u, residual) with residual = max(|F|_inf, |sigma^2 / V* - ratio|).
+    """
+    w = u[:, WEIGHT:]
+    v = landscape.component_var
+
+    def system(x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        jet = landscape.jet(torch.cat([x, w[rows]], -1), order=2)
+        d, ww = x[:, SEPARATION], w[rows, 0]
+        var = v + ww * (1 - ww) * d * d
+        r = torch.exp(2 * x[:, LOG_SIGMA]) / var
+        g = torch.cat([jet.gradient, (r - ratio).unsqueeze(-1)], -1)
+        row = torch.stack([torch.zeros_like(r), 2 * r, -r * 2 * ww * (1 - ww) * d / var], -1)
+        return g, torch.cat([jet.second[:, :, :3], row.unsqueeze(1)], 1)
+
+    x, g = newton(system, u[:, :3])
+    return torch.cat([x, w], -1), g.abs().amax(-1)
+
+
+__all__ = [
+    "MU",
+    "LOG_SIGMA",
+    "SEPARATION",
+    "WEIGHT",
+    "BranchProblem",
+    "Branches",
+    "FoldLines",
+    "FoldProblem",
+    "SpecialPoints",
+    "branch_special_points",
+    "continue_branches",
+    "continue_fold_lines",
+    "cusp_points",
+    "fold_residual",
+    "newton",
+    "polish_folds",
+    "solve_crossover",
+    "solve_maxwell",
+    "stationary_points",
+]
