@@ -22,6 +22,7 @@ from kl_sweep.core.estimators import make_estimator
 from kl_sweep.core.fit import Problem, Settings, Status, fit
 from kl_sweep.core.mixture import Mixture
 from kl_sweep.core.optim import make_optimizer
+from kl_sweep.version import numerics_version
 
 #: The result table's columns, in order (a contract: analysis and tests read these names).
 COLUMNS = [
@@ -45,6 +46,7 @@ COLUMNS = [
     "converged",
     "status",
     "config_hash",
+    "numerics_version",
     "max_steps",
     "tol",
     "fit_seconds",
@@ -141,6 +143,7 @@ def run_rows(rows: pd.DataFrame, shared: Mapping[str, Any]) -> pd.DataFrame:
             "converged": status == Status.CONVERGED,
             "status": labels[status],
             "config_hash": config_hashes(rows, shared),
+            "numerics_version": numerics_version(),
             "max_steps": rows["optimizer.max_steps"],
             "tol": rows["optimizer.tol"],
             "fit_seconds": (time.perf_counter() - tic) / max(n, 1),
