@@ -117,8 +117,11 @@ def context_note(result: SweepAnalysis) -> str:
 def phase_diagram(result: SweepAnalysis) -> Figure:
     """Outcome class (top) and order parameter sigma^2 / Var_P (bottom) over separation x weight.
 
-    The class of a cell pools all its initialisations (rule in :mod:`analysis.classify`); black
-    markers give the separation where the global minimum turns mode-seeking (reverse KL).
+    The class of a cell pools all its initialisations (rule in :mod:`analysis.classify`). Where the
+    exact structure is known (:mod:`analysis.structure`) its fold lines, coexistence and crossover
+    lines and cusps are drawn over the cells and the regions are labelled with the exact number of
+    minima; otherwise black markers give the sweep's estimate of where the global minimum turns
+    mode-seeking.
     """
     cells = in_context(result.cells, result.context)
     bounds = in_context(result.boundaries, result.context)
@@ -129,6 +132,7 @@ def phase_diagram(result: SweepAnalysis) -> Figure:
         axes = fig.subplots(2, len(divergences), squeeze=False, sharex=True, sharey=True)
         mesh = None
         switch_shown = False
+        exact_handles: dict[str, Line2D] = {}
         for j, divergence in enumerate(divergences):
             part = cells[cells["divergence"] == divergence]
             top, bottom = axes[0, j], axes[1, j]
@@ -145,6 +149,11 @@ def phase_diagram(result: SweepAnalysis) -> Figure:
                 linewidth=0.0,
             )
             switch = bounds[bounds["divergence"] == divergence].dropna(subset=["global_switch_separation"])
+            structure = result.structures.get(divergence)
+            if structure is not None:
+                exact_handles.update(draw_exact_lines(top, structure, label_regions=True))
+                draw_exact_lines(bottom, structure, label_regions=False)
+                switch = switch.iloc[0:0]  # the exact lines replace the grid estimate
             for ax in (top, bottom):
                 if len(switch):
                     ax.plot(
@@ -175,6 +184,7 @@ def phase_diagram(result: SweepAnalysis) -> Figure:
                     label="global minimum turns\nmode-seeking",
                 ),
             )
+        handles += list(exact_handles.values())
         fig.legend(handles=handles, loc="outside right upper", title="outcome over inits", frameon=False)
         if mesh is not None:
             fig.colorbar(
@@ -182,6 +192,131 @@ def phase_diagram(result: SweepAnalysis) -> Figure:
             )
         fig.suptitle("Phase diagram: where each divergence covers or seeks a mode" + context_note(result))
     return fig
+
+
+#: How each kind of exact line is drawn over the phase diagram (black and white read on any cell colour).
+EXACT_LINES = {
+    "fold": {
+        "color": "black",
+        "linewidth": 1.8,
+        "linestyle": "-",
+        "label": "fold line (minimum born / dies)",
+    },
+    "maxwell": {
+        "color": "black",
+        "linewidth": 1.6,
+        "linestyle": "--",
+        "marker": "o",
+        "markersize": 3,
+        "label": "coexistence: global minimum jumps",
+    },
+    "crossover": {
+        "color": "black",
+        "linewidth": 1.6,
+        "linestyle": ":",
+        "marker": "s",
+        "markersize": 3,
+        "label": "crossover: global minimum turns\nmode-seeking without a jump",
+    },
+}
+CUSP_STYLE = {
+    "marker": "*",
+    "markersize": 14,
+    "markerfacecolor": "white",
+    "markeredgecolor": "black",
+    "linestyle": "none",
+    "label": "cusp (two fold lines meet)",
+}
+OUTLINE = [patheffects.withStroke(linewidth=3, foreground="white")]
+
+
+def draw_exact_lines(ax: Axes, structure, label_regions: bool = True) -> dict[str, Line2D]:
+    """Fold lines, coexistence and crossover lines and cusps of ``structure`` on a (separation, weight) axis.
+
+    Returns legend handles by kind. With ``label_regions`` each region of constant exact number of
+    minima gets a label at its most central cell.
+    """
+    handles: dict[str, Line2D] = {}
+    limits = ax.get_xlim(), ax.get_ylim()  # curves end just past the range: keep the cells' frame
+    lines = structure.fold_lines
+    style_ = EXACT_LINES["fold"]
+    for _, line in lines.groupby("line"):  # a handful of fold curves
+        ax.plot(line["separation"], line["weight"], **{k: v for k, v in style_.items() if k != "label"})
+        handles["fold"] = Line2D([], [], **style_)
+    points = structure.points
+    for kind in ("maxwell", "crossover"):
+        part = points[points["kind"] == kind].sort_values("weight")
+        if len(part):
+            ax.plot(
+                part["separation"],
+                part["weight"],
+                **{k: v for k, v in EXACT_LINES[kind].items() if k != "label"},
+            )
+            handles[kind] = Line2D([], [], **EXACT_LINES[kind])
+    cusps = points[points["kind"] == "cusp"]
+    if len(cusps):
+        ax.plot(cusps["separation"], cusps["weight"], **{k: v for k, v in CUSP_STYLE.items() if k != "label"})
+        handles["cusp"] = Line2D([], [], **CUSP_STYLE)
+    if label_regions:
+        label_count_regions(ax, structure.counts())
+    if ax.has_data() and len(ax.collections):
+        ax.set_xlim(*limits[0])
+        ax.set_ylim(*limits[1])
+    return handles
+
+
+def label_count_regions(ax: Axes, counts: pd.DataFrame) -> None:
+    """Write the number of minima in each connected region of constant count (regions of 3+ cells)."""
+    from scipy import ndimage
+
+    grid = counts.pivot_table(index="weight", columns="separation", values="n_minima", aggfunc="first")
+    values = grid.to_numpy(float)
+    w, s = grid.index.to_numpy(float), grid.columns.to_numpy(float)
+    for n in np.unique(values[np.isfinite(values)]).astype(int):  # the few distinct counts
+        labels, found = ndimage.label(values == n)
+        for region in range(1, found + 1):  # the few regions of each count
+            rows, cols = np.nonzero(labels == region)
+            if len(rows) < 3:
+                continue
+            mean_row, mean_col = rows.mean(), cols.mean()
+            k = np.argmin(
+                (rows - mean_row) ** 2 / max(len(w), 1) ** 2 + (cols - mean_col) ** 2 / max(len(s), 1) ** 2
+            )
+            text = f"{n} minim{'um' if n == 1 else 'a'}"
+            ax.text(
+                s[cols[k]], w[rows[k]], text, ha="center", va="center", fontsize=8.5, path_effects=OUTLINE
+            )
+
+
+FOLD_MARKER = {"marker": "D", "markersize": 5.5, "markerfacecolor": "white", "markeredgecolor": "black"}
+
+
+def draw_branches(ax: Axes, structure, weight: float, y: str, colour) -> None:
+    """The continued branches of ``structure`` at ``weight``: ``y`` (mu or sigma2) against separation.
+
+    Minima solid, saddle points dashed (each branch is cut where its stability changes), folds and
+    pitchforks as white diamonds.
+    """
+    branches = structure.branches
+    part = branches[np.isclose(branches["weight"], weight, rtol=0, atol=1e-12)]
+    for _, line in part.groupby("branch"):  # the few branches of one weight
+        x, v, stable = line["separation"].to_numpy(), line[y].to_numpy(), line["minimum"].to_numpy()
+        for keep, dash, width in ((stable, "-", 2.2), (~stable, "--", 1.3)):
+            # Each piece includes its neighbour across a change, so the pieces meet.
+            shown = keep | np.r_[keep[1:], False] | np.r_[False, keep[:-1]]
+            ax.plot(
+                np.where(shown, x, np.nan),
+                np.where(shown, v, np.nan),
+                color=colour,
+                linestyle=dash,
+                linewidth=width,
+                zorder=1,
+            )
+    points = structure.points
+    folds = points[
+        points["kind"].isin(["fold", "pitchfork"]) & np.isclose(points["weight"], weight, rtol=0, atol=1e-12)
+    ]
+    ax.plot(folds["separation"], folds[y], linestyle="none", zorder=3, **FOLD_MARKER)
 
 
 def pick_evenly(values: np.ndarray, most: int) -> np.ndarray:
@@ -234,10 +369,25 @@ def bifurcation_diagram(result: SweepAnalysis, max_weights: int = 6, max_inits: 
         axes = fig.subplots(2, len(divergences), squeeze=False, sharex=True, sharey="row")
         for j, divergence in enumerate(divergences):
             part = runs[runs["divergence"] == divergence]
+            structure = result.structures.get(divergence)
             for row, y in enumerate(("mu", "sigma2")):
                 ax = axes[row, j]
                 for weight in weights:
                     sub = part[part["weight"] == weight]
+                    if structure is not None:
+                        draw_branches(ax, structure, weight, y, colours[weight])
+                        ax.plot(
+                            sub["separation"],
+                            sub[y],
+                            color=colours[weight],
+                            linestyle="none",
+                            marker="o",
+                            markersize=2.4,
+                            alpha=0.75,
+                            zorder=2,
+                            rasterized=len(part) > RASTERIZE_ABOVE // 2,
+                        )
+                        continue
                     x, yy = broken_line(sub, y)
                     ax.plot(
                         x,
@@ -254,19 +404,29 @@ def bifurcation_diagram(result: SweepAnalysis, max_weights: int = 6, max_inits: 
                         ax.plot(seps, centre + sign * seps / 2, color="0.35", linestyle="--", linewidth=0.9)
             axes[0, j].set_title(f"{divergence_title(divergence)}")
             axes[1, j].set_xlabel(SEPARATION_LABEL)
+            if len(seps):  # continued branches end one step past the swept range
+                pad = 0.02 * (seps.max() - seps.min())
+                axes[1, j].set_xlim(seps.min() - pad, seps.max() + pad)
         axes[0, 0].set_ylabel("mu (final fit)")
         axes[1, 0].set_ylabel("sigma^2 (final fit)")
         handles = [
             Line2D([], [], color=colours[w], marker="o", markersize=4, label=f"{w:g}") for w in weights
         ]
         handles.append(Line2D([], [], color="0.35", linestyle="--", label="component means"))
+        title = "Bifurcation diagram: final fit against separation, one line per initialisation"
+        if result.structures:
+            handles += [
+                Line2D([], [], color="0.2", linewidth=1.6, label="continued minima"),
+                Line2D([], [], color="0.2", linewidth=1.2, linestyle="--", label="continued saddles"),
+                Line2D([], [], **FOLD_MARKER, linestyle="none", label="fold"),
+                Line2D(
+                    [], [], color="0.2", marker="o", linestyle="none", markersize=4, label="sweep end points"
+                ),
+            ]
+            title = "Bifurcation diagram: exact branches (lines) and the sweep's end points (dots)"
         fig.legend(handles=handles, loc="outside right upper", title="weight", frameon=False)
         note = f"; {n_skipped} non-converged runs not shown" if n_skipped else ""
-        fig.suptitle(
-            "Bifurcation diagram: final fit against separation, one line per initialisation"
-            + note
-            + context_note(result)
-        )
+        fig.suptitle(title + note + context_note(result))
     return fig
 
 

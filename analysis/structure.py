@@ -119,7 +119,9 @@ def standard_seeds(landscape, weights: np.ndarray, lo: float, hi: float) -> torc
     d = np.tile([hi, hi, hi, lo], len(weights))
     c, v = landscape.center, landscape.component_var
     mean, var = c + d * (0.5 - w), v + w * (1 - w) * d * d
-    init_mu = np.where(np.arange(len(w)) % 4 == 0, c - d / 2, np.where(np.arange(len(w)) % 4 == 1, c + d / 2, mean))
+    init_mu = np.where(
+        np.arange(len(w)) % 4 == 0, c - d / 2, np.where(np.arange(len(w)) % 4 == 1, c + d / 2, mean)
+    )
     init_var = np.where(np.arange(len(w)) % 4 < 2, v, var)
     mixture = landscape.mixture(torch.stack([tensor(init_mu), tensor(init_var), tensor(d), tensor(w)], -1))
     n = len(w)
@@ -202,7 +204,9 @@ def solve_points(landscape, guesses: torch.Tensor) -> pd.DataFrame:
     from kl_sweep.core.bifurcation import stationary_points
 
     if len(guesses) == 0:
-        return pd.DataFrame(columns=["mu", "log_sigma", "separation", "weight", "loss", "minimum", "residual"])
+        return pd.DataFrame(
+            columns=["mu", "log_sigma", "separation", "weight", "loss", "minimum", "residual"]
+        )
     u, jet = stationary_points(landscape, guesses)
     frame = _frame(u).assign(
         loss=jet.loss.numpy(), minimum=jet.minimum.numpy(), residual=jet.gradient.abs().amax(-1).numpy()
@@ -212,7 +216,9 @@ def solve_points(landscape, guesses: torch.Tensor) -> pd.DataFrame:
     return dedupe(frame, ["weight", "separation"])
 
 
-def dedupe(frame: pd.DataFrame, keys: list[str], columns: Sequence[str] = ("mu", "log_sigma")) -> pd.DataFrame:
+def dedupe(
+    frame: pd.DataFrame, keys: list[str], columns: Sequence[str] = ("mu", "log_sigma")
+) -> pd.DataFrame:
     """Drop rows equal to an earlier one with the same ``keys`` and ``columns`` within :data:`SAME_POINT`."""
     if frame.empty:
         return frame
@@ -267,7 +273,9 @@ def exact_structure(
         minima["type"] = _types(minima, center, component_var)
         specials = pd.concat([_special_frame(landscape, b) for b in traced], ignore_index=True)
         specials = dedupe(specials, ["weight", "kind"], ("separation", "mu"))
-        fold_lines, cusps = _fold_lines(landscape, specials, (lo, hi), (float(weights.min()), float(weights.max())))
+        fold_lines, cusps = _fold_lines(
+            landscape, specials, (lo, hi), (float(weights.min()), float(weights.max()))
+        )
         switches = _switches(landscape, minima)
     context = {"divergence": divergence, "center": center, "component_var": component_var}
     points = pd.concat([specials, cusps, switches], ignore_index=True)
@@ -298,10 +306,14 @@ def unreached_seeds(
     missed = check[~check["on_branch"]]
     if missed.empty:
         return torch.empty(0, 4)
-    missed = missed.assign(type=classify.optimum_types(missed.assign(center=center, component_var=component_var)))
+    missed = missed.assign(
+        type=classify.optimum_types(missed.assign(center=center, component_var=component_var))
+    )
     missed = missed.sort_values("separation").groupby(["weight", "type"]).tail(1)
     return tensor(
-        np.column_stack([missed["mu"], 0.5 * np.log(missed["sigma2"]), missed["separation"], missed["weight"]])
+        np.column_stack(
+            [missed["mu"], 0.5 * np.log(missed["sigma2"]), missed["separation"], missed["weight"]]
+        )
     )
 
 
@@ -314,7 +326,9 @@ def match_minima(landscape, lines: list[dict], sweep_minima: pd.DataFrame) -> pd
     table = sweep_minima[["separation", "weight", "mu", "sigma2"]].reset_index(drop=True)
     queries = {float(w): np.unique(g["separation"].to_numpy()) for w, g in table.groupby("weight")}
     exact = solve_points(landscape, _crossings(lines, queries))
-    merged = table.reset_index().merge(exact, on=["weight", "separation"], how="left", suffixes=("", "_exact"))
+    merged = table.reset_index().merge(
+        exact, on=["weight", "separation"], how="left", suffixes=("", "_exact")
+    )
     merged["distance"] = np.maximum(
         np.abs(merged["mu"] - merged["mu_exact"]) / np.sqrt(merged["sigma2"]),
         np.abs(0.5 * np.log(merged["sigma2"]) - merged["log_sigma"]),
@@ -363,7 +377,13 @@ def _fold_lines(landscape, specials: pd.DataFrame, d_range, w_range) -> tuple[pd
     line_table = pd.concat(
         [
             pd.DataFrame(
-                {"line": i, "separation": p[:, 2], "weight": p[:, 3], "mu": p[:, 0], "sigma2": np.exp(2 * p[:, 1])}
+                {
+                    "line": i,
+                    "separation": p[:, 2],
+                    "weight": p[:, 3],
+                    "mu": p[:, 0],
+                    "sigma2": np.exp(2 * p[:, 1]),
+                }
             )
             for i, p in enumerate(lines)
         ],
@@ -409,7 +429,9 @@ def _switches(landscape, minima: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame()
     # The global minimum per cell; mirror-image minima (weight 1/2) tie exactly: take the left one.
     m["rank_loss"] = m["loss"].round(11)
-    glob = m.sort_values(["weight", "separation", "rank_loss", "mu"]).groupby(["weight", "separation"]).head(1)
+    glob = (
+        m.sort_values(["weight", "separation", "rank_loss", "mu"]).groupby(["weight", "separation"]).head(1)
+    )
     glob = glob.sort_values(["weight", "separation"], ignore_index=True)
     nxt = glob.groupby("weight").shift(-1).assign(weight=glob["weight"])
     pair = nxt["separation"].notna()
@@ -423,7 +445,9 @@ def _switches(landscape, minima: pd.DataFrame) -> pd.DataFrame:
     # Continue each global minimum to the other end of its interval (Newton from where it was).
     fwd, jf = stationary_points(landscape, u_of(a, b["separation"]))
     back, jb = stationary_points(landscape, u_of(b, a["separation"]))
-    same = (np.abs(fwd[:, :2].numpy() - b[["mu", "log_sigma"]].to_numpy()).max(1) <= 1e-6) & jf.minimum.numpy()
+    same = (
+        np.abs(fwd[:, :2].numpy() - b[["mu", "log_sigma"]].to_numpy()).max(1) <= 1e-6
+    ) & jf.minimum.numpy()
     ties = np.abs(a["loss"].to_numpy() - jb.loss.numpy()) <= 1e-11
     jump = ~same & jf.minimum.numpy() & jb.minimum.numpy() & ~ties
     crossing = same & (a["type"].to_numpy() != b["type"].to_numpy())
@@ -451,9 +475,20 @@ def _switches(landscape, minima: pd.DataFrame) -> pd.DataFrame:
     if crossing.any():
         ra, rb = _ratio(a, landscape)[crossing], _ratio(b, landscape)[crossing]
         f = np.clip((0.5 - ra) / (rb - ra), 0, 1)[:, None]
-        guess = (1 - f) * u_of(a, a["separation"])[crossing].numpy() + f * u_of(b, b["separation"])[crossing].numpy()
+        guess = (1 - f) * u_of(a, a["separation"])[crossing].numpy() + f * u_of(b, b["separation"])[
+            crossing
+        ].numpy()
         u, residual = solve_crossover(landscape, tensor(guess))
-        rows.append(_frame(u).assign(kind="crossover", event="", residual=residual.numpy()))
+        # On the crossover sigma^2 / V* is 1/2 exactly: name the types on either side instead.
+        rows.append(
+            _frame(u).assign(
+                kind="crossover",
+                event="",
+                residual=residual.numpy(),
+                branch=b["type"].to_numpy()[crossing],
+                branch_other=a["type"].to_numpy()[crossing],
+            )
+        )
     return pd.concat(rows, ignore_index=True) if rows else pd.DataFrame()
 
 
@@ -471,16 +506,24 @@ def _finish_points(points: pd.DataFrame, center: float, component_var: float) ->
             points[column] = np.nan
     points["sigma2"] = np.exp(2 * points["log_sigma"])
     points["sigma2_other"] = np.exp(2 * points["log_sigma_other"])
+    named = points["branch"].notna() if "branch" in points else pd.Series(False, index=points.index)
+    given = points["branch"].copy() if "branch" in points else None
+    given_other = points["branch_other"].copy() if "branch_other" in points else None
     points["branch"] = _types(points, center, component_var)
     other = points["mu_other"].notna()
     points["branch_other"] = ""
+    if named.any():
+        points.loc[named, "branch"] = given[named]
+        points.loc[named, "branch_other"] = given_other[named]
     if other.any():
         alt = points[other].assign(mu=points["mu_other"], log_sigma=points["log_sigma_other"])
         points.loc[other, "branch_other"] = _types(alt, center, component_var)
     points.loc[points["kind"] == "cusp", "branch"] = ""
     order = {k: i for i, k in enumerate(KINDS)}
     points = points.sort_values(["weight", "separation"], key=lambda c: c, ignore_index=True)
-    points = points.assign(_k=points["kind"].map(order)).sort_values(["weight", "separation", "_k"], ignore_index=True)
+    points = points.assign(_k=points["kind"].map(order)).sort_values(
+        ["weight", "separation", "_k"], ignore_index=True
+    )
     return points[POINT_COLUMNS]
 
 

@@ -6,6 +6,8 @@ Files written by :func:`write_tables` into ``SWEEP_DIR/tables/``:
   divergence and weight (and per estimator / center / component_var if the sweep varies them).
 - ``summary.md``: per divergence, separation and weight, the distinct optima found.
 - ``optima.csv``: the distinct optima with full precision; ``phases.csv``: one row per cell.
+- ``bifurcation_set.csv`` / ``.md``: the exact special points (folds, pitchforks, cusps,
+  coexistence and crossover points) of :mod:`analysis.structure`, one row each.
 """
 
 from __future__ import annotations
@@ -66,12 +68,15 @@ def boundaries_markdown(result: SweepAnalysis) -> str:
         [
             "# Phase boundaries",
             "",
-            "One row per divergence and weight. `onset_separation`: the smallest swept separation with two",
-            "or more distinct converged minima (a grid value; `onset_lower` is the swept separation below).",
-            "`global_switch_separation`: where the lowest-loss minimum turns from covering to mode-seeking,",
-            "bracketed by `switch_lower` and `switch_upper`; `method` says whether it was interpolated",
-            "(linear zero of the loss difference between the two branches) or is the grid value. Separations",
-            "are in component standard deviations; — means the sweep does not bracket the boundary.",
+            "One row per divergence and weight. Where `boundary_method` is `exact`, `onset_separation` is",
+            "the smallest separation where a minimum is born (a fold, from continuation) and",
+            "`global_switch_separation` the first coexistence (`switch_kind` maxwell: the global minimum",
+            "jumps between branches) or crossover point (its sigma^2 / Var_P passes 1/2 without a jump);",
+            "`n_minima_max` is the exact largest number of minima. The sweep's own estimates stay beside",
+            "them: `onset_grid` is the smallest swept separation with two or more distinct converged minima",
+            "(`onset_lower` the swept separation below), `switch_grid` where the lowest-loss minimum turns",
+            "mode-seeking, bracketed by `switch_lower` and `switch_upper` (`method`: interpolated or grid).",
+            "Separations are in component standard deviations; — means none in the swept range.",
             f"Distinct means apart by more than a relative tolerance of {result.tol:g} "
             "(see analysis/README.md).",
             "",
@@ -109,6 +114,7 @@ def summary_markdown(result: SweepAnalysis) -> str:
         "variance, else the mode it sits on (the left mode is called heavier at weight 1/2).",
         "",
         markdown_table(counts),
+        *mismatch_markdown(result),
     ]
     columns = extra + ["separation", "weight", "outcome", "optimum", "type", "mu", "sigma2", "loss", "share"]
     columns += ["reached", "n_runs", "n_not_converged"]
@@ -127,6 +133,62 @@ def summary_markdown(result: SweepAnalysis) -> str:
     return "\n".join(lines)
 
 
+def bifurcation_markdown(points: pd.DataFrame, notes: list[str]) -> str:
+    """The bifurcation set as Markdown: what each kind means, then one table per divergence."""
+    lines = [
+        "# Bifurcation set: exact special points",
+        "",
+        "Computed by numerical continuation of the stationary points of each divergence (see",
+        "analysis/README.md). `fold`: a minimum and a saddle merge (`event` birth or death as separation",
+        "grows). `pitchfork`: the symmetric case at weight 1/2. `cusp`: two fold lines meet.",
+        "`maxwell`: two minima with equal loss, where the global minimum jumps (`*_other`: the other",
+        "minimum). `crossover`: the global minimum's sigma^2 / Var_P passes 1/2 without a jump (`branch`:",
+        "its type above, `branch_other` below). `residual`: max of |grad| and the system's other",
+        "equations (|det H| / |H|^2 for folds and cusps). Separations are in component sd when",
+        "component_var = 1.",
+        "",
+    ]
+    lines += [f"- {n}" for n in notes]
+    if points.empty:
+        return "\n".join(
+            [*lines, "", "No special points: every weight has one minimum over the whole range.", ""]
+        )
+    shown = points.drop(columns=["center", "component_var"]).rename(columns={"sigma2": "sigma^2"})
+    for divergence in divergence_order(points["divergence"]):
+        part = shown[shown["divergence"] == divergence].drop(columns="divergence")
+        lines += ["", f"## {divergence_title(divergence)}", "", markdown_table(part, digits=9)]
+    return "\n".join(lines)
+
+
+def mismatch_markdown(result: SweepAnalysis) -> list[str]:
+    """Cells where the sweep found another number of distinct minima than the exact structure has."""
+    if "n_minima_exact" not in result.cells:
+        return []
+    cells = result.cells.dropna(subset=["n_minima_exact"])
+    wrong = cells[cells["n_optima"] != cells["n_minima_exact"]]
+    lines = [
+        "",
+        "## Checked against the exact structure",
+        "",
+        f"{len(cells)} cells have an exact count of minima (from continuation); in {len(wrong)} the",
+        "sweep's converged runs found a different number of distinct minima: fewer means a basin that no",
+        "initialisation reached (or runs that did not converge), more means endpoints the same-optimum",
+        "tolerance did not merge.",
+    ]
+    if len(wrong):
+        cols = [
+            "divergence",
+            "weight",
+            "separation",
+            "n_optima",
+            "n_minima_exact",
+            "n_runs",
+            "n_not_converged",
+        ]
+        lines += ["", markdown_table(wrong[cols].rename(columns={"n_optima": "sweep minima"}))]
+    return lines
+
+
 def write_tables(result: SweepAnalysis, directory: Path) -> list[Path]:
     """Write all tables into ``directory`` (created if needed); return the paths written."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -137,6 +199,11 @@ def write_tables(result: SweepAnalysis, directory: Path) -> list[Path]:
         "optima.csv": lambda p: result.optima.to_csv(p, index=False),
         "phases.csv": lambda p: result.cells.to_csv(p, index=False),
     }
+    if result.structures:
+        paths["bifurcation_set.csv"] = lambda p: result.bifurcation_set.to_csv(p, index=False)
+        paths["bifurcation_set.md"] = lambda p: p.write_text(
+            bifurcation_markdown(result.bifurcation_set, result.notes)
+        )
     written = []
     for name, write in paths.items():
         write(directory / name)

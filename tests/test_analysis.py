@@ -95,7 +95,7 @@ def synthetic_table(with_failures: bool = True) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def result():
-    return analyse(prepare(synthetic_table()), check_stability=False)
+    return analyse(prepare(synthetic_table()), check_stability=False, exact=False)
 
 
 def boundary(result, divergence: str, weight: float) -> pd.Series:
@@ -310,7 +310,7 @@ def test_global_switch_falls_back_to_the_grid_when_the_branches_do_not_coexist()
             else:
                 fit = dict(mu=-s / 2, sigma2=1.0, loss=0.3)
             rows.append(contract_row("reverse", s, 0.75, x0, **fit))
-    result = analyse(prepare(pd.DataFrame(rows)), check_stability=False)
+    result = analyse(prepare(pd.DataFrame(rows)), check_stability=False, exact=False)
     rev = boundary(result, "reverse", 0.75)
     assert rev["global_switch_separation"] == 4.0 and rev["method"] == "grid"
     assert rev["switch_lower"] == 3.0
@@ -329,7 +329,7 @@ def test_boundaries_not_bracketed_by_the_sweep_are_nan():
             contract_row("reverse", s, 0.5, x0, mu=np.sign(x0) * s / 2, sigma2=1.0, loss=1.0)
             for x0 in (-2, 2)
         ]
-    result = analyse(prepare(pd.DataFrame(rows)), check_stability=False)
+    result = analyse(prepare(pd.DataFrame(rows)), check_stability=False, exact=False)
     rev = boundary(result, "reverse", 0.5)
     assert rev["onset_separation"] == 4.0 and np.isnan(rev["onset_lower"])
     assert np.isnan(rev["global_switch_separation"]) and pd.isna(rev["method"])
