@@ -214,7 +214,9 @@ def _sign_changes(values: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
     return rows, steps
 
 
-def branch_special_points(landscape: Landscape, branches: Branches, options: Options | None = None) -> SpecialPoints:
+def branch_special_points(
+    landscape: Landscape, branches: Branches, options: Options | None = None
+) -> SpecialPoints:
     """Folds and pitchforks where a minimum is born or dies along each branch (see module docstring)."""
     options = options or Options()
     curve = branches.curve
@@ -335,9 +337,7 @@ def fold_residual(landscape: Landscape, u: Tensor) -> Tensor:
     return _stationary_residual(landscape, u)
 
 
-def solve_maxwell(
-    landscape: Landscape, first: Tensor, second: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
+def solve_maxwell(landscape: Landscape, first: Tensor, second: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Equal-loss points of two minima at one weight: Newton in (theta_1, theta_2, d).
 
     ``first`` and ``second`` are u [M, 4] guesses (same d and w per row). Returns (u_1, u_2,

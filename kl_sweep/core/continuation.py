@@ -1,4 +1,4 @@
-r"""Batched pseudo-arclength continuation of curves :math:`G(u) = 0`, :math:`G: \mathbb R^{n+1} \to \mathbb R^n`.
+r"""Batched pseudo-arclength continuation of curves :math:`G(u) = 0` (n equations, n + 1 unknowns).
 
 The design follows BifurcationKit's: a *problem* gives the map and its Jacobian (and the test
 functions to watch), :func:`continuation` with its :class:`Options` traces a curve from each start,
@@ -137,7 +137,7 @@ def _inside(u: Tensor, options: Options) -> Tensor:
 
 
 def continuation(problem: CurveProblem, start: Tensor, direction: Tensor, options: Options) -> Curve:
-    """Trace the curve G = 0 through each row of ``start`` [B, n+1] (already on it), heading along ``direction``.
+    """Trace the curve G = 0 through each row of ``start`` [B, n+1] (on it), heading along ``direction``.
 
     ``direction`` [B, n+1] picks the orientation of the first tangent (for example +e_d to go up in
     separation). See the module docstring for the algorithm.
