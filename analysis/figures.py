@@ -292,7 +292,7 @@ FOLD_MARKER = {"marker": "D", "markersize": 5.5, "markerfacecolor": "white", "ma
 
 
 def draw_branches(ax: Axes, structure, weight: float, y: str, colour) -> None:
-    """The continued branches of ``structure`` at ``weight``: ``y`` (mu or sigma2) against separation.
+    """The continued branches of ``structure`` at ``weight``: ``y`` (mu, sigma2 or loss) against separation.
 
     Minima solid, saddle points dashed (each branch is cut where its stability changes), folds and
     pitchforks as white diamonds.
@@ -316,7 +316,184 @@ def draw_branches(ax: Axes, structure, weight: float, y: str, colour) -> None:
     folds = points[
         points["kind"].isin(["fold", "pitchfork"]) & np.isclose(points["weight"], weight, rtol=0, atol=1e-12)
     ]
-    ax.plot(folds["separation"], folds[y], linestyle="none", zorder=3, **FOLD_MARKER)
+    if y in folds:  # the bifurcation set has mu and sigma2, not the loss
+        ax.plot(folds["separation"], folds[y], linestyle="none", zorder=3, **FOLD_MARKER)
+
+
+def exact_phase_diagram(structures: list) -> Figure:
+    """Without a sweep: the exact number of minima over (separation, weight), with the exact lines.
+
+    One panel per structure (divergence); the cells are the structure's query separations and
+    weights, coloured by the number of minima there.
+    """
+    most = max([int(s.counts()["n_minima"].max()) for s in structures if len(s.minima)] or [1])
+    colours = sns.color_palette("crest", most + 1)
+    with style():
+        fig = Figure(figsize=(5.4 * len(structures) + 3.0, 5.4), layout="constrained")
+        axes = fig.subplots(1, len(structures), squeeze=False, sharey=True)[0]
+        handles: dict[str, Line2D] = {}
+        for ax, structure in zip(axes, structures, strict=True):
+            counts = structure.counts()
+            grid = counts.pivot_table(
+                index="weight", columns="separation", values="n_minima", aggfunc="first"
+            )
+            ax.pcolormesh(
+                cell_edges(grid.columns),
+                cell_edges(grid.index),
+                np.ma.masked_invalid(grid.to_numpy(float)),
+                cmap=ListedColormap(colours),
+                norm=BoundaryNorm(np.arange(most + 2) - 0.5, most + 1),
+                edgecolors="face",
+                linewidth=0.0,
+                rasterized=grid.size > RASTERIZE_ABOVE,
+            )
+            handles.update(draw_exact_lines(ax, structure, label_regions=True))
+            ax.grid(False)
+            ax.set_title(divergence_title(structure.divergence))
+            ax.set_xlabel(SEPARATION_LABEL)
+        axes[0].set_ylabel("weight of left component")
+        legend = [
+            Patch(facecolor=colours[n], edgecolor="0.3", label=f"{n} minim{'um' if n == 1 else 'a'}")
+            for n in range(1, most + 1)
+        ]
+        fig.legend(
+            handles=legend + list(handles.values()),
+            loc="outside right upper",
+            frameon=False,
+            title="exact structure",
+        )
+        first = structures[0]
+        fig.suptitle(
+            "Exact phase structure (continuation)\n"
+            f"center={first.center:g}, component_var={first.component_var:g}",
+            x=0.02,
+            ha="left",
+        )
+    return fig
+
+
+def exact_branches(structure, max_weights: int = 6) -> Figure:
+    """Without a sweep: branches (mu, sigma^2 against separation) at up to ``max_weights`` weights."""
+    weights = pick_evenly(structure.weights, max_weights)
+    colours = dict(zip(weights, sns.color_palette("viridis", len(weights)), strict=True))
+    lo, hi = structure.separation_range
+    seps = np.array([lo, hi])
+    with style():
+        fig = Figure(figsize=(8.0, 7.6), layout="constrained")
+        axes = fig.subplots(2, 1, sharex=True)
+        for ax, y, label in zip(
+            axes, ("mu", "sigma2"), ("mu (stationary point)", "sigma^2 (stationary point)"), strict=True
+        ):
+            for weight in weights:
+                draw_branches(ax, structure, weight, y, colours[weight])
+            if y == "mu":
+                for sign in (-1, 1):
+                    ax.plot(
+                        seps, structure.center + sign * seps / 2, color="0.35", linestyle=":", linewidth=0.9
+                    )
+            ax.set_ylabel(label)
+        pad = 0.02 * (hi - lo)
+        axes[1].set_xlim(lo - pad, hi + pad)
+        axes[1].set_xlabel(SEPARATION_LABEL)
+        handles = [Line2D([], [], color=colours[w], linewidth=2, label=f"{w:g}") for w in weights]
+        styles = [
+            Line2D([], [], color="0.2", linewidth=2.2, label="minimum"),
+            Line2D([], [], color="0.2", linewidth=1.3, linestyle="--", label="saddle"),
+            Line2D([], [], **FOLD_MARKER, linestyle="none", label="fold"),
+            Line2D([], [], color="0.35", linestyle=":", label="component means"),
+        ]
+        fig.legend(
+            handles=handles, loc="outside right upper", title="weight of left\ncomponent", frameon=False
+        )
+        fig.legend(handles=styles, loc="outside right lower", title="stationary point", frameon=False)
+        axes[0].set_title(
+            f"Continued branches of stationary points: {divergence_title(structure.divergence)}"
+        )
+    return fig
+
+
+def notebook_cases(structure, cases: pd.DataFrame) -> Figure:
+    """The original notebook's cases on the exact branches of one weight, in component-sd units.
+
+    ``structure``: the reverse KL's exact structure at the cases' weight (component_var 1, center
+    0, so that separation and mu are in component sd; the KL is the same in any units);
+    ``cases``: :func:`analysis.cases.case_table`. Each case's minima are drawn at its separation,
+    filled where the notebook's start (mu = 1, sigma^2 = 1) ends.
+    """
+    from analysis.cases import COMPONENT_VAR, WEIGHT
+
+    colour, mark = sns.color_palette("colorblind")[0], sns.color_palette("colorblind")[1]
+    reverse = cases[cases["divergence"] == "reverse"]
+    lo, hi = structure.separation_range
+    shown = {
+        "mu": (reverse["mu"] - reverse["center"]) / np.sqrt(COMPONENT_VAR),
+        "loss": reverse["loss"],
+    }
+    with style():
+        fig = Figure(figsize=(10.0, 7.2), layout="constrained")
+        axes = fig.subplots(2, 1, sharex=True)
+        for ax, y in zip(axes, ("mu", "loss"), strict=True):
+            draw_branches(ax, structure, WEIGHT, y, colour)
+            reached = reverse["reached"].to_numpy()
+            for filled in (True, False):
+                ax.plot(
+                    reverse["separation_sd"][reached == filled],
+                    shown[y][reached == filled],
+                    linestyle="none",
+                    marker="o",
+                    markersize=10,
+                    markeredgewidth=1.8,
+                    markeredgecolor="0.1",
+                    markerfacecolor=mark if filled else "none",
+                    zorder=4,
+                )
+            for row in reverse.drop_duplicates("case").itertuples():
+                ax.axvline(row.separation_sd, color="0.4", linestyle=":", linewidth=1.0)
+        for row in reverse.drop_duplicates("case").itertuples():
+            axes[0].annotate(
+                f"notebook,\n{row.case}\n({row.separation_sd:.1f} sd)",
+                (row.separation_sd, 0.5),
+                xycoords=("data", "axes fraction"),
+                xytext=(-6, 0),
+                textcoords="offset points",
+                ha="right",
+                va="center",
+                fontsize="small",
+            )
+        axes[0].set_ylabel("(mu - center) / component sd")
+        axes[1].set_ylabel("reverse KL (nats)")
+        axes[1].set_xlabel(SEPARATION_LABEL)
+        axes[1].set_xlim(lo, hi + 0.02 * (hi - lo))
+        handles = [
+            Line2D([], [], color=colour, linewidth=2.2, label="minimum (exact branch)"),
+            Line2D([], [], color=colour, linewidth=1.3, linestyle="--", label="saddle"),
+            Line2D([], [], **FOLD_MARKER, linestyle="none", label="fold"),
+            Line2D(
+                [],
+                [],
+                marker="o",
+                linestyle="none",
+                markersize=9,
+                markeredgecolor="0.1",
+                markerfacecolor=mark,
+                label="the fit from mu=1, sigma^2=1",
+            ),
+            Line2D(
+                [],
+                [],
+                marker="o",
+                linestyle="none",
+                markersize=9,
+                markeredgecolor="0.1",
+                markerfacecolor="none",
+                label="the other minimum",
+            ),
+        ]
+        fig.legend(handles=handles, loc="outside right upper", frameon=False)
+        axes[0].set_title(
+            f"The original notebook's cases: reverse KL, weight {WEIGHT:g}, component_var {COMPONENT_VAR:g}"
+        )
+    return fig
 
 
 def pick_evenly(values: np.ndarray, most: int) -> np.ndarray:
@@ -684,13 +861,18 @@ FIGURES: dict[str, Callable[[SweepAnalysis, float], Figure]] = {
 }
 
 
+def save(fig: Figure, directory: Path, name: str) -> list[Path]:
+    """Write ``fig`` as PNG and SVG into ``directory``; return the two paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = [directory / f"{name}.{ext}" for ext in ("png", "svg")]
+    for path in paths:
+        fig.savefig(path, dpi=DPI)
+    return paths
+
+
 def write_figures(result: SweepAnalysis, directory: Path, weight: float) -> list[Path]:
     """Write every figure of :data:`FIGURES` as PNG and SVG into ``directory``; return the paths."""
-    directory.mkdir(parents=True, exist_ok=True)
     written = []
     for name, make in FIGURES.items():
-        fig = make(result, weight)
-        for suffix in (".png", ".svg"):
-            fig.savefig(directory / f"{name}{suffix}", dpi=DPI)
-            written.append(directory / f"{name}{suffix}")
+        written += save(make(result, weight), directory, name)
     return written

@@ -211,7 +211,7 @@ def solve_points(landscape, guesses: torch.Tensor) -> pd.DataFrame:
     frame = _frame(u).assign(
         loss=jet.loss.numpy(), minimum=jet.minimum.numpy(), residual=jet.gradient.abs().amax(-1).numpy()
     )
-    moved = np.abs(u[:, :2] - guesses[:, :2]).amax(-1).numpy()
+    moved = (u[:, :2] - guesses[:, :2]).abs().amax(-1).numpy()
     frame = frame[(frame["residual"] <= 1e-9) & (moved <= 0.25)]
     return dedupe(frame, ["weight", "separation"])
 
@@ -268,15 +268,23 @@ def exact_structure(
                 break
         if len(pending):
             notes.append(f"{len(pending)} sweep minima lie on no traced branch after {SEED_ROUNDS} rounds")
-        minima = solve_points(landscape, _crossings(lines, {float(w): separations for w in weights}))
-        minima["sigma2"] = np.exp(2 * minima["log_sigma"])
-        minima["type"] = _types(minima, center, component_var)
         specials = pd.concat([_special_frame(landscape, b) for b in traced], ignore_index=True)
         specials = dedupe(specials, ["weight", "kind"], ("separation", "mu"))
+        queries = {float(w): separations for w in weights}
+        minima = solve_points(
+            landscape, torch.cat([_crossings(lines, queries), _around_folds(landscape, specials, queries)])
+        )
+        minima["sigma2"] = np.exp(2 * minima["log_sigma"])
+        minima["type"] = _types(minima, center, component_var)
         fold_lines, cusps = _fold_lines(
             landscape, specials, (lo, hi), (float(weights.min()), float(weights.max()))
         )
-        switches = _switches(landscape, minima)
+        beside = _beside_folds(specials)
+        near = solve_points(
+            landscape, torch.cat([_crossings(lines, beside), _around_folds(landscape, specials, beside)])
+        )
+        near["type"] = _types(near.assign(sigma2=np.exp(2 * near["log_sigma"])), center, component_var)
+        switches = _switches(landscape, pd.concat([minima, near], ignore_index=True))
     context = {"divergence": divergence, "center": center, "component_var": component_var}
     points = pd.concat([specials, cusps, switches], ignore_index=True)
     for column, value in context.items():
@@ -420,6 +428,58 @@ def _on_lines(lines: list[np.ndarray], folds: pd.DataFrame) -> np.ndarray:
     return on
 
 
+#: Separations just beside a fold, where the minimum it creates or destroys exists: this far (relative).
+BESIDE_FOLD = 1e-6
+#: Guesses beside a fold point for the stationary points near it: offsets along H's null vector.
+AROUND_FOLD = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+#: Query separations this close to a fold also get the guesses around it.
+NEAR_FOLD = 0.1
+
+
+def _beside_folds(specials: pd.DataFrame) -> dict[float, np.ndarray]:
+    """Per weight, separations on the existing side of every fold and midway between consecutive folds.
+
+    Between two query separations the global minimum may jump inside a bistable interval narrower
+    than the query step (near a cusp). With these separations added, every interval between folds
+    holds points where both minima exist, so the equal-loss system is bracketed there too.
+    """
+    folds = specials[specials["kind"] == "fold"]
+    out: dict[float, np.ndarray] = {}
+    for weight, group in folds.groupby("weight"):  # weights: a bookkeeping loop over tens of values
+        d = group["separation"].to_numpy()
+        side = np.where(group["event"].to_numpy() == "birth", 1.0, -1.0)
+        beside = d + side * BESIDE_FOLD * (1 + np.abs(d))
+        ordered = np.sort(d)
+        out[float(weight)] = np.unique(np.concatenate([beside, 0.5 * (ordered[1:] + ordered[:-1])]))
+    return out
+
+
+def _around_folds(landscape, specials: pd.DataFrame, queries: dict[float, np.ndarray]) -> torch.Tensor:
+    """Guesses u [n, 4] at each query separation near a fold: the fold point moved along H's null vector.
+
+    A branch's polyline is too coarse to tell the minimum from the saddle just beside a fold (they
+    are O(sqrt(distance)) apart, on either side of the fold point along the null vector of the
+    Hessian); Newton from points on that line, both ways, finds both.
+    """
+    folds = specials[specials["kind"] == "fold"].reset_index(drop=True)
+    if folds.empty:
+        return torch.empty(0, 4)
+    u = tensor(folds[["mu", "log_sigma", "separation", "weight"]].to_numpy())
+    _, vectors = torch.linalg.eigh(landscape.jet(u, order=2).hessian)
+    null = vectors[:, :, 0].numpy()  # eigenvector of the eigenvalue nearest 0 (the smaller one)
+    steps = np.concatenate([-np.asarray(AROUND_FOLD), AROUND_FOLD])
+    guesses = []
+    for weight, group in folds.groupby("weight"):  # weights, not configurations
+        q = queries.get(float(weight), np.empty(0))
+        near = np.abs(q[:, None] - group["separation"].to_numpy()[None, :]) <= NEAR_FOLD  # [q, folds]
+        i, j = np.nonzero(near)
+        j = group.index.to_numpy()[j]
+        theta = u[j, :2].numpy()[:, None, :] + steps[None, :, None] * null[j][:, None, :]
+        d = np.repeat(q[i], len(steps))
+        guesses.append(np.column_stack([theta.reshape(-1, 2), d, np.full(len(d), weight)]))
+    return tensor(np.concatenate(guesses)) if guesses else torch.empty(0, 4)
+
+
 def _switches(landscape, minima: pd.DataFrame) -> pd.DataFrame:
     """Coexistence (Maxwell) points and crossovers of the global minimum between query separations."""
     from kl_sweep.core.bifurcation import solve_crossover, solve_maxwell, stationary_points
@@ -442,20 +502,32 @@ def _switches(landscape, minima: pd.DataFrame) -> pd.DataFrame:
     def u_of(frame, d):
         return tensor(np.column_stack([frame["mu"], frame["log_sigma"], d, a["weight"]]))
 
-    # Continue each global minimum to the other end of its interval (Newton from where it was).
-    fwd, jf = stationary_points(landscape, u_of(a, b["separation"]))
-    back, jb = stationary_points(landscape, u_of(b, a["separation"]))
-    same = (
-        np.abs(fwd[:, :2].numpy() - b[["mu", "log_sigma"]].to_numpy()).max(1) <= 1e-6
-    ) & jf.minimum.numpy()
-    ties = np.abs(a["loss"].to_numpy() - jb.loss.numpy()) <= 1e-11
-    jump = ~same & jf.minimum.numpy() & jb.minimum.numpy() & ~ties
+    # The global minimum can jump only where a cell at either end has two minima or more; with one
+    # at both ends it is one branch's (a minimum cannot die without another to take its place).
+    count = m.groupby(["weight", "separation"]).size()
+    many = (count.reindex(pd.MultiIndex.from_frame(a[["weight", "separation"]])).to_numpy() > 1) | (
+        count.reindex(pd.MultiIndex.from_frame(b[["weight", "separation"]])).to_numpy() > 1
+    )
+    # Continue each such global minimum to the other end of its interval (Newton from where it was).
+    n = len(a)
+    fwd, back = u_of(b, b["separation"]).clone(), u_of(a, a["separation"]).clone()
+    fwd_min, back_min = np.ones(n, dtype=bool), np.ones(n, dtype=bool)
+    fwd_loss, back_loss = b["loss"].to_numpy().copy(), a["loss"].to_numpy().copy()
+    if many.any():
+        fwd_u, jf = stationary_points(landscape, u_of(a, b["separation"])[many])
+        back_u, jb = stationary_points(landscape, u_of(b, a["separation"])[many])
+        fwd[many], back[many] = fwd_u, back_u
+        fwd_min[many], back_min[many] = jf.minimum.numpy(), jb.minimum.numpy()
+        fwd_loss[many], back_loss[many] = jf.loss.numpy(), jb.loss.numpy()
+    same = (np.abs(fwd[:, :2].numpy() - b[["mu", "log_sigma"]].to_numpy()).max(1) <= 1e-6) & fwd_min
+    ties = np.abs(a["loss"].to_numpy() - back_loss) <= 1e-11
+    jump = ~same & fwd_min & back_min & ~ties
     crossing = same & (a["type"].to_numpy() != b["type"].to_numpy())
     rows = []
     if jump.any():
         d0, d1 = a["separation"].to_numpy()[jump], b["separation"].to_numpy()[jump]
-        gap0 = jb.loss.numpy()[jump] - a["loss"].to_numpy()[jump]  # > 0: the new one is higher at d0
-        gap1 = b["loss"].to_numpy()[jump] - jf.loss.numpy()[jump]  # < 0: lower at d1
+        gap0 = back_loss[jump] - a["loss"].to_numpy()[jump]  # > 0: the new one is higher at d0
+        gap1 = b["loss"].to_numpy()[jump] - fwd_loss[jump]  # < 0: lower at d1
         f = np.clip(gap0 / (gap0 - gap1), 0, 1)[:, None]
         first = (1 - f) * u_of(a, a["separation"])[jump].numpy() + f * fwd[jump].numpy()
         second = (1 - f) * back[jump].numpy() + f * u_of(b, b["separation"])[jump].numpy()

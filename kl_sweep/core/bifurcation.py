@@ -112,14 +112,18 @@ class FoldProblem:
         return self
 
 
-def newton(system, x: Tensor, iterations: int = 30, tol: float = 1e-12) -> tuple[Tensor, Tensor]:
+def newton(
+    system, x: Tensor, iterations: int = 30, tol: float = 1e-12, final: bool = True
+) -> tuple[Tensor, Tensor | None]:
     """Newton on a batch of square systems ``system(x, rows) -> (G [m, k], J [m, k, k])``.
 
     ``system`` gets the points x [m, k] of the rows ``rows`` of the batch (so that it can pick its
     per-row constants).
 
     A row is done once its update is below ``tol`` (relative to 1 + |x|) and is no longer
-    evaluated: only the unfinished rows take part in each iteration. Returns (x, G at x).
+    evaluated: only the unfinished rows take part in each iteration; a row whose iterate is no
+    longer finite stops too. Returns (x, G at x), or (x, None) when ``final`` is False (the caller
+    evaluates x itself).
     """
     x = x.clone()
     active = torch.arange(x.shape[0])
@@ -128,16 +132,19 @@ def newton(system, x: Tensor, iterations: int = 30, tol: float = 1e-12) -> tuple
         delta = torch.linalg.solve(jac, -g.unsqueeze(-1)).squeeze(-1)
         delta = torch.where(torch.isfinite(delta), delta, 0.0)
         x[active] = x[active] + delta
-        moving = ~(delta.abs() <= tol * (1.0 + x[active].abs())).all(-1)
+        moving = ~(delta.abs() <= tol * (1.0 + x[active].abs())).all(-1) & torch.isfinite(x[active]).all(-1)
         active = active[moving]
         if active.numel() == 0:
             break
         g, jac = system(x[active], active)
-    return x, system(x, torch.arange(x.shape[0]))[0]
+    return x, system(x, torch.arange(x.shape[0]))[0] if final else None
 
 
 def stationary_points(landscape: Landscape, u: Tensor, iterations: int = 30) -> tuple[Tensor, Jet]:
     """Newton on F = 0 in theta at each row's fixed (d, w), from u [B, 4]; returns (u, its jet).
+
+    F and H come from the fitting core's closed forms (:meth:`Landscape.theta_jet`): the returned
+    jet has the loss, F and H only.
 
     Starting points must lie in the basin of Newton's method (a fit, or a point interpolated on a
     branch); the caller checks the returned gradient.
@@ -145,12 +152,12 @@ def stationary_points(landscape: Landscape, u: Tensor, iterations: int = 30) -> 
     params = u[:, 2:]
 
     def system(theta: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-        jet = landscape.jet(torch.cat([theta, params[rows]], -1), order=2)
+        jet = landscape.theta_jet(torch.cat([theta, params[rows]], -1))
         return jet.gradient, jet.hessian
 
-    theta, _ = newton(system, u[:, :2], iterations)
+    theta, _ = newton(system, u[:, :2], iterations, final=False)
     point = torch.cat([theta, params], -1)
-    return point, landscape.jet(point, order=2)
+    return point, landscape.theta_jet(point)
 
 
 @dataclass
@@ -241,7 +248,7 @@ def branch_special_points(
     # Which side of the point in d holds the minimum: the bracket end that is a minimum.
     min_end = torch.where(minimum[rows, steps], steps, steps + 1)
     birth = curve.points[rows, min_end, 2] > u[:, SEPARATION]
-    converged = found.converged & (residual_all <= 1e-8)
+    converged = found.converged & (residual_all <= 1e-10)
     return SpecialPoints(u, fold, birth, rows, steps, residual_all, converged)
 
 

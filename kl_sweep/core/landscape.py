@@ -31,6 +31,8 @@ from kl_sweep.core.divergences import Divergence, divergence_value
 from kl_sweep.core.estimators import Quadrature
 from kl_sweep.core.mixture import Mixture
 
+#: Rows per autograd graph in :meth:`Landscape.jet` (chunks, not configurations, are looped over).
+JET_CHUNK = 512
 #: Column of each coordinate in u.
 MU, LOG_SIGMA, SEPARATION, WEIGHT = range(4)
 
@@ -105,11 +107,44 @@ class Landscape:
         mean = self.center + separation * (0.5 - weight)
         return mean, self.component_var + weight * (1.0 - weight) * separation * separation
 
+    def theta_jet(self, u: Tensor) -> Jet:
+        """The loss, F and H at u [B, 4] from the fitting core's derivatives, without autograd.
+
+        The core's :class:`~kl_sweep.core.fit.Objective` on the same quadrature: closed-form
+        derivatives for expectations under Q, the moment form for forward KL. Several times faster
+        than :meth:`jet`, for Newton on F = 0 at fixed (d, w); the d and w columns of ``grad`` and
+        ``second`` are not computed (NaN).
+        """
+        from kl_sweep.core.fit import Objective
+
+        theta = u[:, :2].detach()
+        objective = Objective.build(
+            self.divergence, Quadrature(self.nodes_per_panel), self.mixture(u.detach()), theta
+        )
+        loss, grad, hess = objective.derivatives(theta, hessian=True)
+        nan = torch.full_like(grad, float("nan"))
+        return Jet(
+            loss.detach(), torch.cat([grad, nan], -1), torch.cat([hess, nan[:, :, None].expand(-1, 2, 2)], -1)
+        )
+
     def jet(self, u: Tensor, order: int = 2) -> Jet:
         """The loss and its derivatives at u [B, 4], up to ``order`` (1, 2 or 3), all detached.
 
-        Order 1: the gradient in u. Order 2: also dF/du. Order 3: also d(det H)/du.
+        Order 1: the gradient in u. Order 2: also dF/du. Order 3: also d(det H)/du. Rows go through
+        autograd in chunks of :data:`JET_CHUNK` so that each chunk's graph stays in cache (several
+        times faster than one graph over thousands of rows).
         """
+        if len(u) > JET_CHUNK:
+            parts = [self._jet(chunk, order) for chunk in u.split(JET_CHUNK)]
+            return Jet(
+                *(
+                    None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
+                    for f in ("loss", "grad", "second", "det_grad")
+                )
+            )
+        return self._jet(u, order)
+
+    def _jet(self, u: Tensor, order: int) -> Jet:
         u = u.detach().requires_grad_(True)
         with torch.enable_grad():
             loss = self.loss(u)
