@@ -59,10 +59,13 @@ def main(argv: list[str] | None = None) -> int:
         message = message if str(args.sweep_dir) in message else f"{args.sweep_dir}: {message}"
         print(f"analysis: {message}", file=sys.stderr)
         return 2
-    written = write_report(analyse(table, tol=args.tol), args.sweep_dir, weight=args.weight)
+    result = analyse(table, tol=args.tol)
+    written = write_report(result, args.sweep_dir, weight=args.weight)
     for folder, kind in (("tables", "table"), ("figures", "figure")):
         files = [p for p in written if p.parent.name == folder]
         print(f"wrote {len(files)} {kind} files to {args.sweep_dir / folder}")
+    for note in result.notes:  # what the exact structure could not do for this sweep, and why
+        print(f"note: {note}")
     return 0
 
 

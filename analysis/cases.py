@@ -7,7 +7,8 @@ both beyond the reverse KL's fold at weight 0.75 (5.36 sd), so the reverse KL ha
 
 :func:`case_table` lists, per case and divergence, every exact minimum (from
 :func:`analysis.structure.exact_structure` in the case's own units) and the fit from the notebook's
-start (the core's fit, as ``python -m kl_sweep -m experiment=notebook_cases`` runs it).
+start (the core's fit, as ``python -m kl_sweep -m experiment=notebook_cases`` runs it), for the
+cases as the notebook states them and as its code computed them (:data:`AS_COMPUTED`).
 """
 
 from __future__ import annotations
@@ -23,25 +24,37 @@ from analysis.numerics import float64, tensor
 WEIGHT = 0.75
 COMPONENT_VAR = 0.05
 INIT_MU, INIT_SIGMA2 = 1.0, 1.0
+#: The notebook's N(mu, s2) was exp(-(x - mu)^2 / (2 pi s2)) / sqrt(2 pi s2) = sqrt(pi) N(mu, pi s2):
+#: its "variance 0.05" components had variance pi * 0.05 and its start sigma^2 = 1 was pi. Its loss,
+#: a plain sum over a grid of step 0.004 of densities scaled by sqrt(pi), was the KL of those
+#: Gaussians times sqrt(pi) / 0.004.
+AS_COMPUTED = math.pi
+#: The two readings of the notebook's numbers: as its text states them, and as its code computed.
+VARIANTS = {"as stated": 1.0, "as computed": AS_COMPUTED}
 #: The notebook's mixtures: its name for the case and P's two means.
 CASES = {"small separation": (0.0, 1.5), "large separation": (-1.0, 1.5)}
 
 
 def case_frame() -> pd.DataFrame:
-    """One row per case: the means, the separation and center, and the separation in component sd."""
+    """One row per case and variant: means, separation, center, component_var, start variance, and
+    the separation in component sd."""
     rows = []
-    for name, (m1, m2) in CASES.items():
-        d = m2 - m1
-        rows.append(
-            {
-                "case": name,
-                "m1": m1,
-                "m2": m2,
-                "separation": d,
-                "center": 0.5 * (m1 + m2),
-                "separation_sd": d / math.sqrt(COMPONENT_VAR),
-            }
-        )
+    for variant, scale in VARIANTS.items():
+        for name, (m1, m2) in CASES.items():
+            d, v = m2 - m1, scale * COMPONENT_VAR
+            rows.append(
+                {
+                    "variant": variant,
+                    "case": name,
+                    "m1": m1,
+                    "m2": m2,
+                    "separation": d,
+                    "center": 0.5 * (m1 + m2),
+                    "component_var": v,
+                    "init_sigma2": scale * INIT_SIGMA2,
+                    "separation_sd": d / math.sqrt(v),
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -58,12 +71,12 @@ def _fit_from_start(divergence: str, cases: pd.DataFrame) -> pd.DataFrame:
         tensor(cases["separation"]),
         torch.full((n,), WEIGHT),
         tensor(cases["center"]),
-        torch.full((n,), COMPONENT_VAR),
+        tensor(cases["component_var"]),
     )
     problem = Problem(
         mixture,
         torch.full((n,), INIT_MU),
-        torch.full((n,), INIT_SIGMA2),
+        tensor(cases["init_sigma2"]),
         torch.full((n,), 0.05),
         torch.full((n,), 20_000, dtype=torch.long),
         torch.full((n,), 1e-10),
@@ -76,8 +89,10 @@ def case_table(divergences: tuple[str, ...] = ("forward", "reverse")) -> pd.Data
     """Every exact minimum of every case and divergence, in the case's units, and which one the
     notebook's start reaches.
 
-    Columns: case, divergence, separation_sd, center, mu, sigma2, loss (nats), type, global (the lowest
-    minimum), reached (the fit from mu = 1, sigma^2 = 1 ends there).
+    Columns: variant (``as stated``: component variance 0.05 and start sigma^2 = 1, as the notebook
+    says; ``as computed``: both times pi, what its code fitted), case, divergence, separation_sd,
+    center, component_var, mu, sigma2, loss (nats), type, global (the lowest minimum), reached
+    (the fit from the notebook's start ends there).
     """
     from analysis.structure import exact_structure
 
@@ -93,7 +108,7 @@ def case_table(divergences: tuple[str, ...] = ("forward", "reverse")) -> pd.Data
                     [WEIGHT],
                     (0.5 * d, d),
                     center=case["center"],
-                    component_var=COMPONENT_VAR,
+                    component_var=case["component_var"],
                     separations=[d],
                 )
                 m = s.minima[s.minima["minimum"] & np.isclose(s.minima["separation"], d)]
@@ -105,10 +120,12 @@ def case_table(divergences: tuple[str, ...] = ("forward", "reverse")) -> pd.Data
                 out.append(
                     pd.DataFrame(
                         {
+                            "variant": case["variant"],
                             "case": case["case"],
                             "divergence": divergence,
                             "separation_sd": case["separation_sd"],
                             "center": case["center"],
+                            "component_var": case["component_var"],
                             "mu": m["mu"],
                             "sigma2": m["sigma2"],
                             "loss": m["loss"],
@@ -121,4 +138,4 @@ def case_table(divergences: tuple[str, ...] = ("forward", "reverse")) -> pd.Data
     return pd.concat(out, ignore_index=True)
 
 
-__all__ = ["CASES", "COMPONENT_VAR", "WEIGHT", "case_frame", "case_table"]
+__all__ = ["AS_COMPUTED", "CASES", "COMPONENT_VAR", "VARIANTS", "WEIGHT", "case_frame", "case_table"]

@@ -417,82 +417,84 @@ def notebook_cases(structure, cases: pd.DataFrame) -> Figure:
 
     ``structure``: the reverse KL's exact structure at the cases' weight (component_var 1, center
     0, so that separation and mu are in component sd; the KL is the same in any units);
-    ``cases``: :func:`analysis.cases.case_table`. Each case's minima are drawn at its separation,
-    filled where the notebook's start (mu = 1, sigma^2 = 1) ends.
+    ``cases``: :func:`analysis.cases.case_table`. Each case's minima are drawn at its separation
+    (circles: the cases as the notebook states them; squares: as its code computed them), filled
+    where the notebook's start ends.
     """
-    from analysis.cases import COMPONENT_VAR, WEIGHT
+    from analysis.cases import WEIGHT
 
     colour, mark = sns.color_palette("colorblind")[0], sns.color_palette("colorblind")[1]
     reverse = cases[cases["divergence"] == "reverse"]
     lo, hi = structure.separation_range
-    shown = {
-        "mu": (reverse["mu"] - reverse["center"]) / np.sqrt(COMPONENT_VAR),
-        "loss": reverse["loss"],
-    }
+    markers = {"as stated": "o", "as computed": "s"}
     with style():
-        fig = Figure(figsize=(10.0, 7.2), layout="constrained")
+        fig = Figure(figsize=(10.5, 7.4), layout="constrained")
         axes = fig.subplots(2, 1, sharex=True)
         for ax, y in zip(axes, ("mu", "loss"), strict=True):
             draw_branches(ax, structure, WEIGHT, y, colour)
-            reached = reverse["reached"].to_numpy()
-            for filled in (True, False):
-                ax.plot(
-                    reverse["separation_sd"][reached == filled],
-                    shown[y][reached == filled],
-                    linestyle="none",
-                    marker="o",
-                    markersize=10,
-                    markeredgewidth=1.8,
-                    markeredgecolor="0.1",
-                    markerfacecolor=mark if filled else "none",
-                    zorder=4,
+            for variant, part in reverse.groupby("variant"):  # two variants
+                values = (
+                    (part["mu"] - part["center"]) / np.sqrt(part["component_var"])
+                    if y == "mu"
+                    else part["loss"]
                 )
-            for row in reverse.drop_duplicates("case").itertuples():
-                ax.axvline(row.separation_sd, color="0.4", linestyle=":", linewidth=1.0)
-        for row in reverse.drop_duplicates("case").itertuples():
+                reached = part["reached"].to_numpy()
+                for filled in (True, False):
+                    ax.plot(
+                        part["separation_sd"][reached == filled],
+                        values[reached == filled],
+                        linestyle="none",
+                        marker=markers[variant],
+                        markersize=10,
+                        markeredgewidth=1.8,
+                        markeredgecolor="0.1",
+                        markerfacecolor=mark if filled else "none",
+                        zorder=4,
+                    )
+            for row in reverse.drop_duplicates(["variant", "case"]).itertuples():
+                ax.axvline(row.separation_sd, color="0.4", linestyle=":", linewidth=1.0, zorder=0)
+        for row in reverse.drop_duplicates(["variant", "case"]).itertuples():
             axes[0].annotate(
-                f"notebook,\n{row.case}\n({row.separation_sd:.1f} sd)",
-                (row.separation_sd, 0.5),
+                f"{row.case}, {row.variant} ({row.separation_sd:.1f} sd)",
+                (row.separation_sd, 0.1),
                 xycoords=("data", "axes fraction"),
-                xytext=(-6, 0),
+                xytext=(-8, 0),
                 textcoords="offset points",
+                rotation=90,
                 ha="right",
-                va="center",
-                fontsize="small",
+                va="bottom",
+                fontsize="x-small",
             )
         axes[0].set_ylabel("(mu - center) / component sd")
         axes[1].set_ylabel("reverse KL (nats)")
         axes[1].set_xlabel(SEPARATION_LABEL)
         axes[1].set_xlim(lo, hi + 0.02 * (hi - lo))
+        axes[0].set_title(
+            f"The original notebook's cases on the exact branches: reverse KL, weight {WEIGHT:g}"
+        )
+
+        def dot(marker: str, face, label: str) -> Line2D:
+            return Line2D(
+                [],
+                [],
+                marker=marker,
+                linestyle="none",
+                markersize=9,
+                markeredgecolor="0.1",
+                markerfacecolor=face,
+                label=label,
+            )
+
         handles = [
             Line2D([], [], color=colour, linewidth=2.2, label="minimum (exact branch)"),
             Line2D([], [], color=colour, linewidth=1.3, linestyle="--", label="saddle"),
             Line2D([], [], **FOLD_MARKER, linestyle="none", label="fold"),
-            Line2D(
-                [],
-                [],
-                marker="o",
-                linestyle="none",
-                markersize=9,
-                markeredgecolor="0.1",
-                markerfacecolor=mark,
-                label="the fit from mu=1, sigma^2=1",
-            ),
-            Line2D(
-                [],
-                [],
-                marker="o",
-                linestyle="none",
-                markersize=9,
-                markeredgecolor="0.1",
-                markerfacecolor="none",
-                label="the other minimum",
-            ),
+            dot("o", "0.6", "case as the notebook states it\n(component variance 0.05)"),
+            dot("s", "0.6", "case as its code computed it\n(component variance 0.05 pi)"),
+            dot("o", mark, "minimum the notebook's start reaches"),
+            dot("o", "none", "the other minimum"),
         ]
         fig.legend(handles=handles, loc="outside right upper", frameon=False)
-        axes[0].set_title(
-            f"The original notebook's cases: reverse KL, weight {WEIGHT:g}, component_var {COMPONENT_VAR:g}"
-        )
     return fig
 
 

@@ -289,6 +289,12 @@ def exact_structure(
     points = pd.concat([specials, cusps, switches], ignore_index=True)
     for column, value in context.items():
         points[column] = value
+    # Newton and continuation carry w along and may round it in the last bit: every point but a
+    # cusp (which has a weight of its own) is at one of the given weights exactly.
+    if len(points):
+        snap = (points["kind"] != "cusp").to_numpy()
+        points.loc[snap, "weight"] = _snap(points.loc[snap, "weight"].to_numpy(float), weights)
+    minima["weight"] = _snap(minima["weight"].to_numpy(float), weights)
     points = _finish_points(points, center, component_var)
     return Structure(
         divergence,
@@ -302,6 +308,12 @@ def exact_structure(
         minima,
         notes,
     )
+
+
+def _snap(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Each value replaced by the nearest of ``weights`` if it is within 1e-9 of it."""
+    nearest = weights[np.abs(values[:, None] - weights[None, :]).argmin(-1)] if len(values) else values
+    return np.where(np.abs(nearest - values) <= 1e-9, nearest, values)
 
 
 def unreached_seeds(

@@ -175,6 +175,7 @@ def mismatch_markdown(result: SweepAnalysis) -> list[str]:
         "initialisation reached (or runs that did not converge), more means endpoints the same-optimum",
         "tolerance did not merge.",
     ]
+    lines += [f"- note: {n}" for n in result.notes]
     if len(wrong):
         cols = [
             "divergence",

@@ -54,8 +54,10 @@ def test_notebook_runs_top_to_bottom_on_a_real_sweep(tmp_path, monkeypatch):
     outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
     assert not [out for out in outputs if out.output_type == "error"]
     images = [out for out in outputs if "image/png" in out.get("data", {})]
-    assert len(images) == 5  # phase diagram, bifurcation, basin map, fit overlays, loss landscape
+    # phase diagram, exact phase diagram, bifurcation, basin map, fit overlays, loss landscape, notebook cases
+    assert len(images) == 7
     text = "".join(out.get("text", "") for out in outputs)
     assert f"{len(table)} runs from {sweep}" in text
+    assert "special points:" in text and "'fold'" in text  # the exact structure of the real sweep
     # Nothing is written into the sweep: the notebook only displays.
     assert sorted(p.name for p in sweep.iterdir()) == ["0", "multirun.yaml", "results.parquet"]

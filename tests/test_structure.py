@@ -128,7 +128,10 @@ def _close(a, b, rel=1e-6):
 
 
 def test_folds_match_an_independent_root_finder(structure):
-    folds = structure.points[structure.points["kind"] == "fold"]
+    points = structure.points
+    # Every point but a cusp sits at one of the given weights exactly (as the sweep's tables key them).
+    assert set(points.loc[points["kind"] != "cusp", "weight"]) <= {0.5, 0.7, 0.74, 0.76}
+    folds = points[points["kind"] == "fold"]
     # w = 0.7: the heavier mode is born, the covering minimum dies, the lighter mode is born.
     assert (folds["weight"] == 0.7).sum() == 3
     assert set(folds.loc[folds["weight"] == 0.7, "event"]) == {"birth", "death"}
@@ -411,3 +414,72 @@ def test_exact_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, args, key)
     assert len(lines) == 1 and key in lines[0] and "allowed" in lines[0]
     assert "Traceback" not in done.stderr
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_analysis_of_a_one_weight_sweep_says_what_it_cannot_do(tmp_path):
+    """A SWEEP_DIR with one weight: folds and coexistence points, no fold lines, and a note; no traceback."""
+    from conftest import run_cli
+
+    sweep = tmp_path / "sweep"
+    done = run_cli(
+        "-m",
+        "separation=range(3,7,0.25)",
+        "weight=0.6",
+        "init_mu=-2,0,2",
+        "divergence=forward,reverse",
+        f"hydra.sweep.dir={sweep}",
+        "hydra.sweeper.latest_link=null",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    analysed = subprocess.run(
+        [sys.executable, "-m", "analysis", str(sweep)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    assert analysed.returncode == 0, analysed.stderr
+    assert "Traceback" not in analysed.stderr
+    assert "note: reverse: one weight swept: no fold lines or cusps" in analysed.stdout
+    assert "note: forward: no special point in the swept range" in analysed.stdout
+    summary = (sweep / "tables" / "summary.md").read_text()
+    assert "one weight swept" in summary
+    points = pd.read_csv(sweep / "tables" / "bifurcation_set.csv")
+    assert set(points["kind"]) == {"fold", "maxwell"} and (points["divergence"] == "reverse").all()
+    assert (points["weight"] == 0.6).all()
+    bounds = pd.read_csv(sweep / "tables" / "phase_boundaries.csv").set_index("divergence")
+    # The exact onset at weight 0.6 (the heavier mode's fold, 4.5763 sd) replaces the grid's 4.75.
+    assert bounds.loc["reverse", "onset_separation"] == pytest.approx(4.57634, abs=1e-5)
+    assert bounds.loc["reverse", "onset_grid"] == 4.75
+    assert bounds.loc["reverse", "boundary_method"] == "exact"
+
+
+def test_the_original_notebooks_cases():
+    """Its cases fitted properly; the "as computed" reading reproduces the losses the notebook printed."""
+    from analysis.cases import case_table
+
+    t = case_table()
+    reverse = t[t["divergence"] == "reverse"].set_index(["variant", "case", "type"]).sort_index()
+    # Every minimum is a KL in nats by scipy quadrature (an independent check of the losses).
+    for row in t.itertuples():
+        d = row.separation_sd * math.sqrt(row.component_var)
+        expected = scipy_kl(row.divergence, d, 0.75, row.component_var, row.mu, row.sigma2, row.center)
+        assert row.loss == pytest.approx(expected, rel=1e-9)
+    # As stated (6.7 and 11.2 sd): two minima each; from mu = 1 the heavier, then the lighter mode.
+    for case, reached in (("small separation", "heavier mode"), ("large separation", "lighter mode")):
+        part = reverse.loc[("as stated", case)]
+        assert set(part.index) == {"heavier mode", "lighter mode"}
+        assert bool(part.loc["heavier mode", "global"]) and bool(part.loc[reached, "reached"])
+    # As computed: its sum over the grid (step 0.004) of densities scaled by sqrt(pi) printed 85.5667 and
+    # 126.883 at the end of its reverse runs; 3.8 sd apart there is one, covering, minimum.
+    scale = math.sqrt(math.pi) / 0.004
+    small = reverse.loc[("as computed", "small separation")]
+    assert list(small.index) == ["covering"]
+    assert small["loss"].iloc[0] * scale == pytest.approx(85.5667, rel=2e-5)
+    large = reverse.loc[("as computed", "large separation", "heavier mode")]
+    assert bool(large["reached"]) and large["loss"] * scale == pytest.approx(126.883, rel=2e-5)
+    # The forward KL is moment matching in every case.
+    forward = t[t["divergence"] == "forward"]
+    assert len(forward) == 4 and forward["reached"].all()
+    np.testing.assert_allclose(
+        forward["mu"] - forward["center"],
+        -0.25 * forward["separation_sd"] * np.sqrt(forward["component_var"]),
+        atol=1e-9,
+    )
