@@ -36,6 +36,17 @@ from analysis.pipeline import NOT_CONVERGED, SweepAnalysis
 from analysis.tables import divergence_title
 
 SEPARATION_LABEL = "separation (component sd)"
+
+
+def separation_label(component_var) -> str:
+    """The separation axis's label: in component sd when component_var is 1, else in P's own units."""
+    try:
+        value = float(component_var)
+    except (TypeError, ValueError):
+        return "separation"
+    return SEPARATION_LABEL if value == 1.0 else f"separation (x units; component_var {value:g})"
+
+
 PALETTE = sns.color_palette("colorblind")
 #: One colour per outcome class, optimum type or run result, shared by every figure.
 COLOURS = {
@@ -169,7 +180,7 @@ def phase_diagram(result: SweepAnalysis) -> Figure:
                 ax.grid(False)
             top.set_title(f"{divergence_title(divergence)}: outcome")
             bottom.set_title(f"{divergence_title(divergence)}: order parameter")
-            bottom.set_xlabel(SEPARATION_LABEL)
+            bottom.set_xlabel(separation_label(result.context["component_var"]))
         for ax in axes[:, 0]:
             ax.set_ylabel("weight of left component")
         handles: list = patches(categories)
@@ -350,7 +361,7 @@ def exact_phase_diagram(structures: list) -> Figure:
             handles.update(draw_exact_lines(ax, structure, label_regions=True))
             ax.grid(False)
             ax.set_title(divergence_title(structure.divergence))
-            ax.set_xlabel(SEPARATION_LABEL)
+            ax.set_xlabel(separation_label(structure.component_var))
         axes[0].set_ylabel("weight of left component")
         legend = [
             Patch(facecolor=colours[n], edgecolor="0.3", label=f"{n} minim{'um' if n == 1 else 'a'}")
@@ -394,7 +405,7 @@ def exact_branches(structure, max_weights: int = 6) -> Figure:
             ax.set_ylabel(label)
         pad = 0.02 * (hi - lo)
         axes[1].set_xlim(lo - pad, hi + pad)
-        axes[1].set_xlabel(SEPARATION_LABEL)
+        axes[1].set_xlabel(separation_label(structure.component_var))
         handles = [Line2D([], [], color=colours[w], linewidth=2, label=f"{w:g}") for w in weights]
         styles = [
             Line2D([], [], color="0.2", linewidth=2.2, label="minimum"),
@@ -582,7 +593,7 @@ def bifurcation_diagram(result: SweepAnalysis, max_weights: int = 6, max_inits: 
                     for sign in (-1, 1):
                         ax.plot(seps, centre + sign * seps / 2, color="0.35", linestyle="--", linewidth=0.9)
             axes[0, j].set_title(f"{divergence_title(divergence)}")
-            axes[1, j].set_xlabel(SEPARATION_LABEL)
+            axes[1, j].set_xlabel(separation_label(result.context["component_var"]))
             if len(seps):  # continued branches end one step past the swept range
                 pad = 0.02 * (seps.max() - seps.min())
                 axes[1, j].set_xlim(seps.min() - pad, seps.max() + pad)
@@ -644,7 +655,7 @@ def basin_map(result: SweepAnalysis, weight: float) -> Figure:
             ax.set_ylim(cell_edges(runs["init_mu"])[[0, -1]])
             ax.grid(False)
             ax.set_title(divergence_title(divergence))
-            ax.set_xlabel(SEPARATION_LABEL)
+            ax.set_xlabel(separation_label(result.context["component_var"]))
         axes[0].set_ylabel("init_mu (starting mean)")
         handles: list = patches(categories, mode_labels(weight))
         handles += [
