@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO, Any
 
 import pandas as pd
 import pyarrow as pa
@@ -55,10 +57,24 @@ def write_parquet(frame: pd.DataFrame, path: str | Path, metadata: dict[str, str
     meta = dict(table.schema.metadata or {})
     meta[b"kl_sweep"] = json.dumps({**versions(), **(metadata or {})}).encode()
     table = table.replace_schema_metadata(meta)
+    return _atomic_write(path, "wb", lambda handle: pq.write_table(table, handle))
+
+
+def write_text(text: str, path: str | Path) -> Path:
+    """Write ``text`` to ``path`` atomically (a temporary file in the same folder, then a rename)."""
+    return _atomic_write(Path(path), "w", lambda handle: handle.write(text))
+
+
+def _atomic_write(path: Path, mode: str, write: Callable[[IO[Any]], object]) -> Path:
+    """``write`` into a temporary file beside ``path``, sync it, rename it to ``path``.
+
+    A reader (or a rerun after a kill) sees either the old file or the whole new one; a failed
+    write (a full disk) leaves no temporary file behind.
+    """
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            pq.write_table(table, handle)
+        with os.fdopen(fd, mode) as handle:
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         umask = os.umask(0)
@@ -72,5 +88,6 @@ def write_parquet(frame: pd.DataFrame, path: str | Path, metadata: dict[str, str
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:
+    """The ``kl_sweep`` metadata of a Parquet file written by :func:`write_parquet`."""
     raw = pq.read_schema(path).metadata or {}
     return json.loads(raw.get(b"kl_sweep", b"{}"))
