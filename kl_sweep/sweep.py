@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
-from kl_sweep.collect import PARTS, result_files
+from kl_sweep.collect import PARTS
 from kl_sweep.io import write_parquet
 from kl_sweep.table import run_rows
 
@@ -40,14 +39,6 @@ def product(values: Mapping[str, Sequence[Any]]) -> pd.DataFrame:
         index = (position // max(stride, 1)) % max(sizes[i], 1)
         columns[key] = np.asarray(options, dtype=object)[index] if total else np.empty(0, dtype=object)
     return pd.DataFrame(columns, index=pd.RangeIndex(total))
-
-
-def finished_hashes(sweep_dir: Path) -> set[str]:
-    """Hashes of the configurations that already have a row in ``sweep_dir`` (any layout)."""
-    done: set[str] = set()
-    for path, _ in result_files(sweep_dir):
-        done.update(pq.read_table(path, columns=["config_hash"]).column(0).to_pylist())
-    return done
 
 
 def write_shard(
@@ -72,6 +63,7 @@ def run_shard(path: str | Path) -> int:
     """
     from kl_sweep.io import read_metadata
 
+    logging.raiseExceptions = False  # a full disk: one failed write, not a traceback per log line
     spec = json.loads(read_metadata(path)["shard"])
     rows = pd.read_parquet(path)
     parts = Path(spec["sweep_dir"]) / PARTS

@@ -6,6 +6,7 @@ plugins.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -22,20 +23,37 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, RangeSweep
 from hydra.core.plugins import Plugins
+from hydra.core.utils import JobStatus
 from hydra.errors import CompactHydraException, HydraException
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from kl_sweep.collect import assemble
+from kl_sweep.collect import (
+    DAMAGED,
+    PARTS,
+    RESULTS,
+    SUPERSEDED,
+    DamagedFileError,
+    assemble,
+    first_line,
+    read_results_file,
+    result_files,
+)
 from kl_sweep.config import ROW_KEYS, config_values, split_values
-from kl_sweep.io import writable_dir_problem
-from kl_sweep.sweep import finished_hashes, product, write_shard
+from kl_sweep.io import read_metadata, writable_dir_problem, write_parquet, write_text
+from kl_sweep.lock import STALE_AFTER, LockedError, SweepLock
+from kl_sweep.sweep import product, write_shard
 from kl_sweep.table import config_hashes, rows_frame
 from kl_sweep.validate import ConfigError, validate
+from kl_sweep.version import COLUMN as VERSION_COLUMN
+from kl_sweep.version import UNKNOWN as UNKNOWN_VERSION
+from kl_sweep.version import numerics_version
 
 log = logging.getLogger("kl_sweep.sweeper")
 SHARDS = ".shards"
@@ -43,8 +61,20 @@ SHARDS = ".shards"
 BYTES_PER_ROW = 600
 
 
+#: What ``hydra.sweeper.on_version_change`` may be.
+ON_VERSION_CHANGE = ("stop", "refit", "keep")
+
+
 class SweepError(CompactHydraException):
     """A sweep that cannot start; Hydra prints the one-line message without a traceback."""
+
+    exit_code = 2
+
+
+class SweepFailed(SweepError):
+    """A sweep that started but could not finish (a failed shard, a full disk): exit status 1."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -212,7 +242,19 @@ def _compose(config_loader: Any, config: DictConfig, overrides: list[str]) -> Di
         raise SweepError(f"kl_sweep: {str(ex).strip().splitlines()[0]}") from None
 
 
-def _check_options(chunk_size: int, shards: int, shard_size: int | None) -> None:
+def _check_options(
+    chunk_size: int,
+    shards: int,
+    shard_size: int | None,
+    on_version_change: str = "stop",
+    stale_lock_seconds: float = STALE_AFTER,
+) -> None:
+    if on_version_change not in ON_VERSION_CHANGE:
+        raise ConfigError(
+            "hydra.sweeper.on_version_change", on_version_change, "one of " + ", ".join(ON_VERSION_CHANGE)
+        )
+    if not stale_lock_seconds > 0:
+        raise ConfigError("hydra.sweeper.stale_lock_seconds", stale_lock_seconds, "a number of seconds > 0")
     if chunk_size < 1:
         raise ConfigError("hydra.sweeper.chunk_size", chunk_size, "an integer >= 1")
     if shards < 1:
@@ -270,17 +312,65 @@ def run_sweep(
     shard_size: int | None,
     latest_link: str | None,
     max_configurations: int = 100_000_000,
+    on_version_change: str = "stop",
+    stale_lock_seconds: float = STALE_AFTER,
 ) -> Any:
+    """Plan and validate, hold the sweep directory, fit what is missing, assemble the table.
+
+    Raises :class:`SweepError` (exit 2) before anything is written when the sweep cannot start,
+    and :class:`SweepFailed` (exit 1) when it started but could not finish; both carry one line.
+    """
     tic = time.perf_counter()
-    _check_options(chunk_size, shards, shard_size)
+    _check_options(chunk_size, shards, shard_size, on_version_change, stale_lock_seconds)
     overrides = parse_overrides(params, arguments, hydra_context.config_loader)
     plan = make_plan(hydra_context.config_loader, config, overrides, max_configurations)
     sweep_dir = Path(config.hydra.sweep.dir).absolute()
     _check_writable(sweep_dir, len(plan.rows))
+    # A full disk must not turn every later log line into a "--- Logging error ---" traceback.
+    logging.raiseExceptions = False
+    try:
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        with SweepLock(sweep_dir, stale_lock_seconds):
+            returns = _run_locked(
+                hydra_context,
+                task_function,
+                config,
+                plan,
+                sweep_dir,
+                chunk_size,
+                shards,
+                shard_size,
+                on_version_change,
+            )
+    except LockedError as ex:
+        raise SweepError(str(ex)) from None
+    except OSError as ex:
+        where = f" ({ex.filename})" if ex.filename else ""
+        raise SweepFailed(
+            f"kl_sweep: the sweep in {sweep_dir} stopped: {ex.strerror or first_line(ex)}{where}; "
+            f"every file written is whole: fix that (free space) and rerun the same command to fit "
+            f"only what is missing"
+        ) from None
+    _link_latest(latest_link, sweep_dir, config.hydra.runtime.cwd)
+    log.info(f"kl_sweep: {len(plan.rows)} rows -> {sweep_dir / RESULTS} ({time.perf_counter() - tic:.1f} s)")
+    return returns
 
-    sweep_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(config, sweep_dir / "multirun.yaml")
-    done = finished_hashes(sweep_dir)
+
+def _run_locked(
+    hydra_context: HydraContext,
+    task_function: TaskFunction,
+    config: DictConfig,
+    plan: Plan,
+    sweep_dir: Path,
+    chunk_size: int,
+    shards: int,
+    shard_size: int | None,
+    on_version_change: str,
+) -> list[Any]:
+    """The sweep proper, while this process holds the sweep directory's lock."""
+    found = _survey(sweep_dir)
+    done = _versions(sweep_dir, found, on_version_change)
+    write_text(OmegaConf.to_yaml(config), sweep_dir / "multirun.yaml")
     todo = plan.rows[~plan.rows["config_hash"].isin(done)]
     log.info(
         f"kl_sweep: {len(plan.rows)} configurations in {len(plan.groups)} group(s); "
@@ -289,21 +379,192 @@ def run_sweep(
     returns = []
     if len(todo):
         shard_dir = sweep_dir / SHARDS
+        _clear_shards(sweep_dir, shard_dir)
+        pieces = _split(todo, shards, shard_size)
         specs = [
             write_shard(
                 shard_dir / f"shard-{i:05d}.parquet", part, plan.groups, plan.sweep_id, sweep_dir, chunk_size
             )
-            for i, part in enumerate(_split(todo, shards, shard_size))
+            for i, part in enumerate(pieces)
         ]
         launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
-        results = launcher.launch([[f"shard='{spec}'"] for spec in specs], initial_job_idx=0)
-        for r in results:
-            _ = r.return_value  # raises if the job failed
+        results, failures = _launch(launcher, specs, pieces, sweep_dir)
         returns.append(results)
         shutil.rmtree(shard_dir, ignore_errors=True)
-    path = assemble(sweep_dir)
-    _link_latest(latest_link, sweep_dir, config.hydra.runtime.cwd)
-    log.info(f"kl_sweep: {len(plan.rows)} rows -> {path} ({time.perf_counter() - tic:.1f} s)")
+        if failures:
+            raise SweepFailed(_failure_line(sweep_dir, pieces, failures))
+    assemble(sweep_dir)
     return returns
+
+
+def _move_aside(sweep_dir: Path, path: Path, folder: str) -> Path:
+    """Move ``path`` into ``sweep_dir/folder/`` under a name no other file there has; never delete."""
+    target_dir = sweep_dir / folder
+    target_dir.mkdir(exist_ok=True)
+    name = "__".join(path.relative_to(sweep_dir).parts)
+    target = target_dir / name
+    n = 1
+    while target.exists():
+        n += 1
+        target = target_dir / f"{Path(name).stem}.{n}{Path(name).suffix}"
+    os.rename(path, target)
+    return target
+
+
+def _survey(sweep_dir: Path) -> dict[Path, pa.Table]:
+    """Every results file's hashes and versions; damaged or foreign files are moved aside.
+
+    Returns ``{path: table of config_hash and numerics_version}`` for the files that read whole.
+    """
+    found: dict[Path, pa.Table] = {}
+    for path, _ in result_files(sweep_dir):
+        try:
+            table = read_results_file(path)
+        except DamagedFileError as ex:
+            target = _move_aside(sweep_dir, path, DAMAGED)
+            log.warning(
+                f"kl_sweep: damaged results file {path}: {ex.problem}; moved to {target}, "
+                f"its configurations will be fitted again"
+            )
+            continue
+        if VERSION_COLUMN not in table.column_names:
+            table = table.append_column(VERSION_COLUMN, pa.array([UNKNOWN_VERSION] * table.num_rows))
+        found[path] = table.select(["config_hash", VERSION_COLUMN])
+    return found
+
+
+def _versions(sweep_dir: Path, found: dict[Path, pa.Table], policy: str) -> set[str]:
+    """Apply ``on_version_change`` to rows of other numerics versions; the hashes that count as done."""
+    current = numerics_version()
+    frames = {path: t.to_pandas() for path, t in found.items()}
+    old = {
+        path: f for path, f in frames.items() if (f[VERSION_COLUMN].fillna(UNKNOWN_VERSION) != current).any()
+    }
+    every = {h for f in frames.values() for h in f["config_hash"]}
+    if not old:
+        return every
+    stale = pd.concat(old.values())
+    stale = stale[stale[VERSION_COLUMN].fillna(UNKNOWN_VERSION) != current]
+    versions = ", ".join(sorted(stale[VERSION_COLUMN].fillna(UNKNOWN_VERSION).unique()))
+    count = stale["config_hash"].nunique()
+    said = f"{count} rows in {sweep_dir} were fitted by numerics version {versions} (this is {current})"
+    if policy == "stop":
+        raise SweepError(
+            f"kl_sweep: {said}: rerun with hydra.sweeper.on_version_change=refit to fit them again "
+            f"(their files move to {sweep_dir / SUPERSEDED}) or =keep to keep them beside new rows"
+        )
+    if policy == "keep":
+        log.warning(f"kl_sweep: {said}; keeping them (on_version_change=keep, see numerics_version)")
+        return every
+    for path in old:  # refit: keep this version's rows of the file, move the file aside
+        table = read_results_file(path)
+        if VERSION_COLUMN in table.column_names:
+            rows = table.to_pandas()
+            rows = rows[rows[VERSION_COLUMN] == current]
+            if len(rows):
+                tag = hashlib.sha1(str(path.relative_to(sweep_dir)).encode()).hexdigest()[:12]
+                write_parquet(rows, sweep_dir / PARTS / f"kept-{tag}.parquet")
+        _move_aside(sweep_dir, path, SUPERSEDED)
+    log.warning(f"kl_sweep: {said}; fitting them again, their files moved to {sweep_dir / SUPERSEDED}")
+    return {h for f in frames.values() for h in f.loc[f[VERSION_COLUMN] == current, "config_hash"]}
+
+
+def _clear_shards(sweep_dir: Path, shard_dir: Path) -> None:
+    """Shard files left by an earlier run are stale: remove ours, move anything else aside."""
+    if not shard_dir.is_dir():
+        return
+    for path in sorted(shard_dir.iterdir()):
+        if not path.is_file():
+            continue
+        try:
+            ours = "shard" in read_metadata(path)
+            pq.read_table(path)
+        except (pa.ArrowException, OSError, ValueError) as ex:
+            ours, problem = False, f"not a readable Parquet file ({first_line(ex)})"
+        else:
+            problem = "not a kl_sweep shard file"
+        if ours:
+            path.unlink()
+        else:
+            target = _move_aside(sweep_dir, path, DAMAGED)
+            log.warning(f"kl_sweep: damaged shard file {path}: {problem}; moved to {target}")
+
+
+def _hashes_in_parts(sweep_dir: Path) -> set[str]:
+    done: set[str] = set()
+    for path in sorted((sweep_dir / PARTS).glob("*.parquet")):
+        try:
+            done.update(pq.read_table(path, columns=["config_hash"]).column(0).to_pylist())
+        except (pa.ArrowException, OSError):
+            pass
+    return done
+
+
+def _launch(
+    launcher: Any, specs: list[Path], pieces: list[pd.DataFrame], sweep_dir: Path
+) -> tuple[Any, dict[int, str]]:
+    """Run every shard; returns the launcher's results and ``{shard: why it failed}``.
+
+    A shard that fails leaves the others alone: when the launcher itself breaks (a worker killed
+    takes a joblib pool down, submitit raises for a lost job), the shards that did not finish are
+    run again one at a time, so one bad shard cannot stop the rest.
+    """
+    failures: dict[int, str] = {}
+    try:
+        results = launcher.launch([[f"shard='{spec}'"] for spec in specs], initial_job_idx=0)
+    except Exception as ex:  # the launcher broke: which shards finished is read from parts/
+        log.warning(f"kl_sweep: the launcher failed ({_reason(ex)}); running unfinished shards one by one")
+        results = []
+        done = _hashes_in_parts(sweep_dir)
+        for i, (spec, piece) in enumerate(zip(specs, pieces)):
+            if set(piece["config_hash"]) <= done:
+                continue
+            try:
+                (one,) = launcher.launch([[f"shard='{spec}'"]], initial_job_idx=i)
+            except Exception as again:
+                failures[i] = _reason(again)
+                continue
+            results.append(one)
+            if one.status == JobStatus.FAILED:
+                failures[i] = _reason(one._return_value)
+    else:
+        for i, one in enumerate(results):
+            if one.status == JobStatus.FAILED:
+                failures[i] = _reason(one._return_value)
+    done = _hashes_in_parts(sweep_dir)
+    for i, piece in enumerate(pieces):  # whatever the launcher said, a shard is done when its rows are
+        if i not in failures and not set(piece["config_hash"]) <= done:
+            failures[i] = "its job ended without writing all its rows"
+    return results, failures
+
+
+DISK_FULL = "the disk is full"
+#: What a process pool raises when a worker dies under it (loky and concurrent.futures).
+WORKER_DIED = ("TerminatedWorkerError", "BrokenProcessPool")
+
+
+def _reason(ex: BaseException) -> str:
+    """Why a shard failed, in a few words."""
+    if isinstance(ex, OSError) and ex.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"{DISK_FULL} ({ex.strerror})"
+    if type(ex).__name__ in WORKER_DIED:
+        return "its worker process died (killed, out of memory or crashed)"
+    return first_line(ex)
+
+
+def _failure_line(sweep_dir: Path, pieces: list[pd.DataFrame], failures: dict[int, str]) -> str:
+    done = _hashes_in_parts(sweep_dir)
+    missing = sum((~pieces[i]["config_hash"].isin(done)).sum() for i in failures)
+    shown = [
+        f"shard {i} (job_num {pieces[i]['job_num'].min()}-{pieces[i]['job_num'].max()}): {why}"
+        for i, why in sorted(failures.items())[:3]
+    ]
+    more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
+    fix = "free space, then rerun" if any(why.startswith(DISK_FULL) for why in failures.values()) else "rerun"
+    return (
+        f"kl_sweep: {len(failures)} of {len(pieces)} shard(s) failed, {missing} configuration(s) not fitted: "
+        f"{'; '.join(shown)}{more}; the rows fitted are kept in {sweep_dir / PARTS}: "
+        f"{fix} the same command to fit only the missing ones"
+    )

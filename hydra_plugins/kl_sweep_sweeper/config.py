@@ -12,6 +12,8 @@ class KLSweepSweeperConf:
     shard_size: int | None = None  # configurations per job instead of a number of jobs
     latest_link: str | None = "multirun/latest"  # symlink to the newest sweep dir; null: none
     max_configurations: int = 100_000_000  # refuse larger sweeps before enumerating them
+    on_version_change: str = "stop"  # rows of another numerics version in the sweep dir: stop|refit|keep
+    stale_lock_seconds: float = 600.0  # another host's lock without a heartbeat this long is stale
 
 
 ConfigStore.instance().store(

@@ -20,6 +20,8 @@ class KLSweepSweeper(Sweeper):
         shard_size: int | None = None,
         latest_link: str | None = "multirun/latest",
         max_configurations: int = 100_000_000,
+        on_version_change: str = "stop",
+        stale_lock_seconds: float = 600.0,
     ) -> None:
         self.options = dict(
             params=dict(params or {}),
@@ -28,6 +30,8 @@ class KLSweepSweeper(Sweeper):
             shard_size=shard_size,
             latest_link=latest_link,
             max_configurations=max_configurations,
+            on_version_change=on_version_change,
+            stale_lock_seconds=stale_lock_seconds,
         )
         self.hydra_context: HydraContext | None = None
         self.task_function: TaskFunction | None = None
@@ -47,6 +51,7 @@ class KLSweepSweeper(Sweeper):
         except (ConfigError, SweepError) as ex:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
-            # The same as a single run's bad input: one line, exit status 2, nothing written.
+            # One line, no traceback: exit status 2 for a sweep that cannot start (nothing written,
+            # as with a single run's bad input), 1 for one that started but could not finish.
             print(ex, file=sys.stderr)
-            raise SystemExit(2) from None
+            raise SystemExit(getattr(ex, "exit_code", 2)) from None
