@@ -32,7 +32,8 @@ HOOKS = Path(__file__).resolve().parent / "fault_hooks"
 HINT = "Set the environment variable HYDRA_FULL_ERROR=1 for a complete stack trace."
 SWEEP = ["separation=0,2,4", "weight=0.5,0.9", "init_mu=-3,0,3", "divergence=forward,reverse"]
 ROWS = 3 * 2 * 3 * 2
-CHUNK = "hydra.sweeper.chunk_size=4"  # parts of four rows, where a test needs several parts
+CHUNK = "hydra.sweeper.chunk_size=5"  # parts of at most five rows, where a test needs several parts
+THIRDS = "hydra.sweeper.chunk_size=12"  # parts of 12 and 6 rows for each divergence
 LOCK = ".lock"  # kl_sweep.lock.LOCK
 
 
@@ -298,7 +299,9 @@ def test_failed_shards_under_joblib_leave_the_others_and_the_rerun_fits_the_rest
     assert "shard 3 (job_num 27-35): its worker process died" in lines[0], lines
     kept = pd.concat([pd.read_parquet(p) for p in (sweep_dir / "parts").glob("*.parquet")])
     assert kept.config_hash.is_unique and set(range(9)) | set(range(18, 27)) <= set(kept.job_num)
-    assert len(kept) == 18 + 4 + 4  # shards 0 and 2 whole, the first part of shards 1 and 3
+    # shards 0 and 2 whole (18 rows), and the first part of shards 1 and 3: each shard's rows are
+    # fitted group by group, and its first group (forward KL) has 4 of its 9 rows
+    assert len(kept) == 18 + 4 + 4
     assert f"{ROWS - len(kept)} configuration(s) not fitted" in lines[0]
     rerun = ok(sweep(sweep_dir, *joblib))  # the same command, as the line says
     fitted(rerun, len(kept))
@@ -329,17 +332,17 @@ def test_a_disk_that_fills_mid_sweep_leaves_whole_files_and_the_rerun_completes(
     disk = small_disk or tmp_path
     sweep_dir, ballast = disk / "sweep", disk / "ballast"
     # the third part's write meets a full disk: the ballast file fills the tmpfs just before
-    proc = sweep(sweep_dir, CHUNK, fill_disk=f"{ballast if small_disk else ''}:3")
+    proc = sweep(sweep_dir, THIRDS, fill_disk=f"{ballast if small_disk else ''}:3")
     lines = error_lines(proc.stderr)
     assert proc.returncode == 1 and len(lines) == 1, said(proc)[-3000:]
     assert "the disk is full (No space left on device)" in lines[0], lines
-    assert "28 configuration(s) not fitted" in lines[0] and "free space, then rerun" in lines[0], lines
+    assert "18 configuration(s) not fitted" in lines[0] and "free space, then rerun" in lines[0], lines
     assert not [p for p in sweep_dir.rglob("*") if p.name.endswith(".tmp")]  # no partial file
     parts = sorted((sweep_dir / "parts").glob("*.parquet"))
-    assert len(parts) == 2 and sum(len(pd.read_parquet(p)) for p in parts) == 8
+    assert len(parts) == 2 and sum(len(pd.read_parquet(p)) for p in parts) == 18
     ballast.unlink(missing_ok=True)  # space freed
-    rerun = ok(sweep(sweep_dir, CHUNK))
-    fitted(rerun, 8)
+    rerun = ok(sweep(sweep_dir, THIRDS))
+    fitted(rerun, 18)
     assert_complete(sweep_dir, reference)
 
 
