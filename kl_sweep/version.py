@@ -1,7 +1,8 @@
 """The numerics version: which code fitted a row, so that a resumed sweep never mixes results silently.
 
 ``numerics_version()`` is ``<kl_sweep version>+<12 hex digits>``. The digits hash the syntax trees
-(comments, formatting and docstrings left out) of every module under ``kl_sweep/core/`` and of
+(comments, formatting and docstrings left out) of every module under ``kl_sweep/core/`` that
+computes rows (not the continuation modules of :data:`NOT_ROW_NUMERICS`) and of
 ``kl_sweep/table.py`` (which turns fits into rows), together with the torch version. Any change to
 the code that computes a row, or to torch, gives a new version; editing a comment does not.
 Every result row carries it in the column ``numerics_version``.
@@ -39,9 +40,14 @@ class _NoDocstrings(ast.NodeTransformer):
         return node
 
 
+#: Core modules that never compute a row (the continuation behind the exact phase structure).
+NOT_ROW_NUMERICS = frozenset({"landscape.py", "continuation.py", "bifurcation.py"})
+
+
 def numerics_sources() -> list[Path]:
     """The source files whose code decides a row's numbers."""
-    return sorted((_PACKAGE / "core").rglob("*.py")) + [_PACKAGE / "table.py"]
+    core = [p for p in sorted((_PACKAGE / "core").rglob("*.py")) if p.name not in NOT_ROW_NUMERICS]
+    return core + [_PACKAGE / "table.py"]
 
 
 @functools.cache
