@@ -29,3 +29,4 @@ lint:
 bench:
 	$(PYTHON) benchmarks/fit_throughput.py
 	$(PYTHON) benchmarks/sweep_throughput.py
+	$(PYTHON) benchmarks/cores.py

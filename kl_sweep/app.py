@@ -14,6 +14,7 @@ from kl_sweep.config import CONFIG_DIR
 from kl_sweep.io import write_parquet
 from kl_sweep.sweep import run_shard
 from kl_sweep.table import config_values, rows_frame, run_rows, split_values
+from kl_sweep.threads import thread_budget
 from kl_sweep.validate import validate
 
 log = logging.getLogger("kl_sweep")
@@ -43,5 +44,5 @@ def run(cfg: DictConfig, output_dir: str | Path) -> float:
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
-    torch.set_num_threads(min(torch.get_num_threads(), 2))
+    torch.set_num_threads(thread_budget())  # a shard may set its own share (kl_sweep.sweep.run_shard)
     return run(cfg, HydraConfig.get().runtime.output_dir)

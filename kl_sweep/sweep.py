@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from kl_sweep.collect import PARTS
 from kl_sweep.io import write_parquet
@@ -48,9 +49,20 @@ def write_shard(
     sweep_id: str,
     sweep_dir: Path,
     chunk_size: int,
+    threads: int | None = None,
 ) -> Path:
-    """A shard file: the rows one job fits, and (in its metadata) the settings they share."""
-    spec = {"groups": groups, "sweep_id": sweep_id, "sweep_dir": str(sweep_dir), "chunk_size": chunk_size}
+    """A shard file: the rows one job fits, and (in its metadata) the settings they share.
+
+    ``threads``: the torch threads the job fits with (its share of the cores when shards run side
+    by side); None lets the job use every core it may run on (:func:`kl_sweep.threads.thread_budget`).
+    """
+    spec = {
+        "groups": groups,
+        "sweep_id": sweep_id,
+        "sweep_dir": str(sweep_dir),
+        "chunk_size": chunk_size,
+        "threads": threads,
+    }
     return write_parquet(rows, path, metadata={"shard": json.dumps(spec, default=str)})
 
 
@@ -65,6 +77,8 @@ def run_shard(path: str | Path) -> int:
 
     logging.raiseExceptions = False  # a full disk: one failed write, not a traceback per log line
     spec = json.loads(read_metadata(path)["shard"])
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
     rows = pd.read_parquet(path)
     parts = Path(spec["sweep_dir"]) / PARTS
     chunk_size = int(spec["chunk_size"])
@@ -108,5 +122,11 @@ class Progress:
             log.info(f"{self.done}/{self.total} configurations, {rate:.0f}/s, {left:.0f} s left")
 
     def close(self) -> None:
+        """End the bar and say the fit phase's throughput (configurations per second)."""
         if self.bar is not None:
             self.bar.close()
+        seconds = time.perf_counter() - self.start
+        log.info(
+            f"fitted {self.done} configurations in {seconds:.1f} s: "
+            f"{self.done / max(seconds, 1e-9):.0f} configurations/s on {torch.get_num_threads()} thread(s)"
+        )

@@ -50,6 +50,7 @@ from kl_sweep.io import read_metadata, writable_dir_problem, write_parquet, writ
 from kl_sweep.lock import STALE_AFTER, LockedError, SweepLock
 from kl_sweep.sweep import product, write_shard
 from kl_sweep.table import config_hashes, rows_frame
+from kl_sweep.threads import thread_budget, threads_per_shard
 from kl_sweep.validate import ConfigError, validate
 from kl_sweep.version import COLUMN as VERSION_COLUMN
 from kl_sweep.version import UNKNOWN as UNKNOWN_VERSION
@@ -286,6 +287,31 @@ def _split(rows: pd.DataFrame, shards: int, shard_size: int | None) -> list[pd.D
     return [rows.iloc[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
+def shard_threads(config: DictConfig, n_shards: int) -> int | None:
+    """Torch threads for each shard: the core budget shared among the shards that run at once.
+
+    Hydra's basic launcher runs shards one after another in this process: each gets the whole
+    budget (:func:`kl_sweep.threads.thread_budget`). joblib runs ``n_jobs`` of them side by side
+    and submitit's local executor all of them: each gets ``budget // concurrent``. Launchers that
+    place jobs on other machines (SLURM, ray) get None: each job then uses the cores it is given
+    there (its affinity mask or ``OMP_NUM_THREADS``, which SLURM sets from ``cpus_per_task``).
+    """
+    target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+    budget = thread_budget()
+    if target.endswith("BasicLauncher"):
+        concurrent = 1
+    elif "joblib" in target:
+        from joblib import effective_n_jobs
+
+        n_jobs = OmegaConf.select(config, "hydra.launcher.n_jobs", default=-1)
+        concurrent = min(n_shards, effective_n_jobs(-1 if n_jobs is None else int(n_jobs)))
+    elif "submitit" in target and "Local" in target:
+        concurrent = n_shards
+    else:
+        return None
+    return threads_per_shard(budget, concurrent)
+
+
 def _link_latest(latest_link: str | None, sweep_dir: Path, cwd: str) -> None:
     if not latest_link:
         return
@@ -381,9 +407,16 @@ def _run_locked(
         shard_dir = sweep_dir / SHARDS
         _clear_shards(sweep_dir, shard_dir)
         pieces = _split(todo, shards, shard_size)
+        threads = shard_threads(config, len(pieces))
         specs = [
             write_shard(
-                shard_dir / f"shard-{i:05d}.parquet", part, plan.groups, plan.sweep_id, sweep_dir, chunk_size
+                shard_dir / f"shard-{i:05d}.parquet",
+                part,
+                plan.groups,
+                plan.sweep_id,
+                sweep_dir,
+                chunk_size,
+                threads,
             )
             for i, part in enumerate(pieces)
         ]
