@@ -37,7 +37,7 @@ CONTEXT_KEYS = ["estimator", "center", "component_var"]
 #: How a run started and walked: runs differing only in these are initialisations of one cell.
 RUN_KEYS = ["optimizer", "lr", "init_sigma2", "init_mu"]
 #: The order divergences are shown in; any others follow alphabetically.
-DIVERGENCE_ORDER = ("forward", "reverse")
+DIVERGENCE_ORDER = ("forward", "hellinger", "reverse")
 
 
 def load_sweep(sweep_dir: str | Path) -> pd.DataFrame:

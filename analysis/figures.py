@@ -59,7 +59,7 @@ COLOURS = {
     NOT_CONVERGED: (0.82, 0.82, 0.82),
 }
 #: Line colour per divergence in the fit overlays.
-DIVERGENCE_COLOURS = {"forward": PALETTE[0], "reverse": PALETTE[3]}
+DIVERGENCE_COLOURS = {"forward": PALETTE[0], "reverse": PALETTE[3], "hellinger": PALETTE[2]}
 DPI = 150
 #: Artists with more cells or points than this are embedded in the SVGs as images, keeping them small.
 RASTERIZE_ABOVE = 5_000

@@ -22,7 +22,11 @@ from analysis.data import CELL_KEYS, CONTEXT_KEYS, divergence_order
 from analysis.pipeline import SweepAnalysis
 
 #: How each divergence is named in headings.
-DIVERGENCE_TITLES = {"forward": "forward KL(P||Q)", "reverse": "reverse KL(Q||P)"}
+DIVERGENCE_TITLES = {
+    "forward": "forward KL(P||Q)",
+    "reverse": "reverse KL(Q||P)",
+    "hellinger": "squared Hellinger H^2(P, Q)",
+}
 
 
 def divergence_title(name: str) -> str:

@@ -36,7 +36,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> float:
     write_parquet(result, Path(output_dir) / RESULTS)
     r = result.iloc[0]
     log.info(
-        f"{r.divergence} KL: mu={r.mu:.6g} sigma2={r.sigma2:.6g} loss={r.loss:.6g} nats "
+        f"{r.divergence}{' KL' if r.divergence in ('forward', 'reverse') else ''}: mu={r.mu:.6g} "
+        f"sigma2={r.sigma2:.6g} loss={r.loss:.6g}{' nats' if r.divergence in ('forward', 'reverse') else ''} "
         f"steps={r.steps} status={r.status}"
     )
     return float(r.loss)

@@ -17,7 +17,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 #: The repository's ``conf/``, found from this file so the app runs from any working directory.
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 #: The divergences :mod:`kl_sweep.core.divergences` implements (checked there).
-DIVERGENCE_NAMES = ("forward", "reverse")
+DIVERGENCE_NAMES = ("forward", "reverse", "hellinger")
 ESTIMATOR_NAMES = ("quadrature", "grid", "mc")
 OPTIMIZER_NAMES = ("adam", "sgd")
 

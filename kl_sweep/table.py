@@ -113,10 +113,11 @@ def run_rows(rows: pd.DataFrame, shared: Mapping[str, Any]) -> pd.DataFrame:
     )
     result = fit(problem, settings_from(shared))
     log_sigma = 0.5 * torch.log(result.sigma2)
-    with torch.no_grad():
+    name = shared["divergence.name"]
+    with torch.no_grad():  # both KLs for every row, and the fitted divergence if it is another
         kl = {
-            name: divergence_exact(div, mixture, result.mu, log_sigma).numpy()
-            for name, div in DIVERGENCES.items()
+            k: divergence_exact(DIVERGENCES[k], mixture, result.mu, log_sigma).numpy()
+            for k in dict.fromkeys(("forward", "reverse", name))
         }
     status = result.status.numpy()
     labels = np.array([s.label for s in Status], dtype=object)

@@ -151,3 +151,55 @@ def test_monte_carlo_is_reproducible_for_a_seed_and_independent_of_the_batch():
     c = divergence_value(div, MonteCarlo(seed=8), mix, mu, log_sigma)
     assert a[1].item() == b[0].item()
     assert (a != c).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# The squared Hellinger distance H^2 = 1 - int sqrt(p q) dx (the alpha-divergence at 1/2, over 4)
+
+
+def scipy_hellinger(separation, weight, component_var, mu, sigma2, center=0.0) -> float:
+    """H^2 by adaptive scipy quadrature of the non-negative (sqrt p - sqrt q)^2 / 2."""
+    from scipy import integrate
+    from scipy.stats import norm
+
+    m1, m2 = center - separation / 2, center + separation / 2
+    sd, s = math.sqrt(component_var), math.sqrt(sigma2)
+
+    def f(x):
+        p = weight * norm.pdf(x, m1, sd) + (1 - weight) * norm.pdf(x, m2, sd)
+        return 0.5 * (math.sqrt(p) - math.sqrt(norm.pdf(x, mu, s))) ** 2
+
+    lo, hi = min(m1 - 40 * sd, mu - 40 * s), max(m2 + 40 * sd, mu + 40 * s)
+    points = sorted({lo, hi, m1, m2, mu, mu - s, mu + s, m1 - sd, m2 + sd})
+    return sum(
+        integrate.quad(f, a, b, epsabs=1e-15, epsrel=1e-12, limit=500)[0]
+        for a, b in zip(points[:-1], points[1:])
+    )
+
+
+def test_hellinger_matches_scipy_and_is_never_negative():
+    rows = [r for r in GRID if r[3] >= 1e-3] + [
+        (s, w, m, s2) for s, w, m, s2 in itertools.product([1.0, 6.0], [0.2, 0.75], [-1.0, 2.0], [0.3, 4.0])
+    ]
+    mix, mu, log_sigma = batch(rows)
+    ref = np.array([scipy_hellinger(s, w, 1.0, m, s2) for s, w, m, s2 in rows])
+    exact = divergence_exact(DIVERGENCES["hellinger"], mix, mu, log_sigma).numpy()
+    assert np.abs(exact - ref).max() < 1e-10, rows[int(np.abs(exact - ref).argmax())]
+    assert (exact >= 0).all() and (exact <= 1).all()
+    fitted = divergence_value(DIVERGENCES["hellinger"], Quadrature(), mix, mu, log_sigma).numpy()
+    assert np.abs(fitted - ref).max() < 1e-8, rows[int(np.abs(fitted - ref).argmax())]
+
+
+def test_hellinger_between_gaussians_matches_the_closed_form_down_to_tiny_values():
+    # H^2(N(0,1), N(m, s^2)) = 1 - sqrt(2 s / (1 + s^2)) exp(-m^2 / (4 (1 + s^2))); with
+    # 2 s / (1 + s^2) = 1 / cosh(log s) and log cosh x = log1p(2 sinh(x/2)^2), without cancellation.
+    mix = Mixture.two_component(torch.zeros(5), torch.full((5,), 0.5), torch.zeros(5), torch.ones(5))
+    mu = torch.tensor([1e-6, 1e-3, 0.0, 0.5, 3.0])
+    log_sigma = torch.tensor([0.0, 0.0, 1e-5, -0.3, 0.7])
+    s2 = torch.exp(2 * log_sigma)
+    log_cosh = torch.log1p(2 * torch.sinh(log_sigma / 2) ** 2)
+    want = -torch.expm1(-0.5 * log_cosh - mu**2 / (4 * (1 + s2)))
+    got = divergence_exact(DIVERGENCES["hellinger"], mix, mu, log_sigma)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-6)
+    at_p = divergence_exact(DIVERGENCES["hellinger"], mix, torch.zeros(5), torch.zeros(5))
+    assert at_p.abs().max().item() < 1e-30  # zero when Q is P

@@ -46,7 +46,9 @@ class Estimator(Protocol):
     #: True when nodes are fixed in x and Q enters only through the density in the weights.
     fixed_nodes: bool
 
-    def standard_rule(self, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> tuple[Tensor, Tensor]:
+    def standard_rule(
+        self, mixture: Mixture, mu: Tensor, log_sigma: Tensor, cover: str = "q"
+    ) -> tuple[Tensor, Tensor]:
         """Nodes z = (x - mu) / sigma in Q's standard units, with weights for integrals dx."""
         ...
 
@@ -114,9 +116,12 @@ class FixedNodeEstimator:
         x, rule = self.rule(measure, mixture, mu, log_sigma)
         return x, rule * torch.exp(measure_log_prob(measure, x, mixture, mu, log_sigma))
 
-    def standard_rule(self, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> tuple[Tensor, Tensor]:
-        """The "q" rule with nodes in Q's standard units z = (x - mu) / sigma, weights still for dx."""
-        u, rule = self.relative_rule("q", mixture, mu, log_sigma, mu.detach())
+    def standard_rule(
+        self, mixture: Mixture, mu: Tensor, log_sigma: Tensor, cover: str = "q"
+    ) -> tuple[Tensor, Tensor]:
+        """The ``cover`` rule (default "q") with nodes in Q's standard units z = (x - mu) / sigma,
+        weights still for dx."""
+        u, rule = self.relative_rule(cover, mixture, mu, log_sigma, mu.detach())
         return u / torch.exp(log_sigma.detach()).unsqueeze(-1), rule
 
 

@@ -201,13 +201,14 @@ class Objective:
         mu, log_sigma = theta[:, 0], theta[:, 1]
         # Nodes in Q's standard units z = (x - mu) / sigma: then log q, the weights and log p
         # (a quadratic in z per component) each take one or two passes over [b, N].
-        z, rule = self.estimator.standard_rule(self.mixture, mu, log_sigma)
+        z, rule = self.estimator.standard_rule(self.mixture, mu, log_sigma, self.divergence.nodes_cover)
         sigma = torch.exp(log_sigma)
         zz = z * z
         log_q = torch.add((-0.5 * LOG_2PI - log_sigma).unsqueeze(-1), zz, alpha=-0.5)
         w = torch.exp(log_q).mul_(rule)  # q(x) dx
-        phi = self.divergence.integrand(self.mixture.log_prob_standard(z, mu, sigma), log_q)
-        d1, d2 = self.divergence.log_q_derivatives(None, log_q)
+        log_p = self.mixture.log_prob_standard(z, mu, sigma)
+        phi = self.divergence.integrand(log_p, log_q)
+        d1, d2 = self.divergence.log_q_derivatives(log_p, log_q)
         # Every sum runs along the last (node) axis only: a row's result then never depends on
         # which other rows share its batch, so sweeps give the same bits in any chunking.
         if isinstance(d1, float) and d1 == 1.0:  # KL(Q||P): a = w (phi + 1) in one pass
