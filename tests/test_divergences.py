@@ -160,14 +160,16 @@ def test_monte_carlo_is_reproducible_for_a_seed_and_independent_of_the_batch():
 def scipy_hellinger(separation, weight, component_var, mu, sigma2, center=0.0) -> float:
     """H^2 by adaptive scipy quadrature of the non-negative (sqrt p - sqrt q)^2 / 2."""
     from scipy import integrate
-    from scipy.stats import norm
 
     m1, m2 = center - separation / 2, center + separation / 2
     sd, s = math.sqrt(component_var), math.sqrt(sigma2)
 
+    def pdf(x, m, sd):
+        return math.exp(-0.5 * ((x - m) / sd) ** 2) / (sd * math.sqrt(2 * math.pi))
+
     def f(x):
-        p = weight * norm.pdf(x, m1, sd) + (1 - weight) * norm.pdf(x, m2, sd)
-        return 0.5 * (math.sqrt(p) - math.sqrt(norm.pdf(x, mu, s))) ** 2
+        p = weight * pdf(x, m1, sd) + (1 - weight) * pdf(x, m2, sd)
+        return 0.5 * (math.sqrt(p) - math.sqrt(pdf(x, mu, s))) ** 2
 
     lo, hi = min(m1 - 40 * sd, mu - 40 * s), max(m2 + 40 * sd, mu + 40 * s)
     points = sorted({lo, hi, m1, m2, mu, mu - s, mu + s, m1 - sd, m2 + sd})

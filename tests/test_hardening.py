@@ -164,7 +164,9 @@ BAD_INPUT = [
         ["estimator=mc", "estimator.seed=0,abc"],
         ["estimator.seed", "abc", "Integer"],
     ),
-    bad("sweep: choice", "sweep", ["divergence=forward,sideways"], ["sideways", "forward, reverse"]),
+    bad(
+        "sweep: choice", "sweep", ["divergence=forward,sideways"], ["sideways", "forward, hellinger, reverse"]
+    ),
     bad("sweep: unknown key", "sweep", ["colour=red,blue"], ["colour", "separation", "init_sigma2"]),
     bad(
         "sweep: num_points",
