@@ -35,20 +35,29 @@ from kl_sweep.core.optim import Adam
 # The independent reference (scipy adaptive quadrature and root finding; nothing from the core)
 
 
-def _moments(mu: float, s: float, d: float, w: float, v: float = 1.0, c: float = 0.0) -> np.ndarray:
-    """E_t of [g, g', g' sigma t, g'', g'' sigma t, g'' sigma^2 t^2] under t ~ N(0, 1)."""
-    sigma = math.exp(s)
+def _mixture(d: float, w: float, v: float = 1.0, c: float = 0.0):
+    """x -> (g, g', g'') for g = log p of the two-component mixture, by responsibilities."""
     means = np.array([c - d / 2, c + d / 2])
     log_w = np.array([math.log(w), math.log1p(-w)]) - 0.5 * math.log(2 * math.pi * v)
 
-    def f(t: float) -> np.ndarray:
-        x = mu + sigma * t
+    def score(x: float) -> tuple[float, float, float]:
         a = log_w - (x - means) ** 2 / (2 * v)
         top = a.max()
         g = top + math.log(np.exp(a - top).sum())
         r = np.exp(a - g)  # responsibilities
         g1 = (r * (means - x)).sum() / v
-        g2 = (r * (x - means) ** 2).sum() / v**2 - 1 / v - g1 * g1
+        return g, g1, (r * (x - means) ** 2).sum() / v**2 - 1 / v - g1 * g1
+
+    return means, score
+
+
+def _moments(mu: float, s: float, d: float, w: float, v: float = 1.0, c: float = 0.0) -> np.ndarray:
+    """E_t of [g, g', g' sigma t, g'', g'' sigma t, g'' sigma^2 t^2] under t ~ N(0, 1)."""
+    sigma = math.exp(s)
+    means, score = _mixture(d, w, v, c)
+
+    def f(t: float) -> np.ndarray:
+        g, g1, g2 = score(mu + sigma * t)
         st = sigma * t
         return (
             math.exp(-0.5 * t * t)
@@ -497,17 +506,10 @@ def ref_hellinger(mu, s, d, w, v=1.0, c=0.0):
     derivatives of I follow from those of A and B.
     """
     sigma = math.exp(s)
-    means = np.array([c - d / 2, c + d / 2])
-    log_w = np.array([math.log(w), math.log1p(-w)]) - 0.5 * math.log(2 * math.pi * v)
+    means, score = _mixture(d, w, v, c)
 
     def f(t: float) -> np.ndarray:
-        x = mu + sigma * t
-        a = log_w - (x - means) ** 2 / (2 * v)
-        top = a.max()
-        g = top + math.log(np.exp(a - top).sum())
-        r = np.exp(a - g)
-        g1 = (r * (means - x)).sum() / v
-        g2 = (r * (x - means) ** 2).sum() / v**2 - 1 / v - g1 * g1
+        g, g1, g2 = score(mu + sigma * t)
         st = sigma * t
         i = math.exp(0.5 * s + 0.5 * g - 0.25 * t * t) / (2 * math.pi) ** 0.25
         big_a, big_b = 0.5 * g1, 0.5 + 0.5 * g1 * st
