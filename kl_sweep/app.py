@@ -35,10 +35,10 @@ def run(cfg: DictConfig, output_dir: str | Path) -> float:
     result = run_rows(rows_frame(row_values, 1), shared)
     write_parquet(result, Path(output_dir) / RESULTS)
     r = result.iloc[0]
+    is_kl = r.divergence in ("forward", "reverse")  # the KLs are in nats; H^2 has no unit
     log.info(
-        f"{r.divergence}{' KL' if r.divergence in ('forward', 'reverse') else ''}: mu={r.mu:.6g} "
-        f"sigma2={r.sigma2:.6g} loss={r.loss:.6g}{' nats' if r.divergence in ('forward', 'reverse') else ''} "
-        f"steps={r.steps} status={r.status}"
+        f"{r.divergence}{' KL' if is_kl else ''}: mu={r.mu:.6g} sigma2={r.sigma2:.6g} "
+        f"loss={r.loss:.6g}{' nats' if is_kl else ''} steps={r.steps} status={r.status}"
     )
     return float(r.loss)
 
