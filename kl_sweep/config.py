@@ -17,7 +17,9 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 #: The repository's ``conf/``, found from this file so the app runs from any working directory.
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 #: The divergences :mod:`kl_sweep.core.divergences` implements (checked there).
-DIVERGENCE_NAMES = ("forward", "reverse", "hellinger")
+DIVERGENCE_NAMES = ("forward", "reverse", "hellinger", "alpha", "chi2", "renyi", "jensen_shannon")
+#: The divergences that take a parameter ``divergence.alpha`` (every other one refuses it).
+ALPHA_DIVERGENCES = ("alpha", "renyi")
 ESTIMATOR_NAMES = ("quadrature", "grid", "mc")
 OPTIMIZER_NAMES = ("adam", "sgd")
 
@@ -25,6 +27,7 @@ OPTIMIZER_NAMES = ("adam", "sgd")
 @dataclass
 class DivergenceConf:
     name: str = "forward"  # forward = KL(P||Q) (mass-covering), reverse = KL(Q||P) (mode-seeking)
+    alpha: float | None = None  # the order of the alpha and renyi divergences (a row key); None for others
 
 
 @dataclass
@@ -87,6 +90,7 @@ class KLSweepConfig:
 #: The keys that may differ from row to row inside one batched fit, with their types. Any other
 #: key (group choices, estimator and optimiser hyperparameters) is shared by a whole batch.
 ROW_KEYS: dict[str, type] = {
+    "divergence.alpha": float,
     "separation": float,
     "weight": float,
     "center": float,

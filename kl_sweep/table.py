@@ -27,6 +27,7 @@ from kl_sweep.version import numerics_version
 #: The result table's columns, in order (a contract: analysis and tests read these names).
 COLUMNS = [
     "divergence",
+    "alpha",
     "estimator",
     "optimizer",
     "lr",
@@ -44,6 +45,7 @@ COLUMNS = [
     "grad_norm",
     "steps",
     "converged",
+    "on_boundary",
     "status",
     "config_hash",
     "numerics_version",
@@ -110,21 +112,26 @@ def run_rows(rows: pd.DataFrame, shared: Mapping[str, Any]) -> pd.DataFrame:
         lr=col["optimizer.lr"],
         max_steps=torch.tensor(rows["optimizer.max_steps"].to_numpy(dtype="int64")),
         tol=col["optimizer.tol"],
+        alpha=col["divergence.alpha"] if DIVERGENCES[shared["divergence.name"]].parameter else None,
     )
     result = fit(problem, settings_from(shared))
+    status = result.status.numpy()
     log_sigma = 0.5 * torch.log(result.sigma2)
     name = shared["divergence.name"]
     with torch.no_grad():  # both KLs for every row, and the fitted divergence if it is another
         kl = {
-            k: divergence_exact(DIVERGENCES[k], mixture, result.mu, log_sigma).numpy()
+            k: divergence_exact(DIVERGENCES[k], mixture, result.mu, log_sigma, alpha=problem.alpha).numpy()
             for k in dict.fromkeys(("forward", "reverse", name))
         }
-    status = result.status.numpy()
+    # A row that starts where the divergence is infinite reports +inf, as the fit does.
+    kl[name] = np.where(status == Status.INFINITE, np.inf, kl[name])
+    on_boundary = np.zeros(len(rows), bool) if result.on_boundary is None else result.on_boundary.numpy()
     labels = np.array([s.label for s in Status], dtype=object)
     n = len(rows)
     out = pd.DataFrame(
         {
             "divergence": shared["divergence.name"],
+            "alpha": rows["divergence.alpha"],
             "estimator": shared["estimator.name"],
             "optimizer": shared["optimizer.name"],
             "lr": rows["optimizer.lr"],
@@ -142,6 +149,7 @@ def run_rows(rows: pd.DataFrame, shared: Mapping[str, Any]) -> pd.DataFrame:
             "grad_norm": result.grad_norm.numpy(),
             "steps": result.steps.numpy(),
             "converged": status == Status.CONVERGED,
+            "on_boundary": on_boundary,
             "status": labels[status],
             "config_hash": config_hashes(rows, shared),
             "numerics_version": numerics_version(),

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from hydra.errors import CompactHydraException
 
-from kl_sweep.config import DIVERGENCE_NAMES, ESTIMATOR_NAMES, OPTIMIZER_NAMES, ROW_KEYS
+from kl_sweep.config import ALPHA_DIVERGENCES, DIVERGENCE_NAMES, ESTIMATOR_NAMES, OPTIMIZER_NAMES, ROW_KEYS
 
 
 class ConfigError(CompactHydraException, ValueError):
@@ -112,7 +112,13 @@ RULES: dict[str, Rule] = {
 #: The keys every configuration needs (``~separation`` would delete one).
 REQUIRED_KEYS = (*ROW_KEYS, "polish", "divergence.name", "estimator.name", "optimizer.name")
 #: Every key a configuration may have (flattened); anything else, such as ``+colour=red``, is refused.
-KNOWN_KEYS = tuple(sorted({*RULES, "polish"}))
+KNOWN_KEYS = tuple(sorted({*RULES, "polish", "divergence.alpha"}))
+#: ``divergence.alpha`` per divergence that takes one (checked in :func:`_check_alpha`).
+ALPHA_RULES: dict[str, Rule] = {
+    "alpha": Rule("a finite number (any real order; 0 and 1 are the KL limits)", _finite()),
+    "renyi": Rule("a finite number > 0 (1 is the KL(Q||P) limit)", _finite(0.0, lo_open=True)),
+}
+assert set(ALPHA_RULES) == set(ALPHA_DIVERGENCES)
 
 
 def validate(values: Mapping[str, Any], context: Callable[[str, Any], str] | None = None) -> None:
@@ -139,6 +145,25 @@ def validate(values: Mapping[str, Any], context: Callable[[str, Any], str] | Non
         if not good.all():
             bad = column[int(np.argmin(good))]
             raise ConfigError(key, bad, rule.allowed, context(key, bad) if context else "")
+    _check_alpha(values, context)
+
+
+def _check_alpha(values: Mapping[str, Any], context: Callable[[str, Any], str] | None) -> None:
+    """``divergence.alpha``: required by the divergences that take one, refused by every other."""
+    names = np.atleast_1d(np.asarray(values.get("divergence.name"), dtype=object))
+    column = np.atleast_1d(np.asarray(values.get("divergence.alpha"), dtype=object))
+    for name in dict.fromkeys(names.tolist()):  # the few divergence names, not the rows
+        rows = column if len(names) == 1 else column[names == name]
+        if name in ALPHA_RULES:
+            rule = ALPHA_RULES[name]
+            good = np.array([v is not None and _scalar_ok(rule, v) for v in rows], dtype=bool)
+            allowed = f"{rule.allowed} for divergence={name}"
+        else:
+            good = np.array([v is None for v in rows], dtype=bool)
+            allowed = f"no value: divergence={name} has no alpha (only {' and '.join(ALPHA_DIVERGENCES)} take one)"
+        if not good.all():
+            bad = rows[int(np.argmin(good))]
+            raise ConfigError("divergence.alpha", bad, allowed, context("divergence.alpha", bad) if context else "")
 
 
 def _scalar_ok(rule: Rule, value: Any) -> bool:

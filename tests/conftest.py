@@ -11,6 +11,20 @@ from scipy import integrate
 
 ROOT = Path(__file__).resolve().parent.parent
 
+#: Every divergence, with orders for those that take one: a < 0, inside (0, 1) and a > 1.
+MEMBERS = [
+    ("forward", None),
+    ("reverse", None),
+    ("hellinger", None),
+    ("jensen_shannon", None),
+    ("chi2", None),
+    ("alpha", -0.5),
+    ("alpha", 0.3),
+    ("alpha", 1.5),
+    ("renyi", 0.5),
+    ("renyi", 2.0),
+]
+
 torch.set_default_dtype(torch.float64)
 
 

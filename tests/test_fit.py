@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from conftest import MEMBERS
 
 from kl_sweep.core.divergences import DIVERGENCES, divergence_value
 from kl_sweep.core.estimators import Grid, MonteCarlo, Quadrature
@@ -94,13 +95,19 @@ def test_closed_form_derivatives_equal_autograd(estimator):
     rows = [(3.0, 0.7, 1.0, 0.4, 1.7), (8.0, 0.2, 0.5, -2.0, 0.6), (0.0, 0.5, 2.0, 1.0, 3.0)]
     prob = problem(rows)
     theta = torch.stack([prob.init_mu + 0.1, 0.5 * torch.log(prob.init_sigma2) - 0.2], -1)
-    for div in DIVERGENCES.values():
-        obj = Objective.build(div, estimator, prob.mixture, theta)
+    for name, alpha in MEMBERS:
+        div = DIVERGENCES[name]
+        per_row = None if alpha is None else torch.full((len(rows),), alpha)
+        obj = Objective.build(div, estimator, prob.mixture, theta, per_row)
         loss, grad, hess = obj.derivatives(theta, hessian=True)
         for i in range(len(rows)):
+            if not torch.isfinite(loss[i]):
+                assert not div.finite(prob.mixture[torch.tensor([i])], theta[i, :1], theta[i, 1:], alpha)
+                continue
 
-            def f(t, i=i, div=div):
-                return divergence_value(div, estimator, prob.mixture[torch.tensor([i])], t[:1], t[1:]).sum()
+            def f(t, i=i, div=div, alpha=alpha):
+                one = prob.mixture[torch.tensor([i])]
+                return divergence_value(div, estimator, one, t[:1], t[1:], alpha).sum()
 
             t = theta[i].clone().requires_grad_(True)
             (g,) = torch.autograd.grad(f(t), t)

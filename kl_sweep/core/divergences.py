@@ -3,22 +3,33 @@ r"""Divergences between the mixture P and the Gaussian Q, as expectations of log
 Each divergence is a measure (the distribution the expectation is taken under) and an integrand,
 a pure function of :math:`\log p(x)` and :math:`\log q(x)`:
 
-- :func:`kl_forward`: :math:`\mathrm{KL}(P\Vert Q) = E_P[\log p - \log q]`, mass-covering;
+- ``forward``: :math:`\mathrm{KL}(P\Vert Q) = E_P[\log p - \log q]`, mass-covering;
   its minimiser over Q matches P's mean and variance.
-- :func:`kl_reverse`: :math:`\mathrm{KL}(Q\Vert P) = E_Q[\log q - \log p]`, mode-seeking; it has one
+- ``reverse``: :math:`\mathrm{KL}(Q\Vert P) = E_Q[\log q - \log p]`, mode-seeking; it has one
   minimum per mode once the modes are far enough apart.
 
-- ``hellinger``: the squared Hellinger distance :math:`H^2(P, Q) = 1 - \int\sqrt{pq}\,dx
-  = \tfrac14 D_{1/2}`, symmetric, in [0, 1]: the alpha-divergence at alpha = 1/2
-  (:func:`alpha_integrand`), between the two KLs.
+The alpha family (:mod:`kl_sweep.core.alpha`), all built from one pointwise density:
 
-The KLs are in nats. Working with log densities throughout means no density underflows to 0 and
-no ``+ 1e-12`` is needed. A new divergence (the rest of the alpha family) is one more
-:class:`Divergence`.
+- ``alpha``: Amari's :math:`D_a(P\Vert Q)` in Minka's convention, any real ``divergence.alpha``;
+  a -> 1 is KL(P||Q), a -> 0 is KL(Q||P) (a row key: one batch holds many alphas).
+- ``hellinger``: :math:`H^2 = 1 - \int\sqrt{pq}\,dx = D_{1/2}/4`, in [0, 1].
+- ``chi2``: Pearson's :math:`\chi^2(P\Vert Q) = \int p^2/q\,dx - 1 = 2 D_2`, as CHIVI minimises.
+- ``renyi``: Renyi's :math:`R_a(Q\Vert P) = \frac{1}{a-1}\log\int q^a p^{1-a}\,dx`, a > 0, in
+  nats, the VR bound's divergence: :math:`\log(1 - a(1-a) D_{1-a}(P\Vert Q))/(a-1)`, so it has
+  the optima of :math:`D_{1-a}`; a = 1 is KL(Q||P).
+
+And ``jensen_shannon``: :math:`\tfrac12\mathrm{KL}(P\Vert M) + \tfrac12\mathrm{KL}(Q\Vert M)`,
+M = (P + Q)/2, in [0, log 2] nats (an f-divergence outside the alpha family).
+
+The KLs, Renyi and Jensen-Shannon are in nats; the alpha-divergences are dimensionless (their
+limits at a = 0, 1 are the KLs in nats). Working with log densities throughout means no density
+underflows to 0 and no ``+ 1e-12`` is needed. Where a member is infinite (alpha outside [0, 1]
+with Q too narrow or too wide) it is reported as +inf, decided analytically.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,7 +37,8 @@ import torch
 from torch import Tensor
 
 from kl_sweep.config import DIVERGENCE_NAMES
-from kl_sweep.core.estimators import Estimator, Measure
+from kl_sweep.core import alpha as family
+from kl_sweep.core.estimators import SCALE_OFFSETS, Estimator, Measure
 from kl_sweep.core.mixture import LOG_2PI, Mixture, gaussian_sigma2, normal_log_prob
 
 
@@ -56,59 +68,33 @@ def kl_density_term(log_a: Tensor, log_b: Tensor) -> Tensor:
     return torch.where(near, small, a * delta + b - a)
 
 
-def alpha_integrand(alpha: float) -> tuple[Callable[[Tensor, Tensor], Tensor], Callable]:
-    r"""Amari's alpha-divergence (Minka's convention) as an expectation under Q, for alpha in (0, 1).
+def _constant(a: float) -> Callable[[Tensor | None, int, torch.dtype], Tensor]:
+    def of(alpha: Tensor | None, n: int, dtype: torch.dtype) -> Tensor:
+        return torch.full((n,), a, dtype=dtype)
 
-    .. math:: D_\alpha(P\Vert Q) = \frac{1}{\alpha(1-\alpha)} \int \big[\alpha p + (1-\alpha) q
-              - p^\alpha q^{1-\alpha}\big]\,dx
-              = E_Q\Big[\frac{-\operatorname{expm1}(\alpha\delta)}{\alpha(1-\alpha)}\Big],
-              \quad \delta = \log p - \log q,
+    return of
 
-    dimensionless (it tends to the KLs, in nats, as alpha -> 0 or 1). The first two terms
-    integrate to 1 exactly, so only :math:`p^\alpha q^{1-\alpha}` is integrated, and ``expm1``
-    keeps the digits when P and Q nearly agree. Returns the integrand
-    :math:`\phi(\log p, \log q)` and its first two derivatives in :math:`\log q`,
-    :math:`e^{\alpha\delta}/(1-\alpha)` and :math:`-\alpha e^{\alpha\delta}/(1-\alpha)`, which the
-    fit's closed-form gradient and Hessian use. (The whole family, with alpha outside (0, 1) and
-    its infinite regions, is issue #9.)
+
+def _given(alpha: Tensor | None, n: int, dtype: torch.dtype) -> Tensor:
+    return torch.as_tensor(alpha, dtype=dtype).expand(n)
+
+
+def _one_minus(alpha: Tensor | None, n: int, dtype: torch.dtype) -> Tensor:
+    return 1.0 - _given(alpha, n, dtype)
+
+
+def renyi_from_alpha(d: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Renyi's :math:`R_a(Q\Vert P)` from :math:`D = D_{1-a}(P\Vert Q)`, with dR/dD and d^2R/dD^2.
+
+    :math:`\int q^a p^{1-a} = I = 1 - a(1-a)D`, so :math:`R = \log I/(a-1) = a D\,L(-a(1-a)D)` with
+    :math:`L(y) = \log(1+y)/y` (1 at y = 0): no 0/0 at a = 1, where R is KL(Q||P) = D.
     """
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha={alpha}: allowed is 0 < alpha < 1")
-    scale = 1.0 / (alpha * (1.0 - alpha))
-
-    # Where q underflows (far outside Q, on P's panels) p^alpha q^-alpha overflows, and q times it
-    # would be inf * 0. The exponent is capped at 700 (e^700 is finite); q there is below e^-700
-    # times p^alpha, so the capped terms are zero after weighting, as the true ones are.
-    def integrand(log_p: Tensor, log_q: Tensor) -> Tensor:
-        return -scale * torch.expm1(torch.clamp(alpha * (log_p - log_q), max=700.0))
-
-    def log_q_derivatives(log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
-        e = torch.exp(torch.clamp(alpha * (log_p - log_q), max=700.0))
-        return e / (1.0 - alpha), (-alpha / (1.0 - alpha)) * e
-
-    return integrand, log_q_derivatives
-
-
-def scaled(
-    pair: tuple[Callable[[Tensor, Tensor], Tensor], Callable], factor: float
-) -> tuple[Callable[[Tensor, Tensor], Tensor], Callable]:
-    """An integrand and its log-q derivatives, both multiplied by ``factor``."""
-    integrand, derivatives = pair
-
-    def d(log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
-        d1, d2 = derivatives(log_p, log_q)
-        return factor * d1, factor * d2
-
-    return (lambda log_p, log_q: factor * integrand(log_p, log_q)), d
-
-
-def hellinger_density_term(log_p: Tensor, log_q: Tensor) -> Tensor:
-    r"""Pointwise non-negative density of the squared Hellinger distance, :math:`(\sqrt p - \sqrt q)^2/2`."""
-    return 0.5 * (torch.exp(0.5 * log_p) - torch.exp(0.5 * log_q)) ** 2
-
-
-#: The squared Hellinger distance H^2 = 1 - int sqrt(p q) dx = D_{1/2} / 4, in [0, 1].
-_HELLINGER = scaled(alpha_integrand(0.5), 0.25)
+    c = alpha * (1.0 - alpha)
+    y = -c * d
+    small = y == 0
+    ratio = torch.where(small, 1.0, torch.log1p(y) / torch.where(small, 1.0, y))
+    integral = 1.0 + y
+    return alpha * d * ratio, alpha / integral, alpha * c / (integral * integral)
 
 
 @dataclass(frozen=True)
@@ -119,11 +105,16 @@ class Divergence:
     expectation needs only the measure's first three moments, because log q is quadratic in x.
     ``log_q_derivatives(log_p, log_q)`` gives the integrand's first and second derivatives in
     log q, which lets expectations under Q on fixed nodes be differentiated in closed form.
+
+    Members of the alpha family (and Jensen-Shannon) are given instead by a pointwise density
+    ``density(log_p, log_q, a)`` (integrated dx) and its weighted log-q derivatives, with
+    ``alpha_of(alpha, n, dtype)`` mapping the user's ``divergence.alpha`` to the a of
+    :math:`D_a`, a ``scale`` and, for Renyi, a monotone ``transform`` of :math:`D_a`.
     """
 
     name: str
     measure: Measure
-    integrand: Callable[[Tensor, Tensor], Tensor]
+    integrand: Callable[[Tensor, Tensor], Tensor] | None = None
     affine_in_log_q: bool = False
     log_q_derivatives: Callable[[Tensor | None, Tensor], tuple[Tensor | float, Tensor | float]] | None = None
     #: ``(log_p, log_q) -> density-weighted non-negative term`` to integrate dx over P and Q's mass.
@@ -131,10 +122,73 @@ class Divergence:
     #: Whose mass the fit's nodes cover ("q", "p" or "pq"); None: the measure's. An integrand that
     #: peaks where P does (sqrt(p/q) for Hellinger) needs P's panels too when Q is much wider.
     cover: str | None = None
+    #: ``(log_p, log_q, a) -> t0``: the pointwise non-negative density (alpha family, JS).
+    density: Callable[..., Tensor] | None = None
+    #: ``(log_p, log_q, a) -> (t1, t2)``: its weighted derivatives in log q (see core.alpha).
+    weighted_derivatives: Callable[..., tuple[Tensor, Tensor]] | None = None
+    #: ``(alpha, n, dtype) -> a [n]``: the alpha-divergence order behind this member.
+    alpha_of: Callable[[Tensor | None, int, torch.dtype], Tensor] | None = None
+    scale: float = 1.0
+    #: ``(D, alpha) -> (value, dvalue/dD, d2value/dD2)``: a monotone function of the scaled D.
+    transform: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None
+    #: The key of this member's parameter (``alpha``: set as ``divergence.alpha``), or None.
+    parameter: str | None = None
+    #: The parameter's allowed range, as (low, low is open): Renyi needs a > 0.
+    parameter_low: tuple[float, bool] | None = None
 
     @property
     def nodes_cover(self) -> str:
         return self.cover or self.measure
+
+    @property
+    def pointwise(self) -> bool:
+        """True for members given by a pointwise density (the alpha family and Jensen-Shannon)."""
+        return self.density is not None
+
+    def orders(self, alpha: Tensor | float | None, n: int, dtype: torch.dtype = torch.float64) -> Tensor | None:
+        """The a of :math:`D_a` per row [n] (None outside the alpha family)."""
+        if self.alpha_of is None:
+            return None
+        if self.parameter is not None and alpha is None:
+            raise ValueError(f"divergence {self.name!r} needs its alpha")
+        return self.alpha_of(alpha, n, dtype)
+
+    def panel_points(self, mixture: Mixture, mu: Tensor, log_sigma: Tensor, a: Tensor | None) -> Tensor | None:
+        """Extra panel edges where the integrand has mass away from P and Q (alpha outside [0, 1])."""
+        if a is None:
+            return None
+        with torch.no_grad():
+            offsets = torch.as_tensor(SCALE_OFFSETS, dtype=mu.dtype)
+            return family.panel_points(mixture, mu.detach(), log_sigma.detach(), a, offsets)
+
+    def finite(self, mixture: Mixture, mu: Tensor, log_sigma: Tensor, alpha: Tensor | float | None = None) -> Tensor:
+        """True where this divergence is finite at (mu, log sigma), decided analytically."""
+        a = self.orders(alpha, mu.shape[0], mu.dtype)
+        if a is None:
+            return torch.ones_like(mu, dtype=torch.bool)
+        return family.is_finite(mixture, mu, log_sigma, a)
+
+    def bounds(self, mixture: Mixture, mu: Tensor, alpha: Tensor | float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(lo, hi, closed): the log-sigma interval where it is finite, and whether hi itself is."""
+        a = self.orders(alpha, mu.shape[0], mu.dtype)
+        if a is None:
+            inf = torch.full_like(mu, float("inf"))
+            return -inf, inf, torch.zeros_like(mu, dtype=torch.bool)
+        lo, hi = family.log_sigma_bounds(mixture, a)
+        return lo, hi, family.edge_is_finite(mixture, mu, a)
+
+
+def _alpha_member(name: str, alpha_of, scale: float = 1.0, **options) -> Divergence:
+    return Divergence(
+        name,
+        "q",
+        density=family.alpha_density,
+        weighted_derivatives=family.alpha_weighted_derivatives,
+        alpha_of=alpha_of,
+        scale=scale,
+        cover="pq",
+        **options,
+    )
 
 
 DIVERGENCES: dict[str, Divergence] = {
@@ -146,12 +200,17 @@ DIVERGENCES: dict[str, Divergence] = {
         log_q_derivatives=lambda log_p, log_q: (1.0, 0.0),
         exact_term=lambda log_p, log_q: kl_density_term(log_q, log_p),
     ),
-    "hellinger": Divergence(
-        "hellinger",
+    "hellinger": _alpha_member("hellinger", _constant(0.5), 0.25),
+    "alpha": _alpha_member("alpha", _given, parameter="alpha"),
+    "chi2": _alpha_member("chi2", _constant(2.0), 2.0),
+    "renyi": _alpha_member(
+        "renyi", _one_minus, transform=renyi_from_alpha, parameter="alpha", parameter_low=(0.0, True)
+    ),
+    "jensen_shannon": Divergence(
+        "jensen_shannon",
         "q",
-        _HELLINGER[0],
-        log_q_derivatives=_HELLINGER[1],
-        exact_term=hellinger_density_term,
+        density=family.jensen_shannon_density,
+        weighted_derivatives=family.jensen_shannon_weighted_derivatives,
         cover="pq",
     ),
 }
@@ -159,15 +218,16 @@ DIVERGENCES: dict[str, Divergence] = {
 assert tuple(DIVERGENCES) == DIVERGENCE_NAMES, "kl_sweep.config.DIVERGENCE_NAMES lists the divergences"
 
 
-def get_divergence(name: str, alpha: float | Tensor | None = None) -> Divergence:
-    """The divergence called ``name``, with its parameter ``alpha`` where it has one.
-
-    The one way code outside this module (the fit's table builder, the continuation, the analysis)
-    turns a name and an optional parameter into a :class:`Divergence`.
-    """
-    if alpha is not None:
-        raise ValueError(f"divergence {name!r} takes no alpha")
+def get_divergence(name: str) -> Divergence:
+    """The divergence called ``name``: the one way code outside this module looks one up."""
     return DIVERGENCES[name]
+
+
+def finite_region(
+    divergence: Divergence, mixture: Mixture, mu: Tensor, log_sigma: Tensor, alpha: Tensor | float | None = None
+) -> Tensor:
+    """True [B] where the divergence is finite at (mu, log sigma), decided analytically."""
+    return divergence.finite(mixture, mu, log_sigma, alpha)
 
 
 def integrand_terms(
@@ -178,20 +238,95 @@ def integrand_terms(
     return divergence.integrand(mixture.log_prob(x), log_q)
 
 
+def _finish(divergence: Divergence, d: Tensor, alpha, finite: Tensor | None) -> Tensor:
+    """Scale, transform (Renyi) and +inf where infinite: the value from the integral of the density."""
+    d = divergence.scale * d
+    if divergence.transform is not None:
+        d = divergence.transform(d, torch.as_tensor(alpha, dtype=d.dtype).expand_as(d))[0]
+    if finite is not None:
+        d = torch.where(finite, d, torch.inf)
+    return d
+
+
 def divergence_value(
-    divergence: Divergence, estimator: Estimator, mixture: Mixture, mu: Tensor, log_sigma: Tensor
+    divergence: Divergence,
+    estimator: Estimator,
+    mixture: Mixture,
+    mu: Tensor,
+    log_sigma: Tensor,
+    alpha: Tensor | float | None = None,
 ) -> Tensor:
     """The divergence in nats for every row, shape [B], differentiable in (mu, log_sigma)."""
     from kl_sweep.core.estimators import FixedNodeEstimator, default_origin
 
+    a = divergence.orders(alpha, mu.shape[0], mu.dtype)
+    finite = None if a is None else family.is_finite(mixture, mu.detach(), log_sigma.detach(), a)
     if not isinstance(estimator, FixedNodeEstimator):  # Monte Carlo: samples carry the measure
-        x, w = estimator.nodes(divergence.measure, mixture, mu, log_sigma)
-        return (w * integrand_terms(divergence, x, mixture, mu, log_sigma)).sum(-1)
+        if not divergence.pointwise:
+            x, w = estimator.nodes(divergence.measure, mixture, mu, log_sigma)
+            return (w * integrand_terms(divergence, x, mixture, mu, log_sigma)).sum(-1)
+        return _monte_carlo(divergence, estimator, mixture, mu, log_sigma, alpha, a, finite)
+    if divergence.pointwise:
+        extra = divergence.panel_points(mixture, mu, log_sigma, a)
+        origin = mu.detach()
+        u, rule = estimator.relative_rule(divergence.nodes_cover, mixture, mu, log_sigma, origin, extra)
+        log_p, log_q = _log_densities(u, origin, mixture, mu, log_sigma)
+        ak = None if a is None else a.unsqueeze(-1)
+        return _finish(divergence, (rule * divergence.density(log_p, log_q, ak)).sum(-1), alpha, finite)
     origin = default_origin(divergence.measure, mixture, mu).detach()
     u, rule = estimator.relative_rule(divergence.nodes_cover, mixture, mu, log_sigma, origin)
     log_p, log_q = _log_densities(u, origin, mixture, mu, log_sigma)
     density = torch.exp(log_q if divergence.measure == "q" else log_p)
     return (rule * density * divergence.integrand(log_p, log_q)).sum(-1)
+
+
+def _log_ratio(measure: Measure, estimator: Estimator, mixture: Mixture, mu: Tensor, log_sigma: Tensor):
+    """Samples' log p - log q under ``measure``, with their weights."""
+    x, w = estimator.nodes(measure, mixture, mu, log_sigma)
+    log_q = normal_log_prob(x, mu.unsqueeze(-1), gaussian_sigma2(log_sigma).unsqueeze(-1))
+    return mixture.log_prob(x) - log_q, w
+
+
+def _monte_carlo(divergence: Divergence, estimator, mixture, mu, log_sigma, alpha, a, finite) -> Tensor:
+    r"""Monte Carlo for the pointwise members, each in its bounded or standard form.
+
+    - alpha family: :math:`E_Q[-\operatorname{expm1}(a\delta)]/(a(1-a))` for a <= 1/2 and
+      :math:`E_P[-\operatorname{expm1}((1-a)(-\delta))]/(a(1-a))` for a > 1/2, unbiased, with
+      no 0/0 at a = 0 or 1 (the KL estimators there). Adding :math:`a p + (1-a) q` back in would
+      bring :math:`E_Q[p/q]`, whose variance is the chi-square: often huge, even infinite.
+    - Renyi: the VR bound's log-mean-exp (:func:`_renyi_log_mean_exp`), biased.
+    - Jensen-Shannon: :math:`\tfrac12 E_P[\log\frac{2p}{p+q}] + \tfrac12 E_Q[\log\frac{2q}{p+q}]`.
+    """
+    if divergence.transform is not None:
+        delta, w = _log_ratio("q", estimator, mixture, mu, log_sigma)
+        return _renyi_log_mean_exp(delta, w, divergence, alpha, finite)
+    delta_q, w_q = _log_ratio("q", estimator, mixture, mu, log_sigma)
+    delta_p, w_p = _log_ratio("p", estimator, mixture, mu, log_sigma)
+    if a is None:  # Jensen-Shannon
+        softplus = torch.nn.functional.softplus
+        log2 = math.log(2.0)
+        return 0.5 * (w_p * (log2 - softplus(-delta_p))).sum(-1) + 0.5 * (w_q * (log2 - softplus(delta_q))).sum(-1)
+    ak = a.unsqueeze(-1)
+    under_q = (w_q * -delta_q * family.relative_expm1(ak * delta_q)).sum(-1) / (1.0 - a).where(a <= 0.5, 1.0)
+    c = 1.0 - a
+    under_p = (w_p * delta_p * family.relative_expm1(-c.unsqueeze(-1) * delta_p)).sum(-1) / a.where(a > 0.5, 1.0)
+    return _finish(divergence, torch.where(a <= 0.5, under_q, under_p), alpha, finite)
+
+
+def _renyi_log_mean_exp(delta: Tensor, w: Tensor, divergence: Divergence, alpha, finite) -> Tensor:
+    r"""Monte Carlo Renyi as the VR bound forms it: :math:`\frac{1}{a-1}\log\frac1n\sum_i e^{(1-a)\delta_i}`.
+
+    Biased by Jensen's inequality: :math:`E[\log \hat I] \le \log I`, so for a < 1 the estimate
+    is high on average and for a > 1 low, by about :math:`\mathrm{Var}(e^{(1-a)\delta})/(2nI^2|1-a|)`.
+    At a = 1 it is the plain mean of :math:`-\delta`, KL(Q||P).
+    """
+    a = torch.as_tensor(alpha, dtype=delta.dtype).expand(delta.shape[0]).unsqueeze(-1)
+    b = 1.0 - a
+    log_mean = torch.logsumexp(b * delta + torch.log(w), -1)
+    plain = (w * -delta).sum(-1)
+    safe_b = torch.where(b == 0, 1.0, b)[:, 0]
+    value = torch.where(b[:, 0] == 0, plain, -log_mean / safe_b)
+    return value if finite is None else torch.where(finite, value, torch.inf)
 
 
 def _log_densities(
@@ -204,15 +339,23 @@ def _log_densities(
 
 
 def divergence_exact(
-    divergence: Divergence, mixture: Mixture, mu: Tensor, log_sigma: Tensor, nodes_per_panel: int = 12
+    divergence: Divergence,
+    mixture: Mixture,
+    mu: Tensor,
+    log_sigma: Tensor,
+    nodes_per_panel: int = 12,
+    alpha: Tensor | float | None = None,
 ) -> Tensor:
-    """The divergence in nats to near rounding level: what every reported value is.
+    """The divergence in nats to near rounding level: what every reported value is (+inf where infinite).
 
-    Composite Gauss-Legendre with panels over both P's and Q's mass, integrating the divergence's
-    :attr:`~Divergence.exact_term` (exact for tiny and huge values alike) where it has one.
+    Composite Gauss-Legendre with panels over both P's and Q's mass (and, for alpha outside
+    [0, 1], over the integrand's own), integrating the divergence's non-negative pointwise
+    density (exact for tiny and huge values alike) where it has one.
     """
     from kl_sweep.core.estimators import Quadrature
 
+    if divergence.pointwise:
+        return divergence_value(divergence, Quadrature(nodes_per_panel), mixture, mu, log_sigma, alpha)
     # Nodes as offsets u from an origin: Q's mean for expectations under Q, P's centre under P,
     # so that the distribution that weights the integrand is resolved whatever its width.
     origin = mu if divergence.measure == "q" else mixture.means.mean(-1)

@@ -54,10 +54,20 @@ class Estimator(Protocol):
 
 
 def support(
-    measure: Measure | str, mixture: Mixture, mu: Tensor, log_sigma: Tensor, origin: Tensor | float = 0.0
+    measure: Measure | str,
+    mixture: Mixture,
+    mu: Tensor,
+    log_sigma: Tensor,
+    origin: Tensor | float = 0.0,
+    extra: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """An interval [lo, hi] per row, relative to ``origin``, holding all but 1e-32 of the measure's
-    mass ("pq": of both)."""
+    mass ("pq": of both), stretched to hold the ``extra`` points [B, M] (absolute x) too."""
+    if extra is not None:
+        lo, hi = support(measure, mixture, mu, log_sigma, origin)
+        o = origin.unsqueeze(-1) if isinstance(origin, Tensor) else origin
+        rel = extra - o
+        return torch.minimum(lo, rel.min(-1).values), torch.maximum(hi, rel.max(-1).values)
     if measure == "pq":
         (lo_p, hi_p), (lo_q, hi_q) = (support(m, mixture, mu, log_sigma, origin) for m in ("p", "q"))
         return torch.minimum(lo_p, lo_q), torch.maximum(hi_p, hi_q)
@@ -100,8 +110,16 @@ class FixedNodeEstimator:
     fixed_nodes = True
 
     def relative_rule(
-        self, cover: str, mixture: Mixture, mu: Tensor, log_sigma: Tensor, origin: Tensor
+        self,
+        cover: str,
+        mixture: Mixture,
+        mu: Tensor,
+        log_sigma: Tensor,
+        origin: Tensor,
+        extra: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
+        """Nodes as offsets from ``origin`` and weights for integrals dx over the mass of ``cover``,
+        and around the ``extra`` points [B, M] (absolute x) where the integrand has mass of its own."""
         raise NotImplementedError
 
     def rule(self, cover: str, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> tuple[Tensor, Tensor]:
@@ -117,11 +135,11 @@ class FixedNodeEstimator:
         return x, rule * torch.exp(measure_log_prob(measure, x, mixture, mu, log_sigma))
 
     def standard_rule(
-        self, mixture: Mixture, mu: Tensor, log_sigma: Tensor, cover: str = "q"
+        self, mixture: Mixture, mu: Tensor, log_sigma: Tensor, cover: str = "q", extra: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """The ``cover`` rule (default "q") with nodes in Q's standard units z = (x - mu) / sigma,
         weights still for dx."""
-        u, rule = self.relative_rule(cover, mixture, mu, log_sigma, mu.detach())
+        u, rule = self.relative_rule(cover, mixture, mu, log_sigma, mu.detach(), extra)
         return u / torch.exp(log_sigma.detach()).unsqueeze(-1), rule
 
 
@@ -137,7 +155,13 @@ class Quadrature(FixedNodeEstimator):
     nodes_per_panel: int = 6
 
     def relative_rule(
-        self, cover: str, mixture: Mixture, mu: Tensor, log_sigma: Tensor, origin: Tensor
+        self,
+        cover: str,
+        mixture: Mixture,
+        mu: Tensor,
+        log_sigma: Tensor,
+        origin: Tensor,
+        extra: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Nodes (offsets from ``origin``) and weights for integrals dx over the mass of ``cover``.
 
@@ -146,7 +170,7 @@ class Quadrature(FixedNodeEstimator):
         """
         with torch.no_grad():
             order = 2 * self.nodes_per_panel if cover == "p" else self.nodes_per_panel
-            return self._panels(self.edges(cover, mixture, mu, log_sigma, origin), order=order)
+            return self._panels(self.edges(cover, mixture, mu, log_sigma, origin, extra), order=order)
 
     @staticmethod
     def _panels(edges: Tensor, order: int, scale: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
@@ -157,11 +181,18 @@ class Quadrature(FixedNodeEstimator):
         return torch.addcmul(left, half, t + 1.0).flatten(-2), (half * scale * w).flatten(-2)
 
     def edges(
-        self, measure: Measure | str, mixture: Mixture, mu: Tensor, log_sigma: Tensor, origin: Tensor
+        self,
+        measure: Measure | str,
+        mixture: Mixture,
+        mu: Tensor,
+        log_sigma: Tensor,
+        origin: Tensor,
+        extra: Tensor | None = None,
     ) -> Tensor:
-        """Sorted panel edges per row, as offsets from ``origin`` (never as x: see :func:`default_origin`)."""
+        """Sorted panel edges per row, as offsets from ``origin`` (never as x: see :func:`default_origin`),
+        with the ``extra`` points [B, M] (absolute x) among them."""
         o = origin.unsqueeze(-1)
-        lo, hi = support(measure, mixture, mu, log_sigma, origin)
+        lo, hi = support(measure, mixture, mu, log_sigma, origin, extra)
         scale = torch.as_tensor(SCALE_OFFSETS, dtype=mu.dtype)
         centres, sds = [], []
         if "q" in measure:
@@ -179,6 +210,8 @@ class Quadrature(FixedNodeEstimator):
         offsets = torch.as_tensor(SWITCH_OFFSETS, dtype=mu.dtype)
         width = width.clamp_max(1e300)
         points.append(((switch - o).unsqueeze(-1) + width.unsqueeze(-1) * offsets).flatten(-2))
+        if extra is not None:
+            points.append(extra - o)
         points = torch.cat(points, -1)
         points = torch.minimum(torch.maximum(points, lo.unsqueeze(-1)), hi.unsqueeze(-1))
         return torch.sort(points, -1).values
@@ -195,11 +228,17 @@ class Grid(FixedNodeEstimator):
     num_points: int = 4001
 
     def relative_rule(
-        self, cover: str, mixture: Mixture, mu: Tensor, log_sigma: Tensor, origin: Tensor
+        self,
+        cover: str,
+        mixture: Mixture,
+        mu: Tensor,
+        log_sigma: Tensor,
+        origin: Tensor,
+        extra: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Grid points (offsets from ``origin``) and trapezoid weights over the mass of ``cover``."""
         with torch.no_grad():
-            lo, hi = support(cover, mixture, mu, log_sigma, origin)
+            lo, hi = support(cover, mixture, mu, log_sigma, origin, extra)
             t = torch.linspace(0.0, 1.0, self.num_points, dtype=mu.dtype)
             u = lo.unsqueeze(-1) + (hi - lo).unsqueeze(-1) * t
             h = ((hi - lo) / (self.num_points - 1)).unsqueeze(-1)

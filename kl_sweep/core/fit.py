@@ -17,6 +17,7 @@ from enum import IntEnum
 import torch
 from torch import Tensor
 
+from kl_sweep.core import alpha as family
 from kl_sweep.core.divergences import Divergence, divergence_value
 from kl_sweep.core.estimators import Estimator
 from kl_sweep.core.mixture import LOG_2PI, Mixture, gaussian_sigma2, normal_log_prob
@@ -28,6 +29,8 @@ class Status(IntEnum):
     CONVERGED = 1
     MAX_STEPS = 2
     DIVERGED = 3
+    #: The divergence is infinite at the start (alpha outside [0, 1] with Q too narrow or wide).
+    INFINITE = 4
 
     @property
     def label(self) -> str:
@@ -44,6 +47,8 @@ class Problem:
     lr: Tensor
     max_steps: Tensor
     tol: Tensor
+    #: The divergence's parameter per row (``divergence.alpha``), or None.
+    alpha: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,8 @@ class Result:
     grad_norm: Tensor
     steps: Tensor
     status: Tensor
+    #: True where the fit ended on the edge of the region where the divergence is finite.
+    on_boundary: Tensor | None = None
 
 
 @dataclass
@@ -92,13 +99,20 @@ class Objective:
     #: Rows whose nodes see all of P (mass within 1e-6 of 1); a grid coarser than P's components
     #: sees nothing, and its objective would be a flat, meaningless zero. None: all rows.
     trusted: Tensor | None = None
+    #: The divergence's parameter per row (``divergence.alpha``), or None.
+    alpha: Tensor | None = None
 
     @classmethod
     def build(
-        cls, divergence: Divergence, estimator: Estimator, mixture: Mixture, theta: Tensor
+        cls,
+        divergence: Divergence,
+        estimator: Estimator,
+        mixture: Mixture,
+        theta: Tensor,
+        alpha: Tensor | None = None,
     ) -> Objective:
         if not (divergence.measure == "p" and estimator.static_p):
-            return cls(divergence, estimator, mixture)
+            return cls(divergence, estimator, mixture, alpha=alpha)
         with torch.no_grad():
             x, w = estimator.nodes("p", mixture, theta[:, 0], theta[:, 1])
             log_p = mixture.log_prob(x)
@@ -119,6 +133,7 @@ class Objective:
             cache=_take(self.cache, keep),
             moments=_take(self.moments, keep),
             trusted=None if self.trusted is None else self.trusted[keep],
+            alpha=None if self.alpha is None else self.alpha[keep],
         )
 
     @staticmethod
@@ -132,7 +147,12 @@ class Objective:
             cache=cat(a.cache, b.cache),
             moments=cat(a.moments, b.moments),
             trusted=None if a.trusted is None else torch.cat([a.trusted, b.trusted]),
+            alpha=None if a.alpha is None else torch.cat([a.alpha, b.alpha]),
         )
+
+    def bounds(self, mu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(lo, hi, closed): where in log sigma the divergence is finite (see Divergence.bounds)."""
+        return self.divergence.bounds(self.mixture, mu, self.alpha)
 
     def __call__(self, theta: Tensor) -> Tensor:
         """The loss per row (differentiable in theta unless the moment form is used)."""
@@ -140,7 +160,7 @@ class Objective:
         if self.moments is not None:
             return self._moment_derivatives(theta, hessian=False)[0]
         if self.cache is None:
-            return divergence_value(self.divergence, self.estimator, self.mixture, mu, log_sigma)
+            return divergence_value(self.divergence, self.estimator, self.mixture, mu, log_sigma, self.alpha)
         x, w, log_p = self.cache
         log_q = normal_log_prob(x, mu.unsqueeze(-1), gaussian_sigma2(log_sigma).unsqueeze(-1))
         return (w * self.divergence.integrand(log_p, log_q)).sum(-1)
@@ -149,6 +169,8 @@ class Objective:
         """Loss [b], gradient [b, 2] and, if asked, Hessian [b, 2, 2] (rows are independent)."""
         if self.moments is not None:
             return self._moment_derivatives(theta, hessian)
+        if self.divergence.pointwise and self.estimator.fixed_nodes:
+            return self._pointwise_derivatives(theta, hessian)
         if (
             self.cache is None
             and self.moments is None
@@ -230,6 +252,51 @@ class Objective:
         h_ss = (b * zz1 * zz1).sum(-1) - 2 * azz_sum
         hess = torch.stack([torch.stack([h_mm, h_ms], -1), torch.stack([h_ms, h_ss], -1)], -2)
         return loss, grad, hess
+
+
+    def _pointwise_derivatives(self, theta: Tensor, hessian: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        r"""Derivatives of :math:`D = \sum_i r_i\,t_0(\log p_i, \log q_i)` for a pointwise density.
+
+        The alpha family and Jensen-Shannon: with the weighted log-q derivatives :math:`t_1, t_2`
+        of :mod:`kl_sweep.core.alpha`, :math:`\partial D = \sum r\,t_1\,\partial\ell` and
+        :math:`\partial^2 D = \sum r\,(t_2\,\partial\ell\,\partial\ell^T + t_1\,\partial^2\ell)`
+        (as in :meth:`_closed_form_derivatives`); then the member's scale and, for Renyi, its
+        monotone transform by the chain rule. Rows where the divergence is infinite get +inf.
+        """
+        mu, log_sigma = theta[:, 0], theta[:, 1]
+        div = self.divergence
+        a = div.orders(self.alpha, mu.shape[0], mu.dtype)
+        extra = div.panel_points(self.mixture, mu, log_sigma, a)
+        z, rule = self.estimator.standard_rule(self.mixture, mu, log_sigma, div.nodes_cover, extra)
+        sigma = torch.exp(log_sigma)
+        zz = z * z
+        log_q = torch.add((-0.5 * LOG_2PI - log_sigma).unsqueeze(-1), zz, alpha=-0.5)
+        log_p = self.mixture.log_prob_standard(z, mu, sigma)
+        ak = None if a is None else a.unsqueeze(-1)
+        t1, t2 = div.weighted_derivatives(log_p, log_q, ak)
+        loss = (rule * div.density(log_p, log_q, ak)).sum(-1)
+        a_ = rule * t1
+        a_sum, az_sum, azz_sum = a_.sum(-1), (a_ * z).sum(-1), (a_ * zz).sum(-1)
+        grad = torch.stack([az_sum / sigma, azz_sum - a_sum], -1)
+        hess = None
+        if hessian:
+            b = rule * t2
+            zz1 = zz - 1.0
+            h_mm = ((b * zz).sum(-1) - a_sum) / (sigma * sigma)
+            h_ms = ((b * z * zz1).sum(-1) - 2 * az_sum) / sigma
+            h_ss = (b * zz1 * zz1).sum(-1) - 2 * azz_sum
+            hess = torch.stack([torch.stack([h_mm, h_ms], -1), torch.stack([h_ms, h_ss], -1)], -2)
+        loss, grad = div.scale * loss, div.scale * grad
+        hess = None if hess is None else div.scale * hess
+        if div.transform is not None:
+            loss, d1, d2 = div.transform(loss, torch.as_tensor(self.alpha, dtype=loss.dtype).expand_as(loss))
+            if hess is not None:
+                hess = d1[:, None, None] * hess + d2[:, None, None] * grad.unsqueeze(-1) * grad.unsqueeze(-2)
+            grad = d1.unsqueeze(-1) * grad
+        if a is not None:
+            loss = torch.where(family.is_finite(self.mixture, mu, log_sigma, a), loss, torch.inf)
+        return loss, grad, hess
+
 
 
 @dataclass
@@ -317,7 +384,9 @@ def fit(problem: Problem, settings: Settings) -> Result:
     first = _Rows(
         rows=torch.arange(B),
         theta=theta0,
-        objective=Objective.build(settings.divergence, settings.estimator, problem.mixture, theta0),
+        objective=Objective.build(
+            settings.divergence, settings.estimator, problem.mixture, theta0, problem.alpha
+        ),
         lr=problem.lr,
         max_steps=problem.max_steps,
         tol=problem.tol,
@@ -327,6 +396,13 @@ def fit(problem: Problem, settings: Settings) -> Result:
         kept={"theta": theta0.clone(), "loss": nan, "grad": nan.clone(), "steps": steps.clone()},
     )
     second = first.subset(torch.zeros(B, dtype=torch.bool))
+    if settings.divergence.alpha_of is not None:
+        # A start where the divergence is infinite has no fit: it is reported as such, loss +inf.
+        start = settings.divergence.finite(problem.mixture, theta0[:, 0], theta0[:, 1], problem.alpha)
+        if not start.all():
+            first.kept["loss"] = torch.where(start, first.kept["loss"], torch.inf)
+            out.finish(first, ~start, Status.INFINITE)
+            first = first.subset(start)
     iteration = 0
     while len(first) or len(second):
         check = settings.polish and iteration % settings.check_every == 0
@@ -335,7 +411,11 @@ def fit(problem: Problem, settings: Settings) -> Result:
         first, second = _Rows.concat(first, to_first), _Rows.concat(second, to_newton)
         iteration += 1
     sigma2 = gaussian_sigma2(out.theta[:, 1])
-    return Result(out.theta[:, 0], sigma2, out.loss, out.grad, out.steps, out.status)
+    on_boundary = None
+    if settings.divergence.alpha_of is not None:
+        _, hi, closed = settings.divergence.bounds(problem.mixture, out.theta[:, 0], problem.alpha)
+        on_boundary = (out.theta[:, 1] == hi) & closed
+    return Result(out.theta[:, 0], sigma2, out.loss, out.grad, out.steps, out.status, on_boundary)
 
 
 #: Where a fit counts as diverged: sigma^2 outside (e^-200, e^200) ~ (1e-87, 1e87), or |mu| past
@@ -362,7 +442,8 @@ def _first_order_step(
     if not len(group):
         return group, None
     loss, grad, hess = group.objective.derivatives(group.theta, hessian=check)
-    gnorm = grad.norm(dim=-1)
+    on_edge = _pushed_to_edge(group, grad)
+    gnorm = _projected_norm(grad, on_edge)
     finite = _healthy(loss, grad, group.theta)
     group.keep_if(finite, loss, gnorm)
     if group.objective.trusted is not None:
@@ -374,7 +455,7 @@ def _first_order_step(
     leaving = converged | ~finite | budget
     to_newton = None
     if hess is not None:
-        _, decrement, pd = newton(grad, hess)
+        _, decrement, pd = _newton(grad, hess, on_edge)
         handover = finite & ~leaving & pd & (decrement <= settings.handover)
         if handover.any():
             to_newton = group.subset(handover)
@@ -385,7 +466,8 @@ def _first_order_step(
     out.finish(group, budget, Status.MAX_STEPS)
     if leaving.any():
         group, grad = group.subset(~leaving), grad[~leaving]
-    group.theta = settings.optimizer.step(group.theta, grad, group.lr, group.state)
+    grad = _damped(group, grad, loss[~leaving] if leaving.any() else loss)
+    group.theta = _keep_finite(group, settings.optimizer.step(group.theta, grad, group.lr, group.state))
     group.steps = group.steps + 1
     return group, to_newton
 
@@ -402,8 +484,9 @@ def _newton_step(group: _Rows, settings: Settings, out: _Outputs) -> tuple[_Rows
     if not len(group):
         return group, None
     loss, grad, hess = group.objective.derivatives(group.theta, hessian=True)
-    gnorm = grad.norm(dim=-1)
-    step, _, pd = newton(grad, hess)
+    on_edge = _pushed_to_edge(group, grad)
+    gnorm = _projected_norm(grad, on_edge)
+    step, _, pd = _newton(grad, hess, on_edge)
     finite = _healthy(loss, grad, group.theta)
     better = finite & (gnorm < group.best)
     group.keep_if(better, loss, gnorm)
@@ -422,9 +505,87 @@ def _newton_step(group: _Rows, settings: Settings, out: _Outputs) -> tuple[_Rows
     if not keep.all():
         group, step = group.subset(keep), step[keep]
     # Cap the step at one e-fold of sigma, or that many sigmas of mu.
-    group.theta = group.theta + step / step.abs().max(-1, keepdim=True).values.clamp_min(1.0)
+    group.theta = _keep_finite(group, group.theta + step / step.abs().max(-1, keepdim=True).values.clamp_min(1.0))
     group.steps = group.steps + 1
     return group, to_first
+
+
+# --- the edge of the finite region (alpha outside [0, 1]) ---------------------------------------
+
+
+def _pushed_to_edge(group: _Rows, grad: Tensor) -> Tensor | None:
+    """Rows on a finite edge (log sigma = its upper bound) whose gradient pushes outward.
+
+    There the optimum is constrained: the KKT conditions are a zero gradient along the edge (in
+    mu) and an outward-pointing descent direction, d loss / d log sigma < 0.
+    """
+    if group.objective.divergence.alpha_of is None or not len(group):
+        return None
+    _, hi, closed = group.objective.bounds(group.theta[:, 0])
+    return (group.theta[:, 1] == hi) & closed & (grad[:, 1] < 0)
+
+
+def _projected_norm(grad: Tensor, on_edge: Tensor | None) -> Tensor:
+    """|grad|, or |d/d mu| alone on rows held by the edge."""
+    norm = grad.norm(dim=-1)
+    return norm if on_edge is None else torch.where(on_edge, grad[:, 0].abs(), norm)
+
+
+def _newton(grad: Tensor, hess: Tensor, on_edge: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The Newton step; on rows held by the edge, along the edge only (in mu, log sigma fixed)."""
+    step, decrement, pd = newton(grad, hess)
+    if on_edge is None or not on_edge.any():
+        return step, decrement, pd
+    h = hess[:, 0, 0]
+    ok = h > 0
+    edge_step = -grad[:, 0] / torch.where(ok, h, 1.0)
+    edge = torch.stack([edge_step, torch.zeros_like(edge_step)], -1)
+    step = torch.where(on_edge.unsqueeze(-1), edge, step)
+    decrement = torch.where(on_edge, -edge_step * grad[:, 0], decrement)
+    return step, decrement, torch.where(on_edge, ok, pd)
+
+
+def _damped(group: _Rows, grad: Tensor, loss: Tensor) -> Tensor:
+    r"""The gradient the first-order update is fed: that of :math:`\log(1 + D)` for a outside [0, 1].
+
+    There D grows like an exponential towards the edge of its finite region (3e7 nats at a = 2,
+    sigma^2 = 1, two modes 2.8 apart), and Adam's second-moment estimate would remember such
+    gradients for thousands of steps, stalling the fit. :math:`\log(1 + D)` has the same
+    stationary points and minima; convergence is still judged on D's own gradient.
+    """
+    objective = group.objective
+    if objective.divergence.alpha_of is None or not len(group):
+        return grad
+    a = objective.divergence.orders(objective.alpha, len(group), grad.dtype)
+    steep = (a < 0.0) | (a > 1.0)
+    return torch.where(steep.unsqueeze(-1), grad / (1.0 + loss.clamp_min(0.0)).unsqueeze(-1), grad)
+
+
+#: Halvings of a step that would leave the finite region before the row stays where it is.
+MAX_HALVINGS = 60
+
+
+def _keep_finite(group: _Rows, theta: Tensor) -> Tensor:
+    """The proposed ``theta``, kept where the divergence is finite: never a step outside.
+
+    Past a closed edge (a < 0, mu between the widest modes) log sigma is set on the edge; towards
+    an open one (a > 1) it goes halfway to it; a step that still lands where the divergence is
+    infinite is halved until it does not.
+    """
+    objective = group.objective
+    if objective.divergence.alpha_of is None or not len(group):
+        return theta
+    old = group.theta
+    lo, hi, _ = objective.bounds(theta[:, 0])
+    log_sigma = torch.where(theta[:, 1] <= lo, 0.5 * (old[:, 1] + lo), theta[:, 1])
+    theta = torch.stack([theta[:, 0], torch.minimum(log_sigma, hi)], -1)
+    for _ in range(MAX_HALVINGS):  # over halvings, not over rows
+        bad = ~objective.divergence.finite(objective.mixture, theta[:, 0], theta[:, 1], objective.alpha)
+        bad = bad & torch.isfinite(theta).all(-1)
+        if not bad.any():
+            return theta
+        theta = torch.where(bad.unsqueeze(-1), old + 0.5 * (theta - old), theta)
+    return torch.where(bad.unsqueeze(-1), old, theta)
 
 
 def _take(parts: tuple[Tensor, ...] | None, keep: Tensor) -> tuple[Tensor, ...] | None:
