@@ -93,7 +93,7 @@ def _landscape(divergence: str, center: float, component_var: float, alpha: floa
     from kl_sweep.core.divergences import get_divergence
     from kl_sweep.core.landscape import Landscape
 
-    return Landscape(get_divergence(divergence, alpha), center=center, component_var=component_var)
+    return Landscape(get_divergence(divergence), center=center, component_var=component_var, alpha=alpha)
 
 
 def _frame(u: torch.Tensor) -> pd.DataFrame:
@@ -132,6 +132,7 @@ def standard_seeds(landscape, weights: np.ndarray, lo: float, hi: float) -> torc
         torch.full((n,), 0.05),
         torch.full((n,), 20_000, dtype=torch.long),
         torch.full((n,), 1e-10),
+        None if landscape.alpha is None else torch.full((n,), landscape.alpha),
     )
     result = fit(problem, Settings(landscape.divergence, Quadrature(), Adam()))
     ok = result.status == Status.CONVERGED

@@ -29,9 +29,10 @@ from torch import Tensor
 
 from kl_sweep.core.mixture import Mixture
 
-#: |x| below which E(x) = e^x - 1 - x is summed as a series (relative error below 1e-16 there).
-SERIES_BELOW = 0.2
-_SERIES_TERMS = 12
+#: |x| below which E(x) = e^x - 1 - x is summed as a series (truncation error below 1e-17 of it
+#: there; above, expm1(x) - x loses at most 2 eps/x, 4e-15, to cancellation).
+SERIES_BELOW = 0.05
+_SERIES_TERMS = 8
 _LOG2 = math.log(2.0)
 
 
@@ -52,7 +53,7 @@ def relative_expm1(y: Tensor) -> Tensor:
 def _weighted_excess(log_w: Tensor, x: Tensor, c: Tensor) -> Tensor:
     r""":math:`w\,E(c x)/c` (and :math:`w\,x^2/2 \cdot c` -> 0 as c -> 0), with :math:`w = e^{\log w}`."""
     y = c * x
-    near = y.abs() < SERIES_BELOW
+    near = y.abs() < SERIES_BELOW  # (for c = 1 the far branch is two densities and q log(p/q))
     w = torch.exp(log_w)
     y_near = torch.where(near, y, 0.0)
     near_value = w * x * _excess_over(y_near)
@@ -136,6 +137,23 @@ def jensen_shannon_weighted_derivatives(
     return t1, t1 + 0.5 * q * torch.sigmoid(delta)
 
 
+def log_renyi_integral(rule: Tensor, log_p: Tensor, log_q: Tensor, alpha: Tensor) -> Tensor:
+    r""":math:`\log I = \log\int q^a p^{1-a}\,dx` by log-sum-exp over the nodes [B, N] (a [B, 1]).
+
+    Renyi's :math:`R_a(Q\Vert P) = \log I/(a-1)`: where I is far from 1 (P and Q barely
+    overlap, or a near the edge), forming I as 1 - a(1-a)D would lose every digit.
+    """
+    safe = torch.where(rule > 0, rule, 1.0)
+    terms = torch.where(rule > 0, torch.log(safe) + log_q + (1.0 - alpha) * (log_p - log_q), -math.inf)
+    return torch.logsumexp(terms, -1)
+
+
+def integral_over_nodes(rule: Tensor, density: Tensor) -> Tensor:
+    r""":math:`\sum_i r_i t_i` with zero-width panels left out: where a density overflows to inf
+    (a value beyond float64, reported as inf) a zero weight must not make it NaN."""
+    return torch.where(rule > 0, rule * density, 0.0).sum(-1)
+
+
 # --- where the integral is finite -------------------------------------------------------------
 
 
@@ -182,7 +200,7 @@ def is_finite(mixture: Mixture, mu: Tensor, log_sigma: Tensor, a: Tensor) -> Ten
 TAIL_OFFSETS = (1.0, 3.0, 6.0, 10.0, 16.0, 24.0, 32.0, 42.0)
 #: How far from P and Q (in units of their spread) tilted panels may reach; beyond, within 1e-8
 #: of the edge of the finite region, the tail is cut there.
-REACH = 1e4
+REACH = 1e8
 
 
 def panel_points(mixture: Mixture, mu: Tensor, log_sigma: Tensor, a: Tensor, scale_offsets: Tensor) -> Tensor:
@@ -191,9 +209,12 @@ def panel_points(mixture: Mixture, mu: Tensor, log_sigma: Tensor, a: Tensor, sca
     Per component k, :math:`p_k^a q^{1-a}` is a Gaussian of precision
     :math:`\pi_k = a/v_k + (1-a)/\sigma^2` and centre :math:`(a m_k/v_k + (1-a)\mu/\sigma^2)/\pi_k`,
     which can lie far from both P and Q (a = 4, sigma^2 = 1, modes at +-10, Q at 0: at x = 40).
-    Its scale points are added, and an exponential tail out of :math:`m_k` with the local decay
-    length, which is what the integrand becomes on the edge of the finite region. Rows with a in
-    [0, 1] get points at mu (zero-width panels: no effect).
+    Its scale points are added, and for a outside [0, 1] an exponential tail out of :math:`m_k`
+    with the local decay length, which is what the integrand becomes on the edge of the finite
+    region. For a in (0, 1) the tilted Gaussian lies between P's component and Q, but is up to
+    :math:`1/\sqrt{\min(a, 1-a)}` times wider than the narrower of them, so it gets its scale
+    points too unless a is within 0.1 of 1/2 (:func:`needs_panels`). Other rows get points at mu
+    (zero-width panels: no effect).
     """
     inv_s2 = torch.exp(-2.0 * log_sigma).unsqueeze(-1)
     ak = a.unsqueeze(-1)
@@ -209,12 +230,25 @@ def panel_points(mixture: Mixture, mu: Tensor, log_sigma: Tensor, a: Tensor, sca
     centre = torch.where(positive, lin / safe_prec, mu.unsqueeze(-1))
     width = torch.where(positive, torch.rsqrt(safe_prec), 0.0)
     tilted = (centre.unsqueeze(-1) + width.unsqueeze(-1) * scale_offsets).flatten(-2)
-    rate = prec * mixture.means - lin  # -(d/dx) log(p_k^a q^(1-a)) at m_k
+    # Exponential tails out of each mean and out of each switch between components (for a < 0,
+    # p^a peaks in the valley between the modes): -(d/dx) log(p_k^a q^(1-a)) there sets the length.
+    switch, _ = mixture.crossings()  # (equal components have none: a far point stands in, clipped)
+    near_lo, near_hi = (lo + (REACH - 10.0) * spread).unsqueeze(-1), (hi - (REACH - 10.0) * spread).unsqueeze(-1)
+    switch = torch.minimum(torch.maximum(switch, near_lo), near_hi)
+    starts = torch.cat([mixture.means, switch], -1).unsqueeze(-2)  # [B, 1, S]
+    rate = prec.unsqueeze(-1) * starts - lin.unsqueeze(-1)  # [B, K, S]
     length = torch.where(rate != 0, 1.0 / torch.where(rate != 0, rate, 1.0), 0.0)
     tail_offsets = torch.as_tensor(TAIL_OFFSETS, dtype=mu.dtype)
-    tails = (mixture.means.unsqueeze(-1) + length.unsqueeze(-1) * tail_offsets).flatten(-2)
+    tails = (starts.unsqueeze(-1) + length.unsqueeze(-1) * tail_offsets).flatten(-3)
+    outside = ((a < 0.0) | (a > 1.0)).unsqueeze(-1)
+    tails = torch.where(outside, tails, mu.unsqueeze(-1))
     points = torch.cat([tilted, tails], -1)
     points = torch.where(torch.isfinite(points), points, mu.unsqueeze(-1))
     points = torch.minimum(torch.maximum(points, lo.unsqueeze(-1)), hi.unsqueeze(-1))
-    outside = ((a < 0.0) | (a > 1.0)).unsqueeze(-1)
-    return torch.where(outside, points, mu.unsqueeze(-1))
+    return torch.where(needs_panels(a).unsqueeze(-1), points, mu.unsqueeze(-1))
+
+
+def needs_panels(a: Tensor) -> Tensor:
+    """Rows whose integrand needs panels of its own (:func:`panel_points`): a outside [0.4, 0.6],
+    except the KL ends a = 0 and 1, whose integrands live on P and Q's own scales."""
+    return ((a < 0.4) | (a > 0.6)) & (a != 0.0) & (a != 1.0)

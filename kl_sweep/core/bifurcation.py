@@ -129,8 +129,9 @@ def newton(
     active = torch.arange(x.shape[0])
     g, jac = system(x, active)
     for _ in range(iterations):
-        delta = torch.linalg.solve(jac, -g.unsqueeze(-1)).squeeze(-1)
-        delta = torch.where(torch.isfinite(delta), delta, 0.0)
+        delta, info = torch.linalg.solve_ex(jac, -g.unsqueeze(-1))  # singular rows: info != 0
+        delta = delta.squeeze(-1)
+        delta = torch.where(torch.isfinite(delta) & (info == 0).unsqueeze(-1), delta, 0.0)
         x[active] = x[active] + delta
         moving = ~(delta.abs() <= tol * (1.0 + x[active].abs())).all(-1) & torch.isfinite(x[active]).all(-1)
         active = active[moving]

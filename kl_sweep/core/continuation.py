@@ -91,7 +91,8 @@ def bordered_solve(jacobian: Tensor, border: Tensor, rhs_top: Tensor, rhs_last: 
     """Solve [J; b^T] x = [r; r_last] for every row: J [B, n, n+1], b [B, n+1], r [B, n], r_last [B]."""
     matrix = torch.cat([jacobian, border.unsqueeze(1)], 1)
     rhs = torch.cat([rhs_top, rhs_last.unsqueeze(-1)], -1)
-    return torch.linalg.solve(matrix, rhs.unsqueeze(-1)).squeeze(-1)
+    x, info = torch.linalg.solve_ex(matrix, rhs.unsqueeze(-1))  # a singular row gets NaN: it stops
+    return torch.where((info == 0).unsqueeze(-1), x.squeeze(-1), torch.nan)
 
 
 def tangent(jacobian: Tensor, previous: Tensor) -> Tensor:

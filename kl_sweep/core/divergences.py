@@ -155,7 +155,7 @@ class Divergence:
 
     def panel_points(self, mixture: Mixture, mu: Tensor, log_sigma: Tensor, a: Tensor | None) -> Tensor | None:
         """Extra panel edges where the integrand has mass away from P and Q (alpha outside [0, 1])."""
-        if a is None:
+        if a is None or not family.needs_panels(a).any():
             return None
         with torch.no_grad():
             offsets = torch.as_tensor(SCALE_OFFSETS, dtype=mu.dtype)
@@ -238,11 +238,24 @@ def integrand_terms(
     return divergence.integrand(mixture.log_prob(x), log_q)
 
 
-def _finish(divergence: Divergence, d: Tensor, alpha, finite: Tensor | None) -> Tensor:
+#: Renyi is formed from D where |log I| is below this, I = int q^a p^(1-a) (see renyi_value).
+RENYI_NEAR = math.log(2.0)
+
+
+def renyi_value(d: Tensor, log_i: Tensor, alpha: Tensor) -> Tensor:
+    """Renyi from D_{1-a} where I is within a factor 2 of 1 (no 0/0 at a = 1), from log I
+    elsewhere (1 - a(1 - a) D would lose every digit of a tiny I, and overflow for a huge one)."""
+    near = log_i.abs() < RENYI_NEAR
+    from_d = renyi_from_alpha(torch.where(near, d, 0.0), alpha)[0]
+    from_log = log_i / torch.where(near, 1.0, alpha - 1.0)
+    return torch.where(near, from_d, from_log)
+
+
+def _finish(divergence: Divergence, d: Tensor, alpha, finite: Tensor | None, log_i: Tensor | None = None) -> Tensor:
     """Scale, transform (Renyi) and +inf where infinite: the value from the integral of the density."""
     d = divergence.scale * d
     if divergence.transform is not None:
-        d = divergence.transform(d, torch.as_tensor(alpha, dtype=d.dtype).expand_as(d))[0]
+        d = renyi_value(d, log_i, torch.as_tensor(alpha, dtype=d.dtype).expand_as(d))
     if finite is not None:
         d = torch.where(finite, d, torch.inf)
     return d
@@ -267,17 +280,42 @@ def divergence_value(
             return (w * integrand_terms(divergence, x, mixture, mu, log_sigma)).sum(-1)
         return _monte_carlo(divergence, estimator, mixture, mu, log_sigma, alpha, a, finite)
     if divergence.pointwise:
-        extra = divergence.panel_points(mixture, mu, log_sigma, a)
-        origin = mu.detach()
-        u, rule = estimator.relative_rule(divergence.nodes_cover, mixture, mu, log_sigma, origin, extra)
-        log_p, log_q = _log_densities(u, origin, mixture, mu, log_sigma)
-        ak = None if a is None else a.unsqueeze(-1)
-        return _finish(divergence, (rule * divergence.density(log_p, log_q, ak)).sum(-1), alpha, finite)
+        if a is not None:
+            wide = family.needs_panels(a)
+            if wide.any() and not wide.all():  # each row on its own layout (see _pointwise_integral)
+                d, log_i = torch.zeros_like(mu), torch.zeros_like(mu)
+                for m in (wide, ~wide):
+                    part = _pointwise_integral(divergence, estimator, mixture[m], mu[m], log_sigma[m], a[m])
+                    d = d.index_put((m,), part[0])
+                    log_i = log_i if part[1] is None else log_i.index_put((m,), part[1])
+                return _finish(divergence, d, alpha, finite, log_i)
+        d, log_i = _pointwise_integral(divergence, estimator, mixture, mu, log_sigma, a)
+        return _finish(divergence, d, alpha, finite, log_i)
     origin = default_origin(divergence.measure, mixture, mu).detach()
     u, rule = estimator.relative_rule(divergence.nodes_cover, mixture, mu, log_sigma, origin)
     log_p, log_q = _log_densities(u, origin, mixture, mu, log_sigma)
     density = torch.exp(log_q if divergence.measure == "q" else log_p)
     return (rule * density * divergence.integrand(log_p, log_q)).sum(-1)
+
+
+def _pointwise_integral(
+    divergence: Divergence, estimator, mixture: Mixture, mu: Tensor, log_sigma: Tensor, a: Tensor | None
+) -> Tensor:
+    """The integral of the member's pointwise density, unscaled, on fixed nodes.
+
+    Rows with a outside [0, 1] get the integrand's own panels, the others the compact layout;
+    the caller keeps the two apart, so that a row's nodes (and so its bits) depend on itself only.
+    """
+    extra = divergence.panel_points(mixture, mu, log_sigma, a)
+    origin = mu.detach()
+    u, rule = estimator.relative_rule(divergence.nodes_cover, mixture, mu, log_sigma, origin, extra)
+    log_p, log_q = _log_densities(u, origin, mixture, mu, log_sigma)
+    ak = None if a is None else a.unsqueeze(-1)
+    d = family.integral_over_nodes(rule, divergence.density(log_p, log_q, ak))
+    log_i = None
+    if divergence.transform is not None:  # Renyi: log int q^alpha p^(1 - alpha), alpha = 1 - a
+        log_i = family.log_renyi_integral(rule, log_p, log_q, 1.0 - ak)
+    return d, log_i
 
 
 def _log_ratio(measure: Measure, estimator: Estimator, mixture: Mixture, mu: Tensor, log_sigma: Tensor):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from kl_sweep.core import alpha as family
-from kl_sweep.core.divergences import Divergence, divergence_value
+from kl_sweep.core.divergences import RENYI_NEAR, Divergence, divergence_value
 from kl_sweep.core.estimators import Estimator
 from kl_sweep.core.mixture import LOG_2PI, Mixture, gaussian_sigma2, normal_log_prob
 from kl_sweep.core.optim import FirstOrder, newton
@@ -263,9 +263,22 @@ class Objective:
         (as in :meth:`_closed_form_derivatives`); then the member's scale and, for Renyi, its
         monotone transform by the chain rule. Rows where the divergence is infinite get +inf.
         """
-        mu, log_sigma = theta[:, 0], theta[:, 1]
         div = self.divergence
-        a = div.orders(self.alpha, mu.shape[0], mu.dtype)
+        a = div.orders(self.alpha, theta.shape[0], theta.dtype)
+        if a is not None:
+            # Rows with a outside [0, 1] need panels of their own (core.alpha.panel_points); the
+            # others are done on the compact layout. A row's layout depends on its own a only, so
+            # its bits do not depend on the batch it is in.
+            wide = family.needs_panels(a)
+            if wide.any() and not wide.all():
+                parts = [self.subset(m)._pointwise_derivatives(theta[m], hessian) for m in (wide, ~wide)]
+                out = [torch.empty((theta.shape[0], *p.shape[1:]), dtype=theta.dtype) if p is not None else None for p in parts[0]]
+                for mask, part in zip((wide, ~wide), parts):
+                    for o, p in zip(out, part):
+                        if o is not None:
+                            o[mask] = p
+                return tuple(out)
+        mu, log_sigma = theta[:, 0], theta[:, 1]
         extra = div.panel_points(self.mixture, mu, log_sigma, a)
         z, rule = self.estimator.standard_rule(self.mixture, mu, log_sigma, div.nodes_cover, extra)
         sigma = torch.exp(log_sigma)
@@ -274,7 +287,7 @@ class Objective:
         log_p = self.mixture.log_prob_standard(z, mu, sigma)
         ak = None if a is None else a.unsqueeze(-1)
         t1, t2 = div.weighted_derivatives(log_p, log_q, ak)
-        loss = (rule * div.density(log_p, log_q, ak)).sum(-1)
+        loss = family.integral_over_nodes(rule, div.density(log_p, log_q, ak))
         a_ = rule * t1
         a_sum, az_sum, azz_sum = a_.sum(-1), (a_ * z).sum(-1), (a_ * zz).sum(-1)
         grad = torch.stack([az_sum / sigma, azz_sum - a_sum], -1)
@@ -289,14 +302,54 @@ class Objective:
         loss, grad = div.scale * loss, div.scale * grad
         hess = None if hess is None else div.scale * hess
         if div.transform is not None:
-            loss, d1, d2 = div.transform(loss, torch.as_tensor(self.alpha, dtype=loss.dtype).expand_as(loss))
+            alpha = torch.as_tensor(self.alpha, dtype=loss.dtype).expand_as(loss)
+            loss, d1, d2 = div.transform(loss, alpha)
             if hess is not None:
                 hess = d1[:, None, None] * hess + d2[:, None, None] * grad.unsqueeze(-1) * grad.unsqueeze(-2)
             grad = d1.unsqueeze(-1) * grad
+            far = _renyi_from_log(z, sigma, rule, log_p, log_q, alpha, hessian)
+            near = (far[0] * (alpha - 1.0)).abs() < RENYI_NEAR
+            loss = torch.where(near, loss, far[0])
+            grad = torch.where(near.unsqueeze(-1), grad, far[1])
+            hess = None if hess is None else torch.where(near[:, None, None], hess, far[2])
         if a is not None:
             loss = torch.where(family.is_finite(self.mixture, mu, log_sigma, a), loss, torch.inf)
         return loss, grad, hess
 
+
+
+def _renyi_from_log(
+    z: Tensor, sigma: Tensor, rule: Tensor, log_p: Tensor, log_q: Tensor, alpha: Tensor, hessian: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    r"""Renyi's :math:`R = \log I/(a-1)` and its derivatives through log I, for I far from 1.
+
+    With :math:`\pi_i \propto r_i q_i^a p_i^{1-a}` (normalised in log space),
+    :math:`\nabla\log I = a E_\pi[\partial\ell]` and
+    :math:`\nabla^2\log I = a^2 \mathrm{Cov}_\pi[\partial\ell] + a E_\pi[\partial^2\ell]`.
+    """
+    a = alpha.unsqueeze(-1)
+    log_i = family.log_renyi_integral(rule, log_p, log_q, a)
+    safe = torch.where(rule > 0, rule, 1.0)
+    log_t = torch.where(rule > 0, torch.log(safe) + log_q + (1.0 - a) * (log_p - log_q), -torch.inf)
+    pi = torch.exp(log_t - log_i.unsqueeze(-1))
+    zz = z * z
+    e_z, e_zz = (pi * z).sum(-1), (pi * zz).sum(-1)
+    scale = 1.0 / (alpha - 1.0)
+    grad = (alpha * scale).unsqueeze(-1) * torch.stack([e_z / sigma, e_zz - 1.0], -1)
+    hess = None
+    if hessian:
+        zz1 = zz - 1.0
+        d = (pi * zz1).sum(-1)  # E[z^2 - 1]
+        c_mm = (e_zz - e_z * e_z) / (sigma * sigma)
+        c_ms = ((pi * z * zz1).sum(-1) - e_z * d) / sigma
+        c_ss = (pi * zz1 * zz1).sum(-1) - d * d
+        h_mm = alpha * alpha * c_mm - alpha / (sigma * sigma)
+        h_ms = alpha * alpha * c_ms - 2 * alpha * e_z / sigma
+        h_ss = alpha * alpha * c_ss - 2 * alpha * e_zz
+        hess = scale[:, None, None] * torch.stack(
+            [torch.stack([h_mm, h_ms], -1), torch.stack([h_ms, h_ss], -1)], -2
+        )
+    return log_i * scale, grad, hess
 
 
 @dataclass

@@ -89,6 +89,11 @@ class Landscape:
     center: float = 0.0
     component_var: float = 1.0
     nodes_per_panel: int = 12
+    #: The divergence's order (``divergence.alpha``) for the members that take one.
+    alpha: float | None = None
+
+    def _alpha(self, u: Tensor) -> Tensor | None:
+        return None if self.alpha is None else torch.full_like(u[:, 0], self.alpha)
 
     def mixture(self, u: Tensor) -> Mixture:
         """P at every row's (separation, weight)."""
@@ -100,7 +105,8 @@ class Landscape:
     def loss(self, u: Tensor) -> Tensor:
         """L(u) in nats, [B], differentiable in every column of u."""
         quadrature = Quadrature(self.nodes_per_panel)
-        return divergence_value(self.divergence, quadrature, self.mixture(u), u[:, MU], u[:, LOG_SIGMA])
+        mixture = self.mixture(u)
+        return divergence_value(self.divergence, quadrature, mixture, u[:, MU], u[:, LOG_SIGMA], self._alpha(u))
 
     def moment_matched(self, separation: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         r"""P's mean and variance :math:`(c + d(1/2 - w),\; v + w(1 - w)d^2)`: the forward-KL optimum."""
@@ -119,7 +125,7 @@ class Landscape:
 
         theta = u[:, :2].detach()
         objective = Objective.build(
-            self.divergence, Quadrature(self.nodes_per_panel), self.mixture(u.detach()), theta
+            self.divergence, Quadrature(self.nodes_per_panel), self.mixture(u.detach()), theta, self._alpha(u)
         )
         loss, grad, hess = objective.derivatives(theta, hessian=True)
         nan = torch.full_like(grad, float("nan"))
