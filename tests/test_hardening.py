@@ -165,9 +165,36 @@ BAD_INPUT = [
         ["estimator.seed", "abc", "Integer"],
     ),
     bad(
-        "sweep: choice", "sweep", ["divergence=forward,sideways"], ["sideways", "forward, hellinger, reverse"]
+        "sweep: choice", "sweep", ["divergence=forward,sideways"], ["sideways", "alpha, chi2, forward, hellinger, jensen_shannon, renyi, reverse"]
     ),
     bad("sweep: unknown key", "sweep", ["colour=red,blue"], ["colour", "separation", "init_sigma2"]),
+    # the alpha family's order: only where it exists, finite, and a range with a step
+    bad(
+        "alpha for forward",
+        "run",
+        ["divergence=forward", "divergence.alpha=0.5"],
+        ["divergence.alpha=0.5", "divergence=forward has no alpha", "alpha and renyi"],
+    ),
+    bad("alpha=nan", "run", ["divergence=alpha", "divergence.alpha=nan"], ["divergence.alpha=nan", "finite"]),
+    bad("alpha=inf", "run", ["divergence=alpha", "divergence.alpha=inf"], ["divergence.alpha=inf", "finite"]),
+    bad(
+        "sweep: alpha zero step",
+        "sweep",
+        ["divergence=alpha", "divergence.alpha=range(-1,2,0)"],
+        ["divergence.alpha", "range(-1,2,0)", "step"],
+    ),
+    bad(
+        "sweep: renyi alpha=0",
+        "sweep",
+        ["divergence=renyi", "divergence.alpha=1,0.5,0"],
+        ["divergence.alpha=0.0", "> 0", "renyi"],
+    ),
+    bad(
+        "sweep: alpha for hellinger",
+        "sweep",
+        ["divergence=hellinger", "divergence.alpha=0.5,1"],
+        ["divergence.alpha=0.5", "divergence=hellinger has no alpha"],
+    ),
     bad(
         "sweep: num_points",
         "sweep",
