@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import hydra
+import pandas as pd
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
@@ -35,10 +36,12 @@ def run(cfg: DictConfig, output_dir: str | Path) -> float:
     result = run_rows(rows_frame(row_values, 1), shared)
     write_parquet(result, Path(output_dir) / RESULTS)
     r = result.iloc[0]
-    is_kl = r.divergence in ("forward", "reverse")  # the KLs are in nats; H^2 has no unit
+    is_kl = r.divergence in ("forward", "reverse")
+    in_nats = is_kl or r.divergence in ("renyi", "jensen_shannon")  # D_a, H^2 and chi2 have no unit
+    name = f"{r.divergence}{' KL' if is_kl else ''}{'' if pd.isna(r.alpha) else f'(alpha={r.alpha:g})'}"
     log.info(
-        f"{r.divergence}{' KL' if is_kl else ''}: mu={r.mu:.6g} sigma2={r.sigma2:.6g} "
-        f"loss={r.loss:.6g}{' nats' if is_kl else ''} steps={r.steps} status={r.status}"
+        f"{name}: mu={r.mu:.6g} sigma2={r.sigma2:.6g}{' (on the edge of the finite region)' if r.on_boundary else ''} "
+        f"loss={r.loss:.6g}{' nats' if in_nats else ''} steps={r.steps} status={r.status}"
     )
     return float(r.loss)
 

@@ -103,6 +103,33 @@ def alpha_weighted_derivatives(log_p: Tensor, log_q: Tensor, a: Tensor) -> tuple
     return t1, torch.where(near, tilted, tilted_far) + t1
 
 
+def alpha_fit_terms(log_p: Tensor, log_q: Tensor, a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    r"""(t0, t1, t2) for the fit, in fewer passes than :func:`alpha_density` plus its derivatives.
+
+    With :math:`T = p^a q^{1-a}` the density is
+    :math:`t_0 = (p - q + (q - T)/a)/(1-a)` for a <= 1/2 and :math:`(q - p + (p - T)/(1-a))/a`
+    for a > 1/2, where :math:`(q - T)/a = t_1` and :math:`(p - T)/(1-a) = p\,\delta\,
+    \operatorname{expm1}(-(1-a)\delta)/(-(1-a)\delta)` have no 0/0 at the KL ends. Near P = Q the
+    difference loses digits relative to :math:`t_0` itself (not to the sum): the fit's steps and
+    stopping use :math:`t_1, t_2` only, and every reported value comes from :func:`alpha_density`.
+    """
+    t1, t2 = alpha_weighted_derivatives(log_p, log_q, a)
+    p, q = torch.exp(log_p), torch.exp(log_q)
+    low = a <= 0.5
+    c = 1.0 - a
+    delta = log_p - log_q
+    mirrored = p * delta * relative_expm1(torch.where(low, 0.0, -c * delta))  # (p - T)/(1 - a)
+    t0 = torch.where(
+        low, (p - q + t1) / torch.where(low, c, 1.0), (q - p + mirrored) / torch.where(low, 1.0, a)
+    )
+    return t0, t1, t2
+
+
+def jensen_shannon_fit_terms(log_p: Tensor, log_q: Tensor, a: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(t0, t1, t2) of Jensen-Shannon for the fit (see :func:`alpha_fit_terms`)."""
+    return (jensen_shannon_density(log_p, log_q), *jensen_shannon_weighted_derivatives(log_p, log_q))
+
+
 def _h(u: Tensor, log1pu: Tensor, log1mu: Tensor) -> Tensor:
     r""":math:`(1+u)\log(1+u) + (1-u)\log(1-u) = \sum_k u^{2k}/(k(2k-1))`, non-negative."""
     near = u.abs() < 0.05

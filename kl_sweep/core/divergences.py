@@ -126,6 +126,8 @@ class Divergence:
     density: Callable[..., Tensor] | None = None
     #: ``(log_p, log_q, a) -> (t1, t2)``: its weighted derivatives in log q (see core.alpha).
     weighted_derivatives: Callable[..., tuple[Tensor, Tensor]] | None = None
+    #: ``(log_p, log_q, a) -> (t0, t1, t2)``: all three at once, as the fit's steps use them.
+    fit_terms: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
     #: ``(alpha, n, dtype) -> a [n]``: the alpha-divergence order behind this member.
     alpha_of: Callable[[Tensor | None, int, torch.dtype], Tensor] | None = None
     scale: float = 1.0
@@ -184,6 +186,7 @@ def _alpha_member(name: str, alpha_of, scale: float = 1.0, **options) -> Diverge
         "q",
         density=family.alpha_density,
         weighted_derivatives=family.alpha_weighted_derivatives,
+        fit_terms=family.alpha_fit_terms,
         alpha_of=alpha_of,
         scale=scale,
         cover="pq",
@@ -211,6 +214,7 @@ DIVERGENCES: dict[str, Divergence] = {
         "q",
         density=family.jensen_shannon_density,
         weighted_derivatives=family.jensen_shannon_weighted_derivatives,
+        fit_terms=family.jensen_shannon_fit_terms,
         cover="pq",
     ),
 }

@@ -286,8 +286,8 @@ class Objective:
         log_q = torch.add((-0.5 * LOG_2PI - log_sigma).unsqueeze(-1), zz, alpha=-0.5)
         log_p = self.mixture.log_prob_standard(z, mu, sigma)
         ak = None if a is None else a.unsqueeze(-1)
-        t1, t2 = div.weighted_derivatives(log_p, log_q, ak)
-        loss = family.integral_over_nodes(rule, div.density(log_p, log_q, ak))
+        t0, t1, t2 = div.fit_terms(log_p, log_q, ak)
+        loss = family.integral_over_nodes(rule, t0)
         a_ = rule * t1
         a_sum, az_sum, azz_sum = a_.sum(-1), (a_ * z).sum(-1), (a_ * zz).sum(-1)
         grad = torch.stack([az_sum / sigma, azz_sum - a_sum], -1)
