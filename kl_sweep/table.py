@@ -61,6 +61,7 @@ _DTYPES = {float: "float64", int: "int64"}
 
 def rows_frame(columns: Mapping[str, Any], length: int | None = None) -> pd.DataFrame:
     """A batch frame with every row key, cast to its schema type (``separation=3`` is 3.0)."""
+    columns = {"divergence.alpha": None, **columns}  # optional: only the alpha family has one
     data = {k: columns[k].to_numpy() if isinstance(columns[k], pd.Series) else columns[k] for k in ROW_KEYS}
     frame = pd.DataFrame(data, index=None if length is None else range(length))
     return frame.astype({k: _DTYPES[t] for k, t in ROW_KEYS.items()})

@@ -224,24 +224,26 @@ def is_finite(mixture: Mixture, mu: Tensor, log_sigma: Tensor, a: Tensor) -> Ten
 # --- where the integrand's mass is -------------------------------------------------------------
 
 #: Offsets in decay lengths along an exponential tail (e^-42 ~ 6e-19 of it lies beyond).
-TAIL_OFFSETS = (1.0, 3.0, 6.0, 10.0, 16.0, 24.0, 32.0, 42.0)
+TAIL_OFFSETS = (1.0, 3.0, 7.0, 14.0, 25.0, 42.0)
 #: How far from P and Q (in units of their spread) tilted panels may reach; beyond, within 1e-8
 #: of the edge of the finite region, the tail is cut there.
 REACH = 1e8
 
 
-def panel_points(mixture: Mixture, mu: Tensor, log_sigma: Tensor, a: Tensor, scale_offsets: Tensor) -> Tensor:
-    r"""Extra quadrature panel edges [B, M] (absolute x) for :math:`p^a q^{1-a}` with a outside [0, 1].
+def panel_points(
+    mixture: Mixture, mu: Tensor, log_sigma: Tensor, a: Tensor, scale_offsets: Tensor, tails: bool
+) -> Tensor:
+    r"""Extra quadrature panel edges [B, M] (absolute x) where :math:`p^a q^{1-a}` has its mass.
 
     Per component k, :math:`p_k^a q^{1-a}` is a Gaussian of precision
     :math:`\pi_k = a/v_k + (1-a)/\sigma^2` and centre :math:`(a m_k/v_k + (1-a)\mu/\sigma^2)/\pi_k`,
     which can lie far from both P and Q (a = 4, sigma^2 = 1, modes at +-10, Q at 0: at x = 40).
-    Its scale points are added, and for a outside [0, 1] an exponential tail out of :math:`m_k`
-    with the local decay length, which is what the integrand becomes on the edge of the finite
-    region. For a in (0, 1) the tilted Gaussian lies between P's component and Q, but is up to
-    :math:`1/\sqrt{\min(a, 1-a)}` times wider than the narrower of them, so it gets its scale
-    points too unless a is within 0.1 of 1/2 (:func:`needs_panels`). Other rows get points at mu
-    (zero-width panels: no effect).
+    Its scale points are added. With ``tails`` (a outside [0, 1]) exponential tails are added
+    too, out of each mean (its own component) and out of the switch between the components (both;
+    for a < 0, p^a peaks in the valley between the modes), with the local decay length: this is
+    what the integrand becomes on the edge of the finite region. For a in (0, 1) the tilted
+    Gaussian lies between P's component and Q, but can be :math:`1/\sqrt{\min(a, 1-a)}` times
+    wider than the narrower of them (:func:`layout`).
     """
     inv_s2 = torch.exp(-2.0 * log_sigma).unsqueeze(-1)
     ak = a.unsqueeze(-1)
@@ -256,26 +258,42 @@ def panel_points(mixture: Mixture, mu: Tensor, log_sigma: Tensor, a: Tensor, sca
     safe_prec = torch.where(positive, prec, 1.0)
     centre = torch.where(positive, lin / safe_prec, mu.unsqueeze(-1))
     width = torch.where(positive, torch.rsqrt(safe_prec), 0.0)
-    tilted = (centre.unsqueeze(-1) + width.unsqueeze(-1) * scale_offsets).flatten(-2)
-    # Exponential tails out of each mean and out of each switch between components (for a < 0,
-    # p^a peaks in the valley between the modes): -(d/dx) log(p_k^a q^(1-a)) there sets the length.
-    switch, _ = mixture.crossings()  # (equal components have none: a far point stands in, clipped)
-    near_lo, near_hi = (lo + (REACH - 10.0) * spread).unsqueeze(-1), (hi - (REACH - 10.0) * spread).unsqueeze(-1)
-    switch = torch.minimum(torch.maximum(switch, near_lo), near_hi)
-    starts = torch.cat([mixture.means, switch], -1).unsqueeze(-2)  # [B, 1, S]
-    rate = prec.unsqueeze(-1) * starts - lin.unsqueeze(-1)  # [B, K, S]
-    length = torch.where(rate != 0, 1.0 / torch.where(rate != 0, rate, 1.0), 0.0)
-    tail_offsets = torch.as_tensor(TAIL_OFFSETS, dtype=mu.dtype)
-    tails = (starts.unsqueeze(-1) + length.unsqueeze(-1) * tail_offsets).flatten(-3)
-    outside = ((a < 0.0) | (a > 1.0)).unsqueeze(-1)
-    tails = torch.where(outside, tails, mu.unsqueeze(-1))
-    points = torch.cat([tilted, tails], -1)
+    points = [(centre.unsqueeze(-1) + width.unsqueeze(-1) * scale_offsets).flatten(-2)]
+    if tails:
+        switch, _ = mixture.crossings()
+        if switch.shape[-1] == 2 and torch.equal(switch[..., 0], switch[..., 1]):
+            switch = switch[..., :1]  # equal variances: one switch (as Quadrature.edges)
+        # (equal components have none: a far point stands in, clipped to near P and Q)
+        near_lo = (lo + (REACH - 10.0) * spread).unsqueeze(-1)
+        near_hi = (hi - (REACH - 10.0) * spread).unsqueeze(-1)
+        switch = torch.minimum(torch.maximum(switch, near_lo), near_hi)
+        offsets = torch.as_tensor(TAIL_OFFSETS, dtype=mu.dtype)
+        # out of each mean along its own component; out of each switch along every component
+        own = _tail(mixture.means, prec * mixture.means - lin, offsets)
+        rate = prec.unsqueeze(-1) * switch.unsqueeze(-2) - lin.unsqueeze(-1)  # [B, K, S]
+        valley = _tail(switch.unsqueeze(-2).expand_as(rate), rate, offsets)
+        points += [own, valley]
+    points = torch.cat(points, -1)
     points = torch.where(torch.isfinite(points), points, mu.unsqueeze(-1))
-    points = torch.minimum(torch.maximum(points, lo.unsqueeze(-1)), hi.unsqueeze(-1))
-    return torch.where(needs_panels(a).unsqueeze(-1), points, mu.unsqueeze(-1))
+    return torch.minimum(torch.maximum(points, lo.unsqueeze(-1)), hi.unsqueeze(-1))
 
 
-def needs_panels(a: Tensor) -> Tensor:
-    """Rows whose integrand needs panels of its own (:func:`panel_points`): a outside [0.4, 0.6],
-    except the KL ends a = 0 and 1, whose integrands live on P and Q's own scales."""
-    return ((a < 0.4) | (a > 0.6)) & (a != 0.0) & (a != 1.0)
+def _tail(start: Tensor, rate: Tensor, offsets: Tensor) -> Tensor:
+    """Points start + offsets / rate (an exponential decaying at ``rate`` per unit x, either way),
+    flattened over every axis after the batch's."""
+    length = torch.where(rate != 0, 1.0 / torch.where(rate != 0, rate, 1.0), 0.0)
+    return (start.unsqueeze(-1) + length.unsqueeze(-1) * offsets).flatten(1)
+
+
+#: Quadrature layouts of the alpha family: P and Q's panels only; also the tilted Gaussians';
+#: also exponential tails.
+COMPACT, TILTED, TAILS = 0, 1, 2
+
+
+def layout(a: Tensor) -> Tensor:
+    """Each row's layout, from its own order a only (so its nodes, and bits, do not depend on the
+    batch): compact for a within 0.1 of 1/2 and at the KL ends a = 0 and 1, whose integrands live on
+    P and Q's own scales; tilted for the rest of (0, 1); tails outside [0, 1]."""
+    inner = ((a >= 0.4) & (a <= 0.6)) | (a == 0.0) | (a == 1.0)
+    outside = (a < 0.0) | (a > 1.0)
+    return torch.where(inner, COMPACT, torch.where(outside, TAILS, TILTED))

@@ -156,12 +156,17 @@ class Divergence:
         return self.alpha_of(alpha, n, dtype)
 
     def panel_points(self, mixture: Mixture, mu: Tensor, log_sigma: Tensor, a: Tensor | None) -> Tensor | None:
-        """Extra panel edges where the integrand has mass away from P and Q (alpha outside [0, 1])."""
-        if a is None or not family.needs_panels(a).any():
+        """Extra panel edges where the integrand has mass away from P and Q, for rows that all have
+        one :func:`~kl_sweep.core.alpha.layout` (callers split a batch by it)."""
+        if a is None or len(a) == 0:
+            return None
+        kind = int(family.layout(a[:1]).item())
+        if kind == family.COMPACT:
             return None
         with torch.no_grad():
             offsets = torch.as_tensor(SCALE_OFFSETS, dtype=mu.dtype)
-            return family.panel_points(mixture, mu.detach(), log_sigma.detach(), a, offsets)
+            tails = kind == family.TAILS
+            return family.panel_points(mixture, mu.detach(), log_sigma.detach(), a, offsets, tails)
 
     def finite(self, mixture: Mixture, mu: Tensor, log_sigma: Tensor, alpha: Tensor | float | None = None) -> Tensor:
         """True where this divergence is finite at (mu, log sigma), decided analytically."""
@@ -285,10 +290,11 @@ def divergence_value(
         return _monte_carlo(divergence, estimator, mixture, mu, log_sigma, alpha, a, finite)
     if divergence.pointwise:
         if a is not None:
-            wide = family.needs_panels(a)
-            if wide.any() and not wide.all():  # each row on its own layout (see _pointwise_integral)
+            kinds = family.layout(a)
+            if len(kinds) and not (kinds == kinds[0]).all():  # each row on its own layout
                 d, log_i = torch.zeros_like(mu), torch.zeros_like(mu)
-                for m in (wide, ~wide):
+                for kind in kinds.unique().tolist():  # over the three layouts, not over rows
+                    m = kinds == kind
                     part = _pointwise_integral(divergence, estimator, mixture[m], mu[m], log_sigma[m], a[m])
                     d = d.index_put((m,), part[0])
                     log_i = log_i if part[1] is None else log_i.index_put((m,), part[1])
@@ -307,8 +313,8 @@ def _pointwise_integral(
 ) -> Tensor:
     """The integral of the member's pointwise density, unscaled, on fixed nodes.
 
-    Rows with a outside [0, 1] get the integrand's own panels, the others the compact layout;
-    the caller keeps the two apart, so that a row's nodes (and so its bits) depend on itself only.
+    Rows get the panels of their :func:`~kl_sweep.core.alpha.layout`; the caller keeps the layouts
+    apart, so that a row's nodes (and so its bits) depend on itself only.
     """
     extra = divergence.panel_points(mixture, mu, log_sigma, a)
     origin = mu.detach()

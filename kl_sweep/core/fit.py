@@ -266,14 +266,14 @@ class Objective:
         div = self.divergence
         a = div.orders(self.alpha, theta.shape[0], theta.dtype)
         if a is not None:
-            # Rows with a outside [0, 1] need panels of their own (core.alpha.panel_points); the
-            # others are done on the compact layout. A row's layout depends on its own a only, so
-            # its bits do not depend on the batch it is in.
-            wide = family.needs_panels(a)
-            if wide.any() and not wide.all():
-                parts = [self.subset(m)._pointwise_derivatives(theta[m], hessian) for m in (wide, ~wide)]
-                out = [torch.empty((theta.shape[0], *p.shape[1:]), dtype=theta.dtype) if p is not None else None for p in parts[0]]
-                for mask, part in zip((wide, ~wide), parts):
+            # Each row is done on its layout's panels (core.alpha.layout), which depend on its own
+            # a only: its bits then do not depend on the batch it is in.
+            kinds = family.layout(a)
+            if len(kinds) and not (kinds == kinds[0]).all():
+                masks = [kinds == kind for kind in kinds.unique().tolist()]  # the layouts, not rows
+                parts = [self.subset(m)._pointwise_derivatives(theta[m], hessian) for m in masks]
+                out = [None if p is None else theta.new_empty((theta.shape[0], *p.shape[1:])) for p in parts[0]]
+                for mask, part in zip(masks, parts):
                     for o, p in zip(out, part):
                         if o is not None:
                             o[mask] = p
