@@ -118,7 +118,12 @@ def alpha_fit_terms(log_p: Tensor, log_q: Tensor, a: Tensor) -> tuple[Tensor, Te
     low = a <= 0.5
     c = 1.0 - a
     delta = log_p - log_q
-    mirrored = p * delta * relative_expm1(torch.where(low, 0.0, -c * delta))  # (p - T)/(1 - a)
+    y = torch.where(low, 0.0, -c * delta)
+    near = y.abs() < 0.5
+    tilted = torch.exp(log_q + torch.where(near, 0.0, a * delta))  # T = p^a q^(1-a)
+    mirrored = torch.where(  # (p - T)/(1 - a), with no 0/0 at a = 1 and no overflow far out
+        near, p * delta * relative_expm1(torch.where(near, y, 0.0)), (p - tilted) / torch.where(near, 1.0, c)
+    )
     t0 = torch.where(
         low, (p - q + t1) / torch.where(low, c, 1.0), (q - p + mirrored) / torch.where(low, 1.0, a)
     )

@@ -444,7 +444,7 @@ def fit(problem: Problem, settings: Settings) -> Result:
         max_steps=problem.max_steps,
         tol=problem.tol,
         steps=steps,
-        state=settings.optimizer.init_state(theta0),
+        state={**settings.optimizer.init_state(theta0), "damp": torch.ones(B, dtype=theta0.dtype)},
         best=torch.full((B,), float("inf"), dtype=theta0.dtype),
         kept={"theta": theta0.clone(), "loss": nan, "grad": nan.clone(), "steps": steps.clone()},
     )
@@ -550,15 +550,26 @@ def _newton_step(group: _Rows, settings: Settings, out: _Outputs) -> tuple[_Rows
     out.finish(group, done | (budget & converged), Status.CONVERGED)
     out.finish(group, budget & ~converged, Status.MAX_STEPS)
     retreat = ~done & ~budget & (~finite | ~pd)
+    # Along an edge the loss can be far from quadratic: a step that made the gradient worse is
+    # taken back and the next one halved (backtracking), so the polish cannot cycle there.
+    worse = finite & ~converged & (gnorm > group.best)
+    worse = worse & on_edge if on_edge is not None else torch.zeros_like(worse)
+    damp = group.state.get("damp")
+    if damp is not None:
+        group.state["damp"] = torch.where(better, 1.0, torch.where(worse, 0.5 * damp, damp))
     to_first = None
     if retreat.any():
         to_first = group.subset(retreat)
         to_first.theta = to_first.kept["theta"].clone()
     keep = ~(done | budget | retreat)
     if not keep.all():
-        group, step = group.subset(keep), step[keep]
+        group, step, worse = group.subset(keep), step[keep], worse[keep]
     # Cap the step at one e-fold of sigma, or that many sigmas of mu.
-    group.theta = _keep_finite(group, group.theta + step / step.abs().max(-1, keepdim=True).values.clamp_min(1.0))
+    step = step / step.abs().max(-1, keepdim=True).values.clamp_min(1.0)
+    if "damp" in group.state:
+        step = step * group.state["damp"].unsqueeze(-1)
+    proposed = torch.where(worse.unsqueeze(-1), group.kept["theta"], group.theta + step)
+    group.theta = _keep_finite(group, proposed)
     group.steps = group.steps + 1
     return group, to_first
 
@@ -631,6 +642,13 @@ def _keep_finite(group: _Rows, theta: Tensor) -> Tensor:
     old = group.theta
     lo, hi, _ = objective.bounds(theta[:, 0])
     log_sigma = torch.where(theta[:, 1] <= lo, 0.5 * (old[:, 1] + lo), theta[:, 1])
+    landing = (log_sigma >= hi) & (old[:, 1] < hi)
+    if landing.any():
+        # A row that reaches the edge now solves a problem in mu alone: its first-order state
+        # (Adam's moments, remembering the steep way in) starts afresh.
+        for key, value in group.state.items():
+            if key != "damp":
+                value[landing] = 0
     theta = torch.stack([theta[:, 0], torch.minimum(log_sigma, hi)], -1)
     for _ in range(MAX_HALVINGS):  # over halvings, not over rows
         bad = ~objective.divergence.finite(objective.mixture, theta[:, 0], theta[:, 1], objective.alpha)
