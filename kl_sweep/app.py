@@ -39,8 +39,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> float:
     is_kl = r.divergence in ("forward", "reverse")
     in_nats = is_kl or r.divergence in ("renyi", "jensen_shannon")  # D_a, H^2 and chi2 have no unit
     name = f"{r.divergence}{' KL' if is_kl else ''}{'' if pd.isna(r.alpha) else f'(alpha={r.alpha:g})'}"
+    edge = " (on the edge of the finite region)" if r.on_boundary else ""
     log.info(
-        f"{name}: mu={r.mu:.6g} sigma2={r.sigma2:.6g}{' (on the edge of the finite region)' if r.on_boundary else ''} "
+        f"{name}: mu={r.mu:.6g} sigma2={r.sigma2:.6g}{edge} "
         f"loss={r.loss:.6g}{' nats' if in_nats else ''} steps={r.steps} status={r.status}"
     )
     return float(r.loss)

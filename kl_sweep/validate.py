@@ -160,10 +160,14 @@ def _check_alpha(values: Mapping[str, Any], context: Callable[[str, Any], str] |
             allowed = f"{rule.allowed} for divergence={name}"
         else:
             good = np.array([v is None for v in rows], dtype=bool)
-            allowed = f"no value: divergence={name} has no alpha (only {' and '.join(ALPHA_DIVERGENCES)} take one)"
+            allowed = (
+                f"no value: divergence={name} has no alpha (only {' and '.join(ALPHA_DIVERGENCES)} take one)"
+            )
         if not good.all():
             bad = rows[int(np.argmin(good))]
-            raise ConfigError("divergence.alpha", bad, allowed, context("divergence.alpha", bad) if context else "")
+            raise ConfigError(
+                "divergence.alpha", bad, allowed, context("divergence.alpha", bad) if context else ""
+            )
 
 
 def _scalar_ok(rule: Rule, value: Any) -> bool:

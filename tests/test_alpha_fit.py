@@ -100,12 +100,24 @@ def test_the_neyman_edge_optimum_of_the_issue_and_its_kkt_conditions():
     np.testing.assert_allclose(res.mu.numpy(), 0.0, atol=1e-9)
     # Independently (scipy quadrature and a scalar minimiser): along the edge the minimum is at
     # mu = 0, and inside the edge the value is higher, so the gradient pushes outward.
-    along = optimize.minimize_scalar(lambda m: reference("alpha", -1.0, 2.8, 0.5, m, 2.0), bounds=(-1, 1), method="bounded", options={"xatol": 1e-8})
+    along = optimize.minimize_scalar(
+        lambda m: reference("alpha", -1.0, 2.8, 0.5, m, 2.0),
+        bounds=(-1, 1),
+        method="bounded",
+        options={"xatol": 1e-8},
+    )
     assert abs(along.x) < 1e-5
     on_edge = reference("alpha", -1.0, 2.8, 0.5, 0.0, 2.0)
     inside = reference("alpha", -1.0, 2.8, 0.5, 0.0, 2.0 * (1 - 1e-4))
     assert inside > on_edge
-    got = divergence_value(DIVERGENCES["alpha"], Quadrature(12), prob.mixture[:1], res.mu[:1], 0.5 * torch.log(res.sigma2[:1]), -1.0)
+    got = divergence_value(
+        DIVERGENCES["alpha"],
+        Quadrature(12),
+        prob.mixture[:1],
+        res.mu[:1],
+        0.5 * torch.log(res.sigma2[:1]),
+        -1.0,
+    )
     assert got.item() == pytest.approx(on_edge, rel=1e-9)
 
 

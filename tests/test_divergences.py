@@ -166,7 +166,10 @@ def test_monte_carlo_renyi_is_the_vr_bound_log_mean_exp_with_its_stated_bias():
     for alpha in (0.5, 3.0):
         exact = divergence_exact(div, mix, mu, log_sigma, alpha=alpha).item()
         errors = torch.tensor(
-            [divergence_value(div, MonteCarlo(n, seed), mix, mu, log_sigma, alpha).item() - exact for seed in range(1000)]
+            [
+                divergence_value(div, MonteCarlo(n, seed), mix, mu, log_sigma, alpha).item() - exact
+                for seed in range(1000)
+            ]
         )
         x, _ = MonteCarlo(200_000, 1).nodes("q", mix, mu, log_sigma)
         log_ratio = mix.log_prob(x) - normal_log_prob(x, mu[:, None], torch.exp(2 * log_sigma)[:, None])

@@ -165,7 +165,10 @@ BAD_INPUT = [
         ["estimator.seed", "abc", "Integer"],
     ),
     bad(
-        "sweep: choice", "sweep", ["divergence=forward,sideways"], ["sideways", "alpha, chi2, forward, hellinger, jensen_shannon, renyi, reverse"]
+        "sweep: choice",
+        "sweep",
+        ["divergence=forward,sideways"],
+        ["sideways", "alpha, chi2, forward, hellinger, jensen_shannon, renyi, reverse"],
     ),
     bad("sweep: unknown key", "sweep", ["colour=red,blue"], ["colour", "separation", "init_sigma2"]),
     # the alpha family's order: only where it exists, finite, and a range with a step

@@ -10,7 +10,8 @@ Pearson's :math:`\chi^2(P\Vert Q)` at a = 2. Its integrand is non-negative point
 module evaluates it without the 0/0 at a = 0 and 1 and without the cancellation TFP's
 ``amari_alpha`` warns of: with :math:`E(x) = e^x - 1 - x`,
 
-.. math:: a\,p + (1-a)\,q - p^a q^{1-a} = q\,\big[a E(\delta) - E(a\delta)\big], \quad \delta = \log p - \log q,
+.. math:: a\,p + (1-a)\,q - p^a q^{1-a} = q\,\big[a E(\delta) - E(a\delta)\big],
+          \quad \delta = \log p - \log q,
 
 and for a > 1/2 the mirror form with P and Q exchanged and a -> 1 - a. Each :math:`w E(\cdot)` is a
 series where its argument is small and separately exponentiated densities elsewhere, so a density
@@ -130,7 +131,9 @@ def alpha_fit_terms(log_p: Tensor, log_q: Tensor, a: Tensor) -> tuple[Tensor, Te
     return t0, t1, t2
 
 
-def jensen_shannon_fit_terms(log_p: Tensor, log_q: Tensor, a: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def jensen_shannon_fit_terms(
+    log_p: Tensor, log_q: Tensor, a: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """(t0, t1, t2) of Jensen-Shannon for the fit (see :func:`alpha_fit_terms`)."""
     return (jensen_shannon_density(log_p, log_q), *jensen_shannon_weighted_derivatives(log_p, log_q))
 

@@ -147,7 +147,9 @@ class Divergence:
         """True for members given by a pointwise density (the alpha family and Jensen-Shannon)."""
         return self.density is not None
 
-    def orders(self, alpha: Tensor | float | None, n: int, dtype: torch.dtype = torch.float64) -> Tensor | None:
+    def orders(
+        self, alpha: Tensor | float | None, n: int, dtype: torch.dtype = torch.float64
+    ) -> Tensor | None:
         """The a of :math:`D_a` per row [n] (None outside the alpha family)."""
         if self.alpha_of is None:
             return None
@@ -155,7 +157,9 @@ class Divergence:
             raise ValueError(f"divergence {self.name!r} needs its alpha")
         return self.alpha_of(alpha, n, dtype)
 
-    def panel_points(self, mixture: Mixture, mu: Tensor, log_sigma: Tensor, a: Tensor | None) -> Tensor | None:
+    def panel_points(
+        self, mixture: Mixture, mu: Tensor, log_sigma: Tensor, a: Tensor | None
+    ) -> Tensor | None:
         """Extra panel edges where the integrand has mass away from P and Q, for rows that all have
         one :func:`~kl_sweep.core.alpha.layout` (callers split a batch by it)."""
         if a is None or len(a) == 0:
@@ -168,14 +172,18 @@ class Divergence:
             tails = kind == family.TAILS
             return family.panel_points(mixture, mu.detach(), log_sigma.detach(), a, offsets, tails)
 
-    def finite(self, mixture: Mixture, mu: Tensor, log_sigma: Tensor, alpha: Tensor | float | None = None) -> Tensor:
+    def finite(
+        self, mixture: Mixture, mu: Tensor, log_sigma: Tensor, alpha: Tensor | float | None = None
+    ) -> Tensor:
         """True where this divergence is finite at (mu, log sigma), decided analytically."""
         a = self.orders(alpha, mu.shape[0], mu.dtype)
         if a is None:
             return torch.ones_like(mu, dtype=torch.bool)
         return family.is_finite(mixture, mu, log_sigma, a)
 
-    def bounds(self, mixture: Mixture, mu: Tensor, alpha: Tensor | float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def bounds(
+        self, mixture: Mixture, mu: Tensor, alpha: Tensor | float | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """(lo, hi, closed): the log-sigma interval where it is finite, and whether hi itself is."""
         a = self.orders(alpha, mu.shape[0], mu.dtype)
         if a is None:
@@ -233,7 +241,11 @@ def get_divergence(name: str) -> Divergence:
 
 
 def finite_region(
-    divergence: Divergence, mixture: Mixture, mu: Tensor, log_sigma: Tensor, alpha: Tensor | float | None = None
+    divergence: Divergence,
+    mixture: Mixture,
+    mu: Tensor,
+    log_sigma: Tensor,
+    alpha: Tensor | float | None = None,
 ) -> Tensor:
     """True [B] where the divergence is finite at (mu, log sigma), decided analytically."""
     return divergence.finite(mixture, mu, log_sigma, alpha)
@@ -260,7 +272,9 @@ def renyi_value(d: Tensor, log_i: Tensor, alpha: Tensor) -> Tensor:
     return torch.where(near, from_d, from_log)
 
 
-def _finish(divergence: Divergence, d: Tensor, alpha, finite: Tensor | None, log_i: Tensor | None = None) -> Tensor:
+def _finish(
+    divergence: Divergence, d: Tensor, alpha, finite: Tensor | None, log_i: Tensor | None = None
+) -> Tensor:
     """Scale, transform (Renyi) and +inf where infinite: the value from the integral of the density."""
     d = divergence.scale * d
     if divergence.transform is not None:
@@ -353,11 +367,15 @@ def _monte_carlo(divergence: Divergence, estimator, mixture, mu, log_sigma, alph
     if a is None:  # Jensen-Shannon
         softplus = torch.nn.functional.softplus
         log2 = math.log(2.0)
-        return 0.5 * (w_p * (log2 - softplus(-delta_p))).sum(-1) + 0.5 * (w_q * (log2 - softplus(delta_q))).sum(-1)
+        return 0.5 * (w_p * (log2 - softplus(-delta_p))).sum(-1) + 0.5 * (
+            w_q * (log2 - softplus(delta_q))
+        ).sum(-1)
     ak = a.unsqueeze(-1)
     under_q = (w_q * -delta_q * family.relative_expm1(ak * delta_q)).sum(-1) / (1.0 - a).where(a <= 0.5, 1.0)
     c = 1.0 - a
-    under_p = (w_p * delta_p * family.relative_expm1(-c.unsqueeze(-1) * delta_p)).sum(-1) / a.where(a > 0.5, 1.0)
+    under_p = (w_p * delta_p * family.relative_expm1(-c.unsqueeze(-1) * delta_p)).sum(-1) / a.where(
+        a > 0.5, 1.0
+    )
     return _finish(divergence, torch.where(a <= 0.5, under_q, under_p), alpha, finite)
 
 

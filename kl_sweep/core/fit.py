@@ -253,7 +253,6 @@ class Objective:
         hess = torch.stack([torch.stack([h_mm, h_ms], -1), torch.stack([h_ms, h_ss], -1)], -2)
         return loss, grad, hess
 
-
     def _pointwise_derivatives(self, theta: Tensor, hessian: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         r"""Derivatives of :math:`D = \sum_i r_i\,t_0(\log p_i, \log q_i)` for a pointwise density.
 
@@ -272,7 +271,9 @@ class Objective:
             if len(kinds) and not (kinds == kinds[0]).all():
                 masks = [kinds == kind for kind in kinds.unique().tolist()]  # the layouts, not rows
                 parts = [self.subset(m)._pointwise_derivatives(theta[m], hessian) for m in masks]
-                out = [None if p is None else theta.new_empty((theta.shape[0], *p.shape[1:])) for p in parts[0]]
+                out = [
+                    None if p is None else theta.new_empty((theta.shape[0], *p.shape[1:])) for p in parts[0]
+                ]
                 for mask, part in zip(masks, parts):
                     for o, p in zip(out, part):
                         if o is not None:
@@ -315,7 +316,6 @@ class Objective:
         if a is not None:
             loss = torch.where(family.is_finite(self.mixture, mu, log_sigma, a), loss, torch.inf)
         return loss, grad, hess
-
 
 
 def _renyi_from_log(

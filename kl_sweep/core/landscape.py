@@ -106,7 +106,9 @@ class Landscape:
         """L(u) in nats, [B], differentiable in every column of u."""
         quadrature = Quadrature(self.nodes_per_panel)
         mixture = self.mixture(u)
-        return divergence_value(self.divergence, quadrature, mixture, u[:, MU], u[:, LOG_SIGMA], self._alpha(u))
+        return divergence_value(
+            self.divergence, quadrature, mixture, u[:, MU], u[:, LOG_SIGMA], self._alpha(u)
+        )
 
     def moment_matched(self, separation: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         r"""P's mean and variance :math:`(c + d(1/2 - w),\; v + w(1 - w)d^2)`: the forward-KL optimum."""
