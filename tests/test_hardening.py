@@ -35,7 +35,8 @@ JOBS = 2  # subprocesses at a time
 
 
 def env(full_error: bool = False) -> dict[str, str]:
-    out = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    # JOBS processes run side by side: one thread each, not JOBS x cores threads fighting for cores.
+    out = {"OMP_NUM_THREADS": "1", **{k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}}
     if full_error:
         out["HYDRA_FULL_ERROR"] = "1"
     return out
