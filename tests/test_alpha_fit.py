@@ -179,3 +179,21 @@ def test_a_sweep_over_alpha_is_one_batch_with_the_new_columns(tmp_path):
     assert (t.status.drop(index=1) == "converged").all()
     # alpha = 0 is KL(Q||P): its loss column equals its kl_reverse column.
     assert t.loss[2] == pytest.approx(t.kl_reverse[2], rel=1e-9)
+
+
+@pytest.mark.parametrize("alpha", [-0.5, -1.0, -2.0, -3.0])
+def test_the_edge_pitchfork_matches_its_closed_form(alpha):
+    # On the edge sigma^2 = (1 - a)/(-a) (v = 1, w = 1/2), p^a q^(1-a) is proportional to
+    # exp(|a| mu x - |a| mu^2/2) / cosh(d x/2)^|a|, whose integral is a Beta function in mu. Its
+    # log has zero curvature at mu = 0 where d^2 = 2 |a| psi_1(|a|/2) (trigamma): d = pi at a = -1.
+    from scipy.special import polygamma
+
+    from kl_sweep.core.bifurcation import edge_pitchfork
+    from kl_sweep.core.landscape import Landscape
+
+    got = edge_pitchfork(Landscape(DIVERGENCES["alpha"], alpha=alpha), (0.5, 12.0))
+    want = math.sqrt(2 * abs(alpha) * polygamma(1, abs(alpha) / 2))
+    assert got.numel() == 1
+    assert got.item() == pytest.approx(want, rel=1e-9)
+    if alpha == -1.0:
+        assert got.item() == pytest.approx(math.pi, rel=1e-12)

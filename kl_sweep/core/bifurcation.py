@@ -45,6 +45,7 @@ from torch import Tensor
 
 from kl_sweep.core.continuation import Curve, Located, Options, continuation, locate
 from kl_sweep.core.landscape import LOG_SIGMA, MU, SEPARATION, WEIGHT, Jet, Landscape, determinant
+from kl_sweep.core.mixture import Mixture
 
 #: A zero of one tangent component is a cusp if the other (d or w) component is below this there.
 CUSP_TANGENT_TOL = 1e-4
@@ -412,6 +413,7 @@ __all__ = [
     "branch_special_points",
     "continue_branches",
     "continue_fold_lines",
+    "edge_pitchfork",
     "cusp_points",
     "fold_residual",
     "newton",
@@ -420,3 +422,41 @@ __all__ = [
     "solve_maxwell",
     "stationary_points",
 ]
+
+
+def edge_pitchfork(landscape: Landscape, separation_range: tuple[float, float], samples: int = 200) -> Tensor:
+    r"""Separations where the symmetric fit on the edge of the finite region splits in two (w = 1/2).
+
+    For a < 0 the divergence is finite only for :math:`\sigma^2 \le v(1-a)/(-a)` and the covering
+    fit sits on that edge at mu = centre. Multistability begins where it stops being a minimum
+    along the edge, :math:`\partial^2 L/\partial\mu^2 = 0` there (a pitchfork of the constrained
+    problem: two edge minima move out to either side), while the outward push
+    :math:`\partial L/\partial\log\sigma < 0` keeps it on the edge. The interior folds of
+    :func:`continue_fold_lines` cannot see this birth. Sign changes on ``samples`` separations,
+    then bisection to 1e-12; returns the separations [n] (empty if there is none).
+    """
+    lo, hi = separation_range
+    d = torch.linspace(lo, hi, samples)
+    centre = torch.full_like(d, landscape.center)
+
+    def curvature(sep: Tensor) -> tuple[Tensor, Tensor]:
+        half = torch.full_like(sep, 0.5)
+        mixture = Mixture.two_component(
+            sep, half, centre[: len(sep)], torch.full_like(sep, landscape.component_var)
+        )
+        _, edge, closed = landscape.divergence.bounds(mixture, centre[: len(sep)], landscape.alpha)
+        u = torch.stack([centre[: len(sep)], edge, sep, half], -1)
+        jet = landscape.theta_jet(u)
+        pushed = closed & (jet.gradient[:, LOG_SIGMA] < 0)
+        return jet.hessian[:, MU, MU], pushed
+
+    h, pushed = curvature(d)
+    change = (h[:-1] > 0) & (h[1:] <= 0) & pushed[:-1] & pushed[1:]
+    left, right = d[:-1][change], d[1:][change]
+    for _ in range(60 if len(left) else 0):  # bisection steps, all brackets at once
+        mid = 0.5 * (left + right)
+        positive = curvature(mid)[0] > 0
+        left, right = torch.where(positive, mid, left), torch.where(positive, right, mid)
+        if (right - left).max() <= 1e-12:
+            break
+    return 0.5 * (left + right)
