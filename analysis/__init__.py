@@ -11,4 +11,6 @@
     result.boundaries  # the phase-boundary table
 
 The rules (same optimum, classes, boundaries) are in ``analysis/README.md`` and :mod:`analysis.classify`.
+Rows of the alpha family (``divergence=alpha``) are analysed by :mod:`analysis.alpha`
+(``analyse_alpha``: the onset of multistability and the exact folds against alpha).
 """

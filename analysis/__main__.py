@@ -1,5 +1,8 @@
 """``python -m analysis [SWEEP_DIR]``: figures to SWEEP_DIR/figures/, tables to SWEEP_DIR/tables/.
 
+Rows of the alpha family (``divergence=alpha``) are analysed apart (:mod:`analysis.alpha`): their
+tables and figures are named ``alpha_*`` and their section ends ``summary.md``.
+
 Exit codes: 0 on success; 2 when SWEEP_DIR does not exist or holds no usable results (one line
 on stderr, nothing written).
 """
@@ -14,7 +17,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-from analysis.classify import DEFAULT_TOL  # noqa: E402 (after choosing the backend)
+from analysis.alpha import alpha_notes, analyse_alpha, split_family  # noqa: E402 (after the backend)
+from analysis.classify import DEFAULT_TOL  # noqa: E402
 from analysis.data import load_sweep  # noqa: E402
 from analysis.pipeline import DEFAULT_WEIGHT, analyse  # noqa: E402
 from analysis.report import write_report  # noqa: E402
@@ -24,7 +28,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m analysis",
         description="Phase diagrams, bifurcation and basin charts, fit overlays, a loss landscape and "
-        "phase-boundary tables for one sweep.",
+        "phase-boundary tables for one sweep; for its divergence=alpha rows, the onset of multistability "
+        "against alpha.",
     )
     parser.add_argument(
         "sweep_dir",
@@ -59,12 +64,16 @@ def main(argv: list[str] | None = None) -> int:
         message = message if str(args.sweep_dir) in message else f"{args.sweep_dir}: {message}"
         print(f"analysis: {message}", file=sys.stderr)
         return 2
-    result = analyse(table, tol=args.tol)
-    written = write_report(result, args.sweep_dir, weight=args.weight)
+    family, rest = split_family(table)
+    result = analyse(rest, tol=args.tol) if len(rest) else None
+    alpha = analyse_alpha(family, tol=args.tol) if len(family) else None
+    written = write_report(result, args.sweep_dir, weight=args.weight, alpha=alpha)
     for folder, kind in (("tables", "table"), ("figures", "figure")):
         files = [p for p in written if p.parent.name == folder]
         print(f"wrote {len(files)} {kind} files to {args.sweep_dir / folder}")
-    for note in result.notes:  # what the exact structure could not do for this sweep, and why
+    for note in result.notes if result is not None else []:  # what the exact structure could not do
+        print(f"note: {note}")
+    for note in alpha_notes(alpha) if alpha is not None else []:
         print(f"note: {note}")
     return 0
 

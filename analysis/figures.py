@@ -22,6 +22,7 @@ import matplotlib as mpl
 import numpy as np
 import pandas as pd
 import seaborn as sns
+import torch
 from matplotlib import patheffects
 from matplotlib.axes import Axes
 from matplotlib.colors import BoundaryNorm, ListedColormap, LogNorm
@@ -31,7 +32,7 @@ from matplotlib.patches import Patch
 
 from analysis import classify
 from analysis.data import RUN_KEYS, divergence_order, in_context, nearest_value
-from analysis.numerics import divergence_grid, gaussian_density, mixture_density
+from analysis.numerics import divergence_grid, float64, gaussian_density, mixture_density
 from analysis.pipeline import NOT_CONVERGED, SweepAnalysis
 from analysis.tables import divergence_title
 
@@ -888,4 +889,499 @@ def write_figures(result: SweepAnalysis, directory: Path, weight: float) -> list
     written = []
     for name, make in FIGURES.items():
         written += save(make(result, weight), directory, name)
+    return written
+
+
+# ---------------------------------------------------------------------------------------------
+# The alpha family (analysis.alpha): phase diagram over (separation, alpha), folds, fits across alpha
+
+#: Named members of the family, drawn as reference lines on the alpha axes.
+ALPHA_REFERENCES = {0.0: "a = 0: reverse KL(Q||P)", 0.5: "a = 1/2: 4 H^2", 1.0: "a = 1: forward KL(P||Q)"}
+#: The alphas of the fit overlays (Minka 2005, Figure 1), each matched to the nearest swept alpha.
+FIT_ALPHAS = (-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)
+#: Separations of the fit overlays (the swept ones nearest): a gradual change, then a split into modes.
+FIT_SEPARATIONS = (4.0, 6.0)
+HEAVIER_BORN = "heavier mode born\n(weight 1/2: both modes)"
+#: Line style of each fold of the alpha-divergence, by the minimum it creates or destroys.
+FOLD_STYLES = {
+    ("heavier mode", "birth"): {"linestyle": "-", "label": HEAVIER_BORN},
+    ("either mode", "birth"): {"linestyle": "-", "label": HEAVIER_BORN},
+    ("lighter mode", "birth"): {"linestyle": "--", "label": "lighter mode born"},
+    ("covering", "death"): {"linestyle": ":", "label": "covering minimum dies"},
+}
+#: Markers for the ends of fold curves that mean something: a cusp, a turn next to the edge.
+FOLD_ENDS = {
+    "meets another fold": {**CUSP_STYLE, "label": "cusp (two folds meet)"},
+    "turns back in alpha": {
+        "marker": "o",
+        "markersize": 7,
+        "markerfacecolor": "white",
+        "markeredgecolor": "black",
+        "linestyle": "none",
+        "label": "fold curve turns back\nnext to the edge",
+    },
+}
+NO_MINIMUM_COLOUR = (0.82, 0.82, 0.82)
+
+
+def count_colours(most: int) -> list:
+    """Distinct sequential colours for 1..``most`` minima (crest, light to dark, evenly apart)."""
+    cmap = sns.color_palette("crest", as_cmap=True)
+    return [cmap(x) for x in np.linspace(0.0, 1.0, most)]
+
+
+def fold_curves(folds: pd.DataFrame, weight: float) -> list[tuple[tuple[str, str], pd.DataFrame]]:
+    """The fold curves of one weight, ((branch, event), points sorted by alpha); mirror images merged.
+
+    At weight 1/2 the two modes are born at the same separation for every alpha: one curve,
+    called ``either mode``.
+    """
+    part = folds[np.isclose(folds["weight"].astype(float), weight, rtol=0, atol=1e-12)]
+    curves = {key: line.sort_values("alpha") for key, line in part.groupby(["branch", "event"])}
+    heavy, light = curves.get(("heavier mode", "birth")), curves.get(("lighter mode", "birth"))
+    if heavy is not None and light is not None:
+        both = heavy.merge(light, on="alpha", suffixes=("", "_other"))
+        if len(both) == len(heavy) == len(light) and np.allclose(
+            both["separation"], both["separation_other"], rtol=1e-9, atol=0
+        ):
+            del curves[("heavier mode", "birth")], curves[("lighter mode", "birth")]
+            curves[("either mode", "birth")] = heavy
+    return list(curves.items())
+
+
+def draw_fold_ends(ax: Axes, folds: pd.DataFrame, weight: float, x: str, y: str) -> dict[str, Line2D]:
+    """Mark where fold curves end in a cusp or turn back next to the edge; return legend handles."""
+    part = folds[np.isclose(folds["weight"].astype(float), weight, rtol=0, atol=1e-12)]
+    handles = {}
+    for start, style_ in FOLD_ENDS.items():  # two kinds of end
+        ends = part[part["end"].str.startswith(start)].drop_duplicates(subset=["alpha"])
+        if len(ends):
+            ax.plot(ends[x], ends[y], zorder=5, **{k: v for k, v in style_.items() if k != "label"})
+            handles[style_["label"]] = Line2D([], [], **style_)
+    return handles
+
+
+def alpha_reference_lines(ax: Axes, horizontal: bool) -> None:
+    """Dotted lines at a = 0, 1/2 and 1, each named (reverse KL, 4 H^2, forward KL)."""
+    for a, name in ALPHA_REFERENCES.items():
+        if horizontal:
+            ax.axhline(a, color="0.15", linestyle=":", linewidth=1.0, zorder=2)
+            ax.annotate(
+                name,
+                (0.015, a),
+                xycoords=("axes fraction", "data"),
+                ha="left",
+                va="bottom",
+                fontsize=8,
+                path_effects=OUTLINE,
+                zorder=4,
+            )
+        else:
+            ax.axvline(a, color="0.15", linestyle=":", linewidth=1.0, zorder=2)
+            ax.annotate(
+                name,
+                (a, 0.985),
+                xycoords=("data", "axes fraction"),
+                ha="left",
+                va="top",
+                rotation=90,
+                fontsize=8,
+                path_effects=OUTLINE,
+                zorder=4,
+            )
+
+
+def _alpha_label(a: float) -> str:
+    """An alpha as the sweep meant it: range() leaves 5.6e-17 where it meant 0."""
+    return f"{round(float(a), 10) + 0.0:g}"
+
+
+def alpha_phase_diagram(analysis) -> Figure:
+    """Distinct minima per (separation, alpha) cell, one panel per weight, with the exact folds.
+
+    Cells: how many distinct minima the sweep's converged runs found (rules of
+    :mod:`analysis.classify`, each alpha its own objective); hatched where one of them lies on the
+    edge of the finite region (a < 0). Lines: the exact folds of
+    :func:`analysis.alpha.fold_versus_alpha`, with their cusps and turning points.
+    """
+    cells, folds = analysis.cells, analysis.folds
+    weights = analysis.weights
+    most = max(3, int(cells["n_optima"].max()))
+    colours = count_colours(most)
+    alphas, seps = np.unique(cells["alpha"]), np.unique(cells["separation"])
+    x_edges, y_edges = cell_edges(seps), cell_edges(alphas)
+    with style():
+        fig = Figure(figsize=(4.8 * len(weights) + 3.4, 6.2), layout="constrained")
+        axes = fig.subplots(1, len(weights), squeeze=False, sharey=True)[0]
+        shown: dict[str, Line2D] = {}
+        ends: dict[str, Line2D] = {}
+        for ax, weight in zip(axes, weights, strict=True):
+            part = cells[cells["weight"] == weight]
+            grid = part.pivot_table(index="alpha", columns="separation", values="n_optima", aggfunc="first")
+            grid = grid.reindex(index=alphas, columns=seps)
+            ax.pcolormesh(
+                x_edges,
+                y_edges,
+                np.ma.masked_invalid(grid.to_numpy(float)),
+                cmap=ListedColormap([NO_MINIMUM_COLOUR, *colours]),
+                norm=BoundaryNorm(np.arange(most + 2) - 0.5, most + 1),
+                edgecolors="face",
+                linewidth=0.0,
+            )
+            edge = part[part["n_boundary"] > 0]
+            ix, iy = np.searchsorted(seps, edge["separation"]), np.searchsorted(alphas, edge["alpha"])
+            for i, j in zip(ix, iy, strict=True):  # hatched cells (tens to hundreds)
+                ax.add_patch(
+                    mpl.patches.Rectangle(
+                        (x_edges[i], y_edges[j]),
+                        x_edges[i + 1] - x_edges[i],
+                        y_edges[j + 1] - y_edges[j],
+                        fill=False,
+                        hatch="///",
+                        edgecolor="0.15",
+                        linewidth=0.0,
+                    )
+                )
+            for key, line in fold_curves(folds, weight):  # a few fold curves
+                style_ = FOLD_STYLES[key]
+                ax.plot(
+                    line["separation"],
+                    line["alpha"],
+                    color="black",
+                    linewidth=2.0,
+                    linestyle=style_["linestyle"],
+                    path_effects=[patheffects.withStroke(linewidth=3.8, foreground="white")],
+                    zorder=3,
+                )
+                shown[style_["label"]] = Line2D(
+                    [], [], color="black", linewidth=2.0, linestyle=style_["linestyle"], label=style_["label"]
+                )
+            ends.update(draw_fold_ends(ax, folds, weight, "separation", "alpha"))
+            split = _edge_split_curve(analysis, weight)
+            if len(split):
+                ax.plot(
+                    split["separation"],
+                    split["alpha"],
+                    color="black",
+                    linewidth=2.0,
+                    linestyle="-.",
+                    path_effects=[patheffects.withStroke(linewidth=3.8, foreground="white")],
+                    zorder=3,
+                )
+                shown[EDGE_SPLIT_LABEL] = Line2D(
+                    [], [], color="black", linewidth=2.0, linestyle="-.", label=EDGE_SPLIT_LABEL
+                )
+            alpha_reference_lines(ax, horizontal=True)
+            ax.set_xlim(x_edges[0], x_edges[-1])
+            ax.set_ylim(y_edges[0], y_edges[-1])
+            ax.grid(False)
+            ax.set_title(f"weight of left component {weight:g}")
+            ax.set_xlabel(separation_label(analysis.context["component_var"]))
+        axes[0].set_ylabel("alpha (order a of D_a(P||Q))")
+        legend = [Patch(facecolor=NO_MINIMUM_COLOUR, edgecolor="0.3", label="no converged minimum")]
+        legend = legend if (cells["n_optima"] == 0).any() else []
+        legend += [
+            Patch(facecolor=colours[n - 1], edgecolor="0.3", label=f"{n} minim{'um' if n == 1 else 'a'}")
+            for n in range(1, most + 1)
+        ]
+        legend.append(
+            Patch(
+                facecolor="white",
+                edgecolor="0.15",
+                hatch="///",
+                label="a minimum on the edge\nof the finite region",
+            )
+        )
+        if shown:
+            legend.append(Line2D([], [], linestyle="none", label="\nexact folds:"))
+            legend += list(shown.values()) + list(ends.values())
+        fig.legend(handles=legend, loc="outside right upper", frameon=False, title="distinct minima (sweep)")
+        fig.suptitle(
+            "Alpha-divergence D_a(P||Q): distinct minima the sweep found over its starts, and the exact folds"
+            + _alpha_context_note(analysis),
+            x=0.02,
+            ha="left",
+        )
+    return fig
+
+
+def _alpha_context_note(analysis) -> str:
+    """A subtitle naming the context shown, when the sweep's alpha rows hold several."""
+    return "".join("\n(shown: " + n.split("shown: ")[-1] + ")" for n in analysis.notes if "shown:" in n)
+
+
+GRID_ONSET_LABEL = (
+    "sweep: first swept separation with\ntwo distinct minima (bar: from\nthe swept separation below)"
+)
+#: What each fold curve is, in the fold figure's legend (one entry per weight and curve).
+CURVE_NAMES = {
+    ("heavier mode", "birth"): "heavier mode born",
+    ("either mode", "birth"): "both modes born (mirror images)",
+    ("lighter mode", "birth"): "lighter mode born",
+    ("covering", "death"): "covering minimum dies",
+}
+#: Upper limit of the left panel of :func:`alpha_fold_curve` (component sd); the right panel goes on.
+FOLD_AXIS_TOP = 14.0
+
+
+def _onset_on_edge(cells: pd.DataFrame, onsets: pd.DataFrame) -> np.ndarray:
+    """For each onset row, whether a minimum of its cell at ``onset_grid`` lies on the edge."""
+    edge = cells[cells["n_boundary"] > 0][["weight", "alpha", "separation"]].assign(on_edge=True)
+    merged = onsets[["weight", "alpha", "onset_grid"]].merge(
+        edge,
+        left_on=["weight", "alpha", "onset_grid"],
+        right_on=["weight", "alpha", "separation"],
+        how="left",
+    )
+    return merged["on_edge"].astype("boolean").fillna(False).to_numpy(bool)
+
+
+def _dots(ax: Axes, x, y, marker: str, face, edge) -> None:
+    ax.plot(
+        x,
+        y,
+        linestyle="none",
+        marker=marker,
+        markersize=5,
+        markerfacecolor=face,
+        markeredgecolor=edge,
+        zorder=4,
+    )
+
+
+EDGE_SPLIT_LABEL = "covering fit on the edge\nsplits in two (exact)"
+
+
+def _edge_split_curve(analysis, weight: float) -> pd.DataFrame:
+    """The exact edge split (alpha < 0, weight 1/2) on a fine alpha grid over the swept alphas < 0."""
+    if not np.isclose(weight, 0.5) or analysis.onsets["edge_split"].isna().all():
+        return pd.DataFrame(columns=["alpha", "separation"])
+    from kl_sweep.core.bifurcation import edge_pitchfork
+    from kl_sweep.core.divergences import get_divergence
+    from kl_sweep.core.landscape import Landscape
+
+    low = float(analysis.runs["alpha"].min())
+    rows = []
+    with float64(), torch.no_grad():
+        for a in np.linspace(low, -0.02, 40):  # points of one curve
+            landscape = Landscape(
+                get_divergence("alpha"),
+                center=float(analysis.context["center"]),
+                component_var=float(analysis.context["component_var"]),
+                alpha=float(a),
+            )
+            found = edge_pitchfork(landscape, (1e-3, 40.0), samples=120)
+            if found.numel():
+                rows.append((a, float(found.min())))
+    return pd.DataFrame(rows, columns=["alpha", "separation"])
+
+
+def alpha_fold_curve(analysis) -> Figure:
+    """The exact fold separations against alpha (left) and, on log-log axes, against 1 - alpha (right).
+
+    Left: each fold of each weight (colour per weight, line style per minimum) under the sweep's
+    grid onsets: a dot at the first swept separation with two distinct minima (a square where a
+    minimum there lies on the edge of the finite region), a bar down to the swept separation
+    below it (an exact onset of the same kind lies in between), an open triangle at the top of the
+    swept range where the sweep never found two. Right: the births for alpha in [1/2, 1) against
+    1 - alpha, with slope -1/2 for reference and the fitted slope over a >= 0.95 in the title.
+    """
+    folds, onsets = analysis.folds, analysis.onsets
+    weights = analysis.weights
+    colours = dict(zip(weights, sns.color_palette("colorblind", len(weights)), strict=True))
+    top = float(analysis.runs["separation"].max())
+    shift = dict(zip(weights, 0.012 * (np.arange(len(weights)) - (len(weights) - 1) / 2), strict=True))
+    with style():
+        fig = Figure(figsize=(13.2, 5.8), layout="constrained")
+        left, right = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.4, 1.0]})
+        handles: dict[str, object] = {}
+        ends: dict[str, Line2D] = {}
+        left.axhspan(0, top, color="0.94", zorder=0)
+        slopes = []
+        for weight in weights:  # two or three weights
+            colour = colours[weight]
+            for key, line in fold_curves(folds, weight):  # a few fold curves
+                dash = FOLD_STYLES[key]["linestyle"]
+                left.plot(line["alpha"], line["separation"], color=colour, linestyle=dash, linewidth=2.0)
+                label = f"w = {weight:g}: {CURVE_NAMES[key]}"
+                handles[label] = Line2D([], [], color=colour, linestyle=dash, linewidth=2.0, label=label)
+                high = line[(line["alpha"] >= 0.5) & (line["alpha"] < 1.0)]
+                if key[1] == "birth" and len(high):
+                    right.plot(
+                        1 - high["alpha"], high["separation"], color=colour, linestyle=dash, linewidth=2.0
+                    )
+                    near = high[high["alpha"] >= 0.95]
+                    if len(near) > 2:
+                        fit = np.polyfit(np.log(1 - near["alpha"]), np.log(near["separation"]), 1)
+                        slopes.append(-fit[0])
+            ends.update(draw_fold_ends(left, folds, weight, "alpha", "separation"))
+            split = _edge_split_curve(analysis, weight)
+            if len(split):
+                left.plot(split["alpha"], split["separation"], color=colour, linestyle="-.", linewidth=2.0)
+                label = f"w = {weight:g}: {EDGE_SPLIT_LABEL}"
+                handles[label] = Line2D([], [], color=colour, linestyle="-.", linewidth=2.0, label=label)
+            mine = onsets[onsets["weight"] == weight]
+            seen = mine.dropna(subset=["onset_grid"])
+            x = (seen["alpha"] + shift[weight]).to_numpy()
+            left.vlines(x, seen["onset_lower"].fillna(0.0), seen["onset_grid"], color=colour, linewidth=1.0)
+            on_edge = _onset_on_edge(analysis.cells, seen)
+            y = seen["onset_grid"].to_numpy()
+            _dots(left, x[~on_edge], y[~on_edge], "o", colour, "0.1")
+            _dots(left, x[on_edge], y[on_edge], "s", colour, "0.1")
+            never = mine[mine["onset_grid"].isna()]
+            _dots(left, never["alpha"] + shift[weight], np.full(len(never), top), "^", "white", colour)
+            if on_edge.any():
+                handles["edge onset"] = Line2D(
+                    [],
+                    [],
+                    linestyle="none",
+                    marker="s",
+                    markerfacecolor="0.6",
+                    markeredgecolor="0.1",
+                    label="sweep, as above, with a minimum\non the edge of the finite region",
+                )
+        grid = Line2D(
+            [],
+            [],
+            linestyle="-",
+            linewidth=1.0,
+            marker="o",
+            color="0.4",
+            markerfacecolor="0.6",
+            markeredgecolor="0.1",
+            label=GRID_ONSET_LABEL,
+        )
+        never = Line2D(
+            [],
+            [],
+            linestyle="none",
+            marker="^",
+            markerfacecolor="white",
+            markeredgecolor="0.3",
+            label=f"sweep: never two minima up to {top:g} sd",
+        )
+        edge_onset = {"edge onset": handles.pop("edge onset")} if "edge onset" in handles else {}
+        band = Patch(facecolor="0.94", label="swept separations")
+        handles = {**handles, **ends, "grid": grid, **edge_onset, "never": never, "band": band}
+        alpha_reference_lines(left, horizontal=False)
+        left.set_xlabel("alpha (order a of D_a(P||Q))")
+        left.set_ylabel("separation (component sd)")
+        left.set_ylim(0, max(FOLD_AXIS_TOP, top * 1.1))
+        left.set_title("Where a minimum is born (or dies), against alpha")
+        high = folds[(folds["event"] == "birth") & (folds["alpha"] >= 0.5)]
+        if len(high):  # slope -1/2 through the point nearest a = 1: d proportional to (1 - a)^(-1/2)
+            anchor = high.loc[high["alpha"].idxmax()]
+            eps = np.array([1 - anchor["alpha"], 0.5])
+            reference = anchor["separation"] * np.sqrt((1 - anchor["alpha"]) / eps)
+            right.plot(eps, reference, color="0.45", linestyle="-.", linewidth=1.2)
+            handles["slope"] = Line2D(
+                [], [], color="0.45", linestyle="-.", label="slope -1/2: d ~ (1 - a)^(-1/2)"
+            )
+            right.set_xscale("log")
+            right.set_yscale("log")
+            ticks = [t for t in (0.5, 0.2, 0.1, 0.05, 0.02, 0.01) if t >= 0.9 * float(eps[0])]
+            right.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            right.set_yticks([5, 10, 20, 40], ["5", "10", "20", "40"])
+            right.minorticks_off()
+            right.invert_xaxis()
+        right.set_xlabel("1 - alpha (log scale)")
+        right.set_ylabel("fold separation (component sd, log scale)")
+        title = "Births as alpha -> 1 (log-log)"
+        if slopes:
+            title += f"\nslope over a >= 0.95: {min(slopes):.2f} to {max(slopes):.2f}"
+        right.set_title(title)
+        fig.legend(handles=list(handles.values()), loc="outside right upper", frameon=False, fontsize=8.5)
+        fig.suptitle(
+            "Where multistability begins for each alpha" + _alpha_context_note(analysis), x=0.02, ha="left"
+        )
+    return fig
+
+
+def alpha_fits(
+    analysis, separations: tuple[float, ...] = FIT_SEPARATIONS, alphas: tuple[float, ...] = FIT_ALPHAS
+) -> Figure:
+    """P and the fitted Q across alpha (Minka 2005, Figure 1): a row per separation, a column per weight.
+
+    For each of ``alphas`` (the nearest swept alpha within 0.05), the lowest-loss distinct minimum
+    the sweep found at the swept separation nearest each of ``separations`` (ties, the
+    mirror-image modes at weight 1/2, go to the left one); a sequential palette over alpha, lines
+    narrowing as alpha grows so that coinciding fits stay visible; dashed where the fit lies on
+    the edge of the finite region.
+    """
+    optima = analysis.optima[classify.is_minimum(analysis.optima)]
+    swept = np.unique(analysis.runs["alpha"].to_numpy(float))
+    chosen = [(a, swept[np.argmin(np.abs(swept - a))]) for a in alphas]
+    chosen = [(a, s) for a, s in chosen if abs(s - a) <= 0.05]
+    separations = list(dict.fromkeys(nearest_value(analysis.runs["separation"], d) for d in separations))
+    palette = sns.color_palette("viridis", len(chosen) + 1)[: len(chosen)]
+    widths = np.linspace(3.4, 1.4, len(chosen))
+    names = {0.0: " (reverse KL)", 0.5: " (4 H^2)", 1.0: " (forward KL)"}
+    weights = analysis.weights
+    center, var = float(analysis.context["center"]), float(analysis.context["component_var"])
+    handles: list = [Patch(facecolor="0.8", edgecolor="0.35", label="P (mixture)")]
+    handles += [
+        Line2D([], [], color=c, linewidth=w, label=f"a = {_alpha_label(a)}{names.get(t, '')}")
+        for (t, a), c, w in zip(chosen, palette, widths, strict=True)
+    ]
+    with style():
+        fig = Figure(figsize=(5.4 * len(weights) + 2.8, 3.6 * len(separations) + 0.9), layout="constrained")
+        axes = fig.subplots(len(separations), len(weights), squeeze=False, sharey="row")
+        edge_shown = False
+        for row, separation in zip(axes, separations, strict=True):
+            reach = separation / 2 + 4.5 * np.sqrt(var)
+            x = np.linspace(center - reach, center + reach, 1200)
+            for ax, weight in zip(row, weights, strict=True):
+                cell = pd.Series(
+                    {"separation": separation, "weight": weight, "center": center, "component_var": var}
+                )
+                here = optima[(optima["weight"] == weight) & (optima["separation"] == separation)]
+                best = here.sort_values(["loss", "mu"]).groupby("alpha").head(1).set_index("alpha")
+                p = mixture_density(cell, x)
+                ax.fill_between(x, p, color="0.8", linewidth=0)
+                ax.plot(x, p, color="0.35", linewidth=1.5)
+                for (_, a), colour, width in zip(chosen, palette, widths, strict=True):  # seven alphas
+                    if a not in best.index:
+                        continue
+                    fit = best.loc[a]
+                    q = gaussian_density(x, np.array([fit["mu"]]), np.array([fit["sigma2"]]))[0]
+                    edge = bool(fit["on_boundary"])
+                    edge_shown |= edge
+                    ax.plot(x, q, color=colour, linewidth=width, linestyle="--" if edge else "-")
+                ax.set_title(
+                    f"separation {separation:g} sd, weight of left component {weight:g}", fontsize=11
+                )
+            top = max(line.get_ydata().max() for ax in row for line in ax.get_lines())
+            row[0].set_ylim(0, 1.05 * top)  # the row shares it
+            row[0].set_ylabel("density")
+        for ax in axes[-1]:
+            ax.set_xlabel("x (component sd)")
+        if edge_shown:
+            handles.append(
+                Line2D([], [], color="0.3", linestyle="--", label="dashed: on the edge\nof the finite region")
+            )
+        fig.legend(
+            handles=handles, loc="outside right upper", frameon=False, title="fitted Q = N(mu, sigma^2)"
+        )
+        fig.suptitle(
+            "Fits across alpha: the lowest-loss minimum the sweep found for each alpha\n"
+            "(a <= 0 locks onto a mode, zero-forcing; a >= 1 spreads over both, mass-covering)",
+            x=0.02,
+            ha="left",
+        )
+    return fig
+
+
+#: The alpha section's figures, by file name.
+ALPHA_FIGURES: dict[str, Callable] = {
+    "alpha_phase_diagram": alpha_phase_diagram,
+    "alpha_folds": alpha_fold_curve,
+    "alpha_fits": alpha_fits,
+}
+
+
+def write_alpha_figures(analysis, directory: Path) -> list[Path]:
+    """Write every figure of :data:`ALPHA_FIGURES` as PNG and SVG into ``directory``; return the paths."""
+    written = []
+    for name, make in ALPHA_FIGURES.items():
+        written += save(make(analysis), directory, name)
     return written

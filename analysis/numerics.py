@@ -83,11 +83,14 @@ def divergence_grid(divergence: str, cell: pd.Series, mu: np.ndarray, log_sigma:
     return loss.numpy().reshape(mm.shape)
 
 
-def hessian_eigenvalues(optima: pd.DataFrame, divergence: str, chunk: int = 20_000) -> np.ndarray:
+def hessian_eigenvalues(
+    optima: pd.DataFrame, divergence: str, chunk: int = 20_000, alpha: np.ndarray | None = None
+) -> np.ndarray:
     """Eigenvalues [n, 2] (ascending) of the Hessian of ``divergence`` in (mu, log sigma) at each row's fit.
 
     Uses the core's :class:`~kl_sweep.core.fit.Objective` with :class:`~kl_sweep.core.estimators.Quadrature`,
-    ``chunk`` rows at a time to bound memory.
+    ``chunk`` rows at a time to bound memory. ``alpha`` gives each row's order for the divergences
+    that take one (``divergence.alpha``).
     """
     from kl_sweep.core.divergences import DIVERGENCES
     from kl_sweep.core.estimators import Quadrature
@@ -98,7 +101,8 @@ def hessian_eigenvalues(optima: pd.DataFrame, divergence: str, chunk: int = 20_0
         for start in range(0, len(optima), chunk):  # chunks of optima, each a batch
             part = optima.iloc[start : start + chunk]
             theta = torch.stack([tensor(part["mu"]), 0.5 * torch.log(tensor(part["sigma2"]))], -1)
-            objective = Objective.build(DIVERGENCES[divergence], Quadrature(), mixtures(part), theta)
+            order = None if alpha is None else tensor(alpha[start : start + chunk])
+            objective = Objective.build(DIVERGENCES[divergence], Quadrature(), mixtures(part), theta, order)
             _, _, hess = objective.derivatives(theta, hessian=True)
             out[start : start + len(part)] = torch.linalg.eigvalsh(
                 0.5 * (hess + hess.transpose(-1, -2))

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from analysis import classify
+from analysis.alpha import split_family
 from analysis.data import CELL_KEYS, in_context, nearest_value, primary_context
 from analysis.structure import POINT_COLUMNS, Structure, exact_structure
 
@@ -62,6 +63,8 @@ def analyse(
     """Distinct optima, their stability, cell outcomes and phase boundaries of a prepared table.
 
     ``table`` comes from :func:`analysis.data.load_sweep` (or :func:`analysis.data.prepare`).
+    Rows of the alpha family (``divergence=alpha``) are left out: their objective depends on
+    ``alpha``, which the cell keys do not hold; :func:`analysis.alpha.analyse_alpha` analyses them.
     With ``check_stability`` the Hessian of every distinct optimum is checked by the core
     (:mod:`analysis.stability`) and saddle points are not counted as optima. With ``exact`` the
     exact structure of every divergence of the main context is computed by continuation
@@ -69,6 +72,11 @@ def analyse(
     grid values stay as ``onset_grid`` and ``switch_grid``) and every cell gets its exact number
     of minima, ``n_minima_exact``.
     """
+    family, table = split_family(table)
+    if table.empty:
+        raise ValueError(
+            f"all {len(family)} rows are of the alpha family: analyse them with analysis.alpha.analyse_alpha"
+        )
     labels = classify.label_runs(table, tol)
     optima = classify.distinct_optima(table, labels)
     if check_stability and not optima.empty:

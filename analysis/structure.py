@@ -311,6 +311,35 @@ def exact_structure(
     )
 
 
+def fold_points(
+    divergence: str,
+    weights: Sequence[float],
+    separation_range: tuple[float, float] = (0.0, 8.0),
+    *,
+    center: float = 0.0,
+    component_var: float = 1.0,
+    alpha: float | None = None,
+) -> pd.DataFrame:
+    """The folds and pitchforks of :func:`exact_structure` alone (its ``points`` of those kinds).
+
+    The same standard seeds, branches and located points, without the sweep's seeds, fold lines,
+    cusps, counts and switches: several times cheaper, for callers that need only the folds (the
+    continuation in alpha of :mod:`analysis.alpha`). Columns: :data:`POINT_COLUMNS`.
+    """
+    from kl_sweep.core import bifurcation as bf
+
+    weights = np.unique(np.asarray(weights, dtype=float))
+    lo, hi = map(float, separation_range)
+    with float64(), torch.no_grad():
+        landscape = _landscape(divergence, center, component_var, alpha)
+        branches = bf.continue_branches(landscape, standard_seeds(landscape, weights, lo, hi), (lo, hi))
+        points = dedupe(_special_frame(landscape, branches), ["weight", "kind"], ("separation", "mu"))
+    points = points.assign(divergence=divergence, center=center, component_var=component_var)
+    if len(points):
+        points["weight"] = _snap(points["weight"].to_numpy(float), weights)
+    return _finish_points(points, center, component_var)
+
+
 def _snap(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """Each value replaced by the nearest of ``weights`` if it is within 1e-9 of it."""
     nearest = weights[np.abs(values[:, None] - weights[None, :]).argmin(-1)] if len(values) else values

@@ -214,3 +214,112 @@ def write_tables(result: SweepAnalysis, directory: Path) -> list[Path]:
         write(directory / name)
         written.append(directory / name)
     return written
+
+
+# ---------------------------------------------------------------------------------------------
+# The alpha family (analysis.alpha)
+
+#: Alphas of the folds table in summary.md (the CSV has every point).
+FOLD_SUMMARY_ALPHAS = (-1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 0.6, 0.75, 0.9, 0.95, 0.98)
+
+
+def alpha_onsets_markdown(analysis) -> str:
+    """The onset table of :func:`analysis.alpha.onset_table` as Markdown, alphas rounded to 4 digits."""
+    table = analysis.onsets.copy()
+    table["alpha"] = table["alpha"].round(10) + 0.0  # range() leaves 5.6e-17 where it meant 0
+    table = table.drop(columns=["n_runs", "n_not_converged"]).rename(
+        columns={
+            "onset_grid": "multistable from (grid)",
+            "onset_lower": "grid below",
+            "n_optima_max": "minima at most",
+            "boundary_cells": "cells with an edge minimum",
+            "fold_separation": "exact first birth",
+            "fold_branch": "born",
+            "edge_split": "exact edge split",
+            "exact_onset": "exact onset",
+            "exact_multistable": "exact: two minima or more",
+        }
+    )
+    return markdown_table(table)
+
+
+def alpha_folds_markdown(analysis) -> str:
+    """The exact folds at :data:`FOLD_SUMMARY_ALPHAS` (a column per fold) and where each continuation ends."""
+    folds = analysis.folds
+    if folds.empty:
+        return "No exact folds (not computed, or none at alpha = 1/2).\n"
+    folds = folds.assign(fold=folds["branch"] + " " + folds["event"], alpha=folds["alpha"].round(10) + 0.0)
+    shown = folds[folds["requested"] & folds["alpha"].isin(FOLD_SUMMARY_ALPHAS)]
+    wide = shown.pivot_table(index="alpha", columns=["weight", "fold"], values="separation", aggfunc="first")
+    for weight in wide.columns.get_level_values(0).unique():  # at weight 1/2 the modes are born together
+        pair = [(weight, "heavier mode birth"), (weight, "lighter mode birth")]
+        if all(c in wide for c in pair) and np.allclose(
+            wide[pair[0]], wide[pair[1]], rtol=1e-9, equal_nan=True
+        ):
+            wide = wide.drop(columns=pair[1]).rename(
+                columns={"heavier mode birth": "both modes birth"}, level=1
+            )
+    wide.columns = [f"w = {w:g}: {f}" for w, f in wide.columns]
+    wide = wide.reset_index()
+    ends = folds[folds["end"] != ""][["weight", "fold", "alpha", "separation", "end"]]
+    return "\n".join(
+        [
+            markdown_table(wide),
+            "Where each continuation ends (its last point):",
+            "",
+            markdown_table(ends.rename(columns={"end": "why"})),
+        ]
+    )
+
+
+def alpha_summary_markdown(analysis) -> str:
+    """The alpha section of summary.md: counts, the onset table, the exact folds, notes."""
+    runs = analysis.runs
+    counts = runs.groupby("status").size().rename("runs").reset_index()
+    lines = [
+        "# The alpha family: D_a(P||Q) across its order",
+        "",
+        f"{len(runs)} runs with divergence=alpha at {runs['alpha'].nunique()} alphas (a -> 0: reverse KL,",
+        "mode-seeking; a = 1/2: 4 H^2; a -> 1: forward KL, mass-covering). Each alpha is its own objective,",
+        "so these rows are analysed here, apart from any other divergence of the sweep. A minimum on the",
+        "edge of the region where D_a is finite (a < 0: sigma^2 < v(1-a)/(-a); `on_boundary`) counts as a",
+        f"minimum. Distinct minima by the relative tolerance {analysis.tol:g} (analysis/README.md); interior",
+        "optima are checked by the Hessian of D_a at their alpha. Figures: `figures/alpha_*`.",
+        "",
+        markdown_table(counts),
+        "## Onset of multistability against alpha",
+        "",
+        "`multistable from (grid)`: the smallest swept separation where the sweep found two or more distinct",
+        "minima (`grid below`: the swept separation below it). `exact first birth`: the smallest separation",
+        "where a minimum is born (a fold), from the exact continuation in alpha, and `born`: which; `exact:",
+        "two minima or more`: where the folds give two minima or more (interior minima only: for a < 0 a",
+        "minimum can also be born on the edge, which `note` says). — where there is none. Separations in",
+        "component sd.",
+        "",
+        alpha_onsets_markdown(analysis),
+        "## Exact folds against alpha",
+        "",
+        "Separation (component sd) of each fold, continued in alpha from the exact structure at a = 1/2",
+        "(`tables/alpha_folds.csv` has every point, with mu, sigma^2 and the residual).",
+        "",
+        alpha_folds_markdown(analysis),
+    ]
+    lines += [f"- note: {n}" for n in analysis.notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_alpha_tables(analysis, directory: Path) -> list[Path]:
+    """The alpha section's tables into ``directory``: onsets (CSV, Markdown), folds, optima, cells."""
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "alpha_onsets.csv": lambda p: analysis.onsets.to_csv(p, index=False),
+        "alpha_onsets.md": lambda p: p.write_text(
+            "# Onset of multistability against alpha\n\n" + alpha_onsets_markdown(analysis)
+        ),
+        "alpha_folds.csv": lambda p: analysis.folds.to_csv(p, index=False),
+        "alpha_optima.csv": lambda p: analysis.optima.to_csv(p, index=False),
+        "alpha_phases.csv": lambda p: analysis.cells.to_csv(p, index=False),
+    }
+    for name, write in paths.items():
+        write(directory / name)
+    return [directory / name for name in paths]

@@ -1,7 +1,8 @@
 """``analysis/phase_behaviour.ipynb`` is committed without outputs and runs top to bottom on a real sweep.
 
-The sweep is made here with the core fit (both divergences, a few separations, weights and
-starting means), so the notebook sees real optima, branches and basins.
+The sweeps are made here with the core fit (both KLs, a few separations, weights and starting
+means; and a small alpha sweep for its alpha section), so the notebook sees real optima, branches
+and basins.
 """
 
 from __future__ import annotations
@@ -33,6 +34,22 @@ def real_sweep(directory: Path) -> pd.DataFrame:
     return pd.read_parquet(directory / "results.parquet")
 
 
+def real_alpha_sweep(directory: Path) -> pd.DataFrame:
+    """A small real alpha sweep for the alpha section: two orders, separations 4-7, one weight, 3 starts."""
+    proc = run_cli(
+        "-m",
+        "divergence=alpha",
+        "divergence.alpha=0,0.5",
+        "separation=range(4,7.5,0.5)",
+        "weight=0.5",
+        "init_mu=-3,0,3",
+        f"hydra.sweep.dir={directory}",
+        "hydra.sweeper.latest_link=null",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return pd.read_parquet(directory / "results.parquet")
+
+
 def test_notebook_is_committed_without_outputs():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
@@ -44,7 +61,10 @@ def test_notebook_runs_top_to_bottom_on_a_real_sweep(tmp_path, monkeypatch):
     sweep = tmp_path / "sweep"
     table = real_sweep(sweep)
     assert table["converged"].all()
+    alpha_sweep = tmp_path / "alpha"
+    alpha_table = real_alpha_sweep(alpha_sweep)
     monkeypatch.setenv("KL_SWEEP_DIR", str(sweep))
+    monkeypatch.setenv("KL_SWEEP_ALPHA_DIR", str(alpha_sweep))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(
@@ -54,10 +74,13 @@ def test_notebook_runs_top_to_bottom_on_a_real_sweep(tmp_path, monkeypatch):
     outputs = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs]
     assert not [out for out in outputs if out.output_type == "error"]
     images = [out for out in outputs if "image/png" in out.get("data", {})]
-    # phase diagram, exact phase diagram, bifurcation, basin map, fit overlays, loss landscape, notebook cases
-    assert len(images) == 7
+    # phase diagram, exact phase diagram, bifurcation, basin map, fit overlays, loss landscape, notebook
+    # cases; then the alpha section's phase diagram, folds against alpha and fits across alpha
+    assert len(images) == 10
     text = "".join(out.get("text", "") for out in outputs)
     assert f"{len(table)} runs from {sweep}" in text
     assert "special points:" in text and "'fold'" in text  # the exact structure of the real sweep
-    # Nothing is written into the sweep: the notebook only displays.
+    assert f"{len(alpha_table)} alpha runs from {alpha_sweep}" in text
+    # Nothing is written into the sweeps: the notebook only displays.
     assert sorted(p.name for p in sweep.iterdir()) == ["0", "multirun.yaml", "results.parquet"]
+    assert sorted(p.name for p in alpha_sweep.iterdir()) == ["0", "multirun.yaml", "results.parquet"]

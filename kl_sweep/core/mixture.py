@@ -83,10 +83,11 @@ class Mixture:
         shift = (origin.unsqueeze(-1) - self.means) * k
         slope = scale.unsqueeze(-1) * k
         out = None
+        combine = _logaddexp if torch.is_grad_enabled() else torch.logaddexp
         for c in range(self.means.shape[-1]):  # over the K components, not over configurations
             e = torch.addcmul(shift[:, c : c + 1], z, slope[:, c : c + 1])
             ell = torch.addcmul(const[:, c : c + 1], e, e, value=-1.0)
-            out = ell if out is None else torch.logaddexp(out, ell)
+            out = ell if out is None else combine(out, ell)
         return out
 
     def mean(self) -> Tensor:
@@ -154,6 +155,12 @@ def _quadratic_roots(a: Tensor, b: Tensor, c: Tensor) -> tuple[list[Tensor], lis
         slope = torch.where(linear, b, 2 * a * r + b).abs()
         widths.append(torch.where(complex_, w_vertex, 1.0 / slope.clamp_min(tiny)))
     return [r1, r2], widths
+
+
+def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
+    """log(e^a + e^b) as max + log1p(e^-|a - b|), for autograd: torch.logaddexp's second derivative
+    is inf/inf (NaN) once |a - b| passes ~709, as it does far out in a tail."""
+    return torch.maximum(a, b) + torch.log1p(torch.exp(-(a - b).abs()))
 
 
 def _square(x: Tensor) -> Tensor:
