@@ -348,13 +348,14 @@ def classify_alpha(
     rows are grouped with each alpha under its own divergence label, classified by the same rules
     (same-optimum tolerance ``tol``, types, outcomes), then given back ``divergence = alpha`` and an
     ``alpha`` column. An optimum is ``on_boundary`` if any of its runs ended on the edge of the
-    finite region (a < 0); such an optimum is a constrained minimum (the core checked its KKT
-    conditions) and counts as a minimum. The others are minima or saddles by the Hessian rule of
-    :mod:`analysis.stability`, with the Hessian of D_a at their own alpha (``unchecked``, counted
-    as minima, without ``check_stability``). Cells get ``n_boundary``, the number of their minima
-    on the edge.
+    finite region (a < 0); the core checked that it is stationary along the edge and pushed
+    outward, and its curvature along the edge, d^2 D/d mu^2, decides: a minimum, or a saddle (a
+    maximum along the edge, where a symmetric start stays by symmetry). The others are minima or
+    saddles by the Hessian rule of :mod:`analysis.stability`, with the Hessian of D_a at their
+    own alpha (``unchecked``, counted as minima, without ``check_stability``). Cells get
+    ``n_boundary``, the number of their minima on the edge.
     """
-    from analysis.numerics import hessian_eigenvalues
+    from analysis.numerics import hessians
     from analysis.stability import HESSIAN_RTOL
 
     runs = table[table["divergence"] == ALPHA].reset_index(drop=True)
@@ -375,14 +376,19 @@ def classify_alpha(
     optima["alpha"] = optima["divergence"].map(labels_of)
     inner = ~optima["on_boundary"].to_numpy()
     optima["kind"] = classify.MINIMUM if check_stability else classify.UNCHECKED
-    if check_stability and inner.any():
-        part = optima[inner]
-        eig = hessian_eigenvalues(part, ALPHA, alpha=part["alpha"].to_numpy(float))
+    if check_stability and len(optima):
+        hess = hessians(optima, ALPHA, alpha=optima["alpha"].to_numpy(float))
+        eig = np.linalg.eigvalsh(np.where(np.isfinite(hess), hess, 0.0))
         saddle = eig[:, 0] < -HESSIAN_RTOL * np.maximum(1.0, np.abs(eig[:, 1]))
+        along = hess[:, 0, 0]  # on the edge: the curvature along it
+        edge_saddle = along < -HESSIAN_RTOL * np.maximum(1.0, np.abs(hess[:, 1, 1]))
+        saddle = np.where(inner, saddle, edge_saddle)
         kind = np.where(
-            np.isfinite(eig).all(1), np.where(saddle, classify.SADDLE, classify.MINIMUM), classify.UNCHECKED
+            np.isfinite(hess).all((1, 2)),
+            np.where(saddle, classify.SADDLE, classify.MINIMUM),
+            classify.UNCHECKED,
         )
-        optima.loc[inner, "kind"] = kind
+        optima["kind"] = kind
     cells = classify.cell_outcomes(work, optima)
     minima = optima[classify.is_minimum(optima)]
     boundary = minima.groupby(CELL_KEYS, dropna=False)["on_boundary"].sum().rename("n_boundary")

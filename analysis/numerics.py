@@ -86,7 +86,14 @@ def divergence_grid(divergence: str, cell: pd.Series, mu: np.ndarray, log_sigma:
 def hessian_eigenvalues(
     optima: pd.DataFrame, divergence: str, chunk: int = 20_000, alpha: np.ndarray | None = None
 ) -> np.ndarray:
-    """Eigenvalues [n, 2] (ascending) of the Hessian of ``divergence`` in (mu, log sigma) at each row's fit.
+    """Eigenvalues [n, 2] (ascending) of the Hessian of ``divergence`` in (mu, log sigma) at each fit."""
+    return np.linalg.eigvalsh(hessians(optima, divergence, chunk, alpha))
+
+
+def hessians(
+    optima: pd.DataFrame, divergence: str, chunk: int = 20_000, alpha: np.ndarray | None = None
+) -> np.ndarray:
+    """The Hessians [n, 2, 2] (symmetrised) of ``divergence`` in (mu, log sigma) at each row's fit.
 
     Uses the core's :class:`~kl_sweep.core.fit.Objective` with :class:`~kl_sweep.core.estimators.Quadrature`,
     ``chunk`` rows at a time to bound memory. ``alpha`` gives each row's order for the divergences
@@ -96,7 +103,7 @@ def hessian_eigenvalues(
     from kl_sweep.core.estimators import Quadrature
     from kl_sweep.core.fit import Objective
 
-    out = np.empty((len(optima), 2))
+    out = np.empty((len(optima), 2, 2))
     with float64():
         for start in range(0, len(optima), chunk):  # chunks of optima, each a batch
             part = optima.iloc[start : start + chunk]
@@ -104,7 +111,5 @@ def hessian_eigenvalues(
             order = None if alpha is None else tensor(alpha[start : start + chunk])
             objective = Objective.build(DIVERGENCES[divergence], Quadrature(), mixtures(part), theta, order)
             _, _, hess = objective.derivatives(theta, hessian=True)
-            out[start : start + len(part)] = torch.linalg.eigvalsh(
-                0.5 * (hess + hess.transpose(-1, -2))
-            ).numpy()
+            out[start : start + len(part)] = (0.5 * (hess + hess.transpose(-1, -2))).numpy()
     return out

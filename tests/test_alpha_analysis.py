@@ -354,3 +354,38 @@ def test_cli_writes_the_alpha_figures_and_tables(tmp_path):
     folds = pd.read_csv(sweep / "tables" / "alpha_folds.csv")
     assert (folds["residual"] <= 1e-10).all() and folds["alpha"].min() == pytest.approx(-0.5)
     assert "note: alpha, weight 0.5: the sweep finds two minima or more" in analysed.stdout
+
+
+def test_an_edge_optimum_is_a_minimum_or_a_saddle_by_its_curvature_along_the_edge():
+    # a = -1, w = 1/2, d = 4 > pi: past the edge split, the symmetric point on the edge (sigma^2 = 2,
+    # mu = 0) is a maximum along the edge. A start at mu = 0 stays there by symmetry and is
+    # stationary with an outward push; the curvature along the edge makes it a saddle, and the
+    # fits from either side end in the two mode minima inside.
+    from kl_sweep.table import run_rows
+
+    rows = pd.DataFrame(
+        {
+            "separation": 4.0,
+            "weight": 0.5,
+            "center": 0.0,
+            "component_var": 1.0,
+            "init_mu": [-0.5, 0.0, 0.5],
+            "init_sigma2": 1.9,
+            "optimizer.lr": 0.05,
+            "optimizer.max_steps": 5000,
+            "optimizer.tol": 1e-8,
+            "divergence.alpha": -1.0,
+        }
+    )
+    shared = {
+        "divergence.name": "alpha",
+        "estimator.name": "quadrature",
+        "optimizer.name": "adam",
+        "polish": True,
+    }
+    table = run_rows(rows, shared)
+    assert (table["status"] == "converged").all() and table["on_boundary"].tolist() == [False, True, False]
+    optima, cells = alpha_analysis.classify_alpha(table)
+    kinds = dict(zip(optima["on_boundary"], optima["kind"], strict=False))
+    assert kinds[True] == "saddle" and kinds[False] == "minimum"
+    assert cells["n_optima"].item() == 2 and cells["n_boundary"].item() == 0
