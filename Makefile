@@ -20,8 +20,10 @@ demo: install sweep analysis
 	@echo "Figures: $(SWEEP_DIR)/figures/"
 	@echo "Tables:  $(SWEEP_DIR)/tables/"
 
+# Test files run in as many worker processes as there are cores (pytest-xdist, one file per worker,
+# so module fixtures run once), each torch process on one thread unless OMP_NUM_THREADS says otherwise.
 test: install
-	$(PYTHON) -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PYTHON) -m pytest -q -n auto --dist loadfile
 
 lint:
 	ruff check . && ruff format --check .

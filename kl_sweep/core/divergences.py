@@ -135,8 +135,6 @@ class Divergence:
     transform: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None
     #: The key of this member's parameter (``alpha``: set as ``divergence.alpha``), or None.
     parameter: str | None = None
-    #: The parameter's allowed range, as (low, low is open): Renyi needs a > 0.
-    parameter_low: tuple[float, bool] | None = None
 
     @property
     def nodes_cover(self) -> str:
@@ -219,9 +217,7 @@ DIVERGENCES: dict[str, Divergence] = {
     "hellinger": _alpha_member("hellinger", _constant(0.5), 0.25),
     "alpha": _alpha_member("alpha", _given, parameter="alpha"),
     "chi2": _alpha_member("chi2", _constant(2.0), 2.0),
-    "renyi": _alpha_member(
-        "renyi", _one_minus, transform=renyi_from_alpha, parameter="alpha", parameter_low=(0.0, True)
-    ),
+    "renyi": _alpha_member("renyi", _one_minus, transform=renyi_from_alpha, parameter="alpha"),
     "jensen_shannon": Divergence(
         "jensen_shannon",
         "q",
