@@ -107,9 +107,9 @@ class Divergence:
     log q, which lets expectations under Q on fixed nodes be differentiated in closed form.
 
     Members of the alpha family (and Jensen-Shannon) are given instead by a pointwise density
-    ``density(log_p, log_q, a)`` (integrated dx) and its weighted log-q derivatives, with
-    ``alpha_of(alpha, n, dtype)`` mapping the user's ``divergence.alpha`` to the a of
-    :math:`D_a`, a ``scale`` and, for Renyi, a monotone ``transform`` of :math:`D_a`.
+    ``density(log_p, log_q, a)`` (integrated dx) and ``fit_terms`` (it and its weighted log-q
+    derivatives), with ``alpha_of(alpha, n, dtype)`` mapping the user's ``divergence.alpha`` to
+    the a of :math:`D_a`, a ``scale`` and, for Renyi, a monotone ``transform`` of :math:`D_a`.
     """
 
     name: str
@@ -124,9 +124,8 @@ class Divergence:
     cover: str | None = None
     #: ``(log_p, log_q, a) -> t0``: the pointwise non-negative density (alpha family, JS).
     density: Callable[..., Tensor] | None = None
-    #: ``(log_p, log_q, a) -> (t1, t2)``: its weighted derivatives in log q (see core.alpha).
-    weighted_derivatives: Callable[..., tuple[Tensor, Tensor]] | None = None
-    #: ``(log_p, log_q, a) -> (t0, t1, t2)``: all three at once, as the fit's steps use them.
+    #: ``(log_p, log_q, a) -> (t0, t1, t2)``: the density and its weighted derivatives in log q
+    #: (see core.alpha), as the fit's steps use them.
     fit_terms: Callable[..., tuple[Tensor, Tensor, Tensor]] | None = None
     #: ``(alpha, n, dtype) -> a [n]``: the alpha-divergence order behind this member.
     alpha_of: Callable[[Tensor | None, int, torch.dtype], Tensor] | None = None
@@ -196,7 +195,6 @@ def _alpha_member(name: str, alpha_of, scale: float = 1.0, **options) -> Diverge
         name,
         "q",
         density=family.alpha_density,
-        weighted_derivatives=family.alpha_weighted_derivatives,
         fit_terms=family.alpha_fit_terms,
         alpha_of=alpha_of,
         scale=scale,
@@ -222,7 +220,6 @@ DIVERGENCES: dict[str, Divergence] = {
         "jensen_shannon",
         "q",
         density=family.jensen_shannon_density,
-        weighted_derivatives=family.jensen_shannon_weighted_derivatives,
         fit_terms=family.jensen_shannon_fit_terms,
         cover="pq",
     ),
