@@ -11,6 +11,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from kl_sweep.allocator import keep_freed_memory
 from kl_sweep.config import CONFIG_DIR
 from kl_sweep.io import write_parquet
 from kl_sweep.sweep import run_shard
@@ -50,4 +51,5 @@ def run(cfg: DictConfig, output_dir: str | Path) -> float:
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
     torch.set_num_threads(thread_budget())  # a shard may set its own share (kl_sweep.sweep.run_shard)
+    keep_freed_memory()  # the fit's temporaries stay in the heap between steps (kl_sweep.allocator)
     return run(cfg, HydraConfig.get().runtime.output_dir)

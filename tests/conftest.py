@@ -9,6 +9,8 @@ import pytest
 import torch
 from scipy import integrate
 
+from kl_sweep.allocator import keep_freed_memory
+
 ROOT = Path(__file__).resolve().parent.parent
 
 #: Every divergence, with orders for those that take one: a < 0, inside (0, 1) and a > 1.
@@ -26,6 +28,7 @@ MEMBERS = [
 ]
 
 torch.set_default_dtype(torch.float64)
+keep_freed_memory()  # as the entry points do: fits reuse their temporaries (kl_sweep.allocator)
 
 
 @functools.cache

@@ -427,6 +427,7 @@ class _Outputs:
         self.status[rows] = int(status)
 
 
+@torch.no_grad()  # every derivative is in closed form, or taken by autograd explicitly
 def fit(problem: Problem, settings: Settings) -> Result:
     """Fit Q to P for every row of ``problem`` at once; see the module docstring for the rules."""
     theta0 = torch.stack([problem.init_mu, 0.5 * torch.log(problem.init_sigma2)], -1)

@@ -51,12 +51,20 @@ class Mixture:
     @classmethod
     def cat(cls, parts: list[Mixture]) -> Mixture:
         """The rows of several batches, one after the other."""
-        return cls(
+        out = cls(
             *(torch.cat([getattr(p, f) for p in parts]) for f in ("means", "variances", "log_weights"))
         )
+        cached = [p.__dict__.get("_crossings") for p in parts]
+        if all(c is not None for c in cached):
+            out.__dict__["_crossings"] = tuple(torch.cat(c) for c in zip(*cached))
+        return out
 
     def __getitem__(self, index: Tensor) -> Mixture:
-        return Mixture(self.means[index], self.variances[index], self.log_weights[index])
+        out = Mixture(self.means[index], self.variances[index], self.log_weights[index])
+        cached = self.__dict__.get("_crossings")
+        if cached is not None:  # rows leaving a fit keep theirs: computed once per fit
+            out.__dict__["_crossings"] = tuple(c[index] for c in cached)
+        return out
 
     @property
     def weights(self) -> Tensor:
@@ -110,7 +118,18 @@ class Mixture:
         :math:`1/|d'(r)|`: the one place where :math:`\log p` is not smooth on the scale of the
         components, and where quadrature needs extra nodes. Complex roots give the vertex of d and
         the width :math:`|a|^{-1/2}`. Returns ``(points, widths)``, each [B, 2 * K(K-1)/2].
+
+        They say where to lay out nodes, nothing to differentiate: they are computed without a
+        graph, once per mixture (and carried over to its row subsets), not at every step of a fit.
         """
+        cached = self.__dict__.get("_crossings")
+        if cached is None:
+            with torch.no_grad():
+                cached = self._crossings()
+            self.__dict__["_crossings"] = cached
+        return cached
+
+    def _crossings(self) -> tuple[Tensor, Tensor]:
         K = self.means.shape[-1]
         points, widths = [], []
         for j in range(K):  # K is the number of components (2 here), not the batch
