@@ -2,14 +2,15 @@
 
 A batch is a DataFrame of :data:`~kl_sweep.config.ROW_KEYS` columns (one row per configuration)
 plus the settings every row shares (divergence, estimator, optimiser hyperparameters). The same
-function serves a single run (one row) and every chunk of a sweep.
+table serves a single run (:func:`run_rows`, one row) and every chunk of a sweep (:func:`run_chunks`).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 from kl_sweep.config import ROW_KEYS, config_values, split_values  # noqa: F401  (re-exported)
 from kl_sweep.core.divergences import DIVERGENCES, divergence_exact
 from kl_sweep.core.estimators import make_estimator
-from kl_sweep.core.fit import Problem, Settings, Status, fit
+from kl_sweep.core.fit import Problem, Result, Settings, Status, fit, fit_stream
 from kl_sweep.core.mixture import Mixture
 from kl_sweep.core.optim import make_optimizer
 from kl_sweep.version import numerics_version
@@ -100,9 +101,8 @@ def settings_from(shared: Mapping[str, Any]) -> Settings:
     )
 
 
-def run_rows(rows: pd.DataFrame, shared: Mapping[str, Any]) -> pd.DataFrame:
-    """Fit every row of ``rows`` in one batch and return the result table (:data:`COLUMNS`)."""
-    tic = time.perf_counter()
+def problem_from(rows: pd.DataFrame, shared: Mapping[str, Any]) -> tuple[pd.DataFrame, Problem]:
+    """The typed rows (index 0..n-1) and the batched fit problem they describe."""
     rows = rows_frame(rows, len(rows)).reset_index(drop=True)
     col = {k: torch.tensor(rows[k].to_numpy(dtype="float64")) for k in ROW_KEYS}
     mixture = Mixture.two_component(col["separation"], col["weight"], col["center"], col["component_var"])
@@ -115,7 +115,46 @@ def run_rows(rows: pd.DataFrame, shared: Mapping[str, Any]) -> pd.DataFrame:
         tol=col["optimizer.tol"],
         alpha=col["divergence.alpha"] if DIVERGENCES[shared["divergence.name"]].parameter else None,
     )
+    return rows, problem
+
+
+def run_rows(rows: pd.DataFrame, shared: Mapping[str, Any]) -> pd.DataFrame:
+    """Fit every row of ``rows`` in one batch and return the result table (:data:`COLUMNS`)."""
+    tic = time.perf_counter()
+    rows, problem = problem_from(rows, shared)
     result = fit(problem, settings_from(shared))
+    return result_frame(rows, shared, problem, result, tic)
+
+
+def run_chunks(
+    chunks: Iterable[pd.DataFrame], shared: Mapping[str, Any], capacity: int
+) -> Iterator[pd.DataFrame]:
+    """The result table of each chunk, in order, fitted as one stream (:func:`fit_stream`).
+
+    A chunk's slow rows share their steps with the next chunk's rows, and at most about
+    1.5 ``capacity`` rows are at work at once. Each table's ``fit_seconds`` shares out the time
+    since the previous table was ready.
+    """
+    ready: deque[tuple[pd.DataFrame, Problem]] = deque()
+
+    def problems() -> Iterator[Problem]:
+        for chunk in chunks:
+            ready.append(problem_from(chunk, shared))
+            yield ready[-1][1]
+
+    tic = time.perf_counter()
+    for result in fit_stream(problems(), settings_from(shared), capacity):
+        rows, problem = ready.popleft()
+        table = result_frame(rows, shared, problem, result, tic)
+        tic = time.perf_counter()
+        yield table
+
+
+def result_frame(
+    rows: pd.DataFrame, shared: Mapping[str, Any], problem: Problem, result: Result, tic: float
+) -> pd.DataFrame:
+    """The result table (:data:`COLUMNS`) of fitted ``rows``; ``tic``: when their work started."""
+    mixture = problem.mixture
     status = result.status.numpy()
     log_sigma = 0.5 * torch.log(result.sigma2)
     name = shared["divergence.name"]

@@ -9,7 +9,7 @@ from conftest import MEMBERS
 
 from kl_sweep.core.divergences import DIVERGENCES, divergence_value
 from kl_sweep.core.estimators import Grid, MonteCarlo, Quadrature
-from kl_sweep.core.fit import Objective, Problem, Settings, Status, fit
+from kl_sweep.core.fit import Objective, Problem, Settings, Status, fit, fit_stream
 from kl_sweep.core.mixture import Mixture
 from kl_sweep.core.optim import SGD, Adam
 
@@ -124,6 +124,42 @@ def test_a_row_fits_the_same_alone_or_in_a_batch():
     assert together.mu[5].item() == alone.mu[0].item()
     assert together.sigma2[5].item() == alone.sigma2[0].item()
     assert together.steps[5].item() == alone.steps[0].item()
+
+
+@pytest.mark.parametrize("name", ["forward", "reverse"])
+def test_a_stream_fits_each_block_as_a_fit_of_its_own(name):
+    """Blocks of a stream join while others are still at work, and still give every row the steps it
+    takes alone (they join only when the handover check falls): the same bits, block by block."""
+    gen = torch.Generator().manual_seed(7)
+    n = 240
+    rows = list(
+        zip(
+            (torch.rand(n, generator=gen) * 7).tolist(),
+            (0.5 + 0.45 * torch.rand(n, generator=gen)).tolist(),
+            [1.0] * n,
+            (torch.rand(n, generator=gen) * 8 - 4).tolist(),
+            (0.2 + 3 * torch.rand(n, generator=gen)).tolist(),
+        )
+    )
+    settings = Settings(DIVERGENCES[name], Quadrature(), Adam())
+    cuts = [0, 37, 120, 121, 200, n]
+    blocks = [problem(rows[a:b]) for a, b in zip(cuts, cuts[1:])]
+    alone = [fit(b, settings) for b in blocks]
+    streamed, asked = [], []
+
+    def source():
+        for block in blocks:
+            asked.append(len(streamed))  # results out when this block was asked for
+            yield block
+
+    for result in fit_stream(source(), settings, capacity=60):
+        streamed.append(result)
+    assert len(streamed) == len(blocks)
+    for got, want in zip(streamed, alone):
+        for field in ("mu", "sigma2", "loss", "grad_norm", "steps", "status"):
+            assert torch.equal(getattr(got, field), getattr(want, field)), field
+    # The stream overlapped blocks: blocks were taken on before the one ahead of them had finished.
+    assert sum(a < k for k, a in enumerate(asked)) >= 3
 
 
 def test_per_row_learning_rates_are_used():

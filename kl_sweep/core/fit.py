@@ -7,10 +7,14 @@ Newton decrement is below ``handover`` (the quadratic model says it is in a mini
 Finished rows are dropped from the working set, so they stop costing work. The polish then takes
 full Newton steps on the 2x2 Hessians until the gradient norm is at most ``tol``: a fixed-rate
 first-order method only hovers around the optimum, Newton converges quadratically to it.
+
+:func:`fit_stream` runs a sequence of problems (a sweep's chunks) through the same loop, taking
+on the next one while the last few rows of the one before are still at work.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from enum import IntEnum
 
@@ -404,39 +408,114 @@ class _Rows:
         )
 
 
-class _Outputs:
-    """Full-size result tensors, written once per row, when it finishes."""
+class _Block:
+    """Full-size result tensors of one problem of a stream, written once per row, when it finishes."""
 
-    def __init__(self, theta0: Tensor):
+    def __init__(self, problem: Problem, theta0: Tensor, start: int):
         B = theta0.shape[0]
         nan = torch.full((B,), float("nan"), dtype=theta0.dtype)
+        self.problem, self.start, self.end, self.remaining = problem, start, start + B, B
         self.theta, self.loss, self.grad = theta0.clone(), nan, nan.clone()
         self.steps = torch.zeros(B, dtype=torch.long)
         self.status = torch.full((B,), int(Status.RUNNING), dtype=torch.long)
+
+    def result(self, settings: Settings) -> Result:
+        problem, theta = self.problem, self.theta
+        on_boundary = None
+        if settings.divergence.alpha_of is not None:
+            _, hi, closed = settings.divergence.bounds(problem.mixture, theta[:, 0], problem.alpha)
+            on_boundary = (theta[:, 1] == hi) & closed
+        sigma2 = gaussian_sigma2(theta[:, 1])
+        return Result(theta[:, 0], sigma2, self.loss, self.grad, self.steps, self.status, on_boundary)
+
+
+class _Outputs:
+    """The blocks at work, each row's results routed to its own block by its global row number."""
+
+    def __init__(self) -> None:
+        self.blocks: list[_Block] = []
 
     def finish(self, group: _Rows, mask: Tensor, status: Status) -> None:
         if not mask.any():
             return
         rows, k = group.rows[mask], group.kept
-        self.theta[rows] = k["theta"][mask]
-        self.loss[rows], self.grad[rows], self.steps[rows] = (
-            k["loss"][mask],
-            k["grad"][mask],
-            k["steps"][mask],
-        )
-        self.status[rows] = int(status)
+        theta, loss, grad, steps = k["theta"][mask], k["loss"][mask], k["grad"][mask], k["steps"][mask]
+        for block in self.blocks:  # over the few blocks at work, not over rows
+            here = (rows >= block.start) & (rows < block.end)
+            n = int(here.sum())
+            if not n:
+                continue
+            local = rows[here] - block.start
+            block.theta[local], block.loss[local], block.grad[local] = theta[here], loss[here], grad[here]
+            block.steps[local] = steps[here]
+            block.status[local] = int(status)
+            block.remaining -= n
+
+
+def fit(problem: Problem, settings: Settings) -> Result:
+    """Fit Q to P for every row of ``problem`` at once; see the module docstring for the rules."""
+    return next(fit_stream([problem], settings))
 
 
 @torch.no_grad()  # every derivative is in closed form, or taken by autograd explicitly
-def fit(problem: Problem, settings: Settings) -> Result:
-    """Fit Q to P for every row of ``problem`` at once; see the module docstring for the rules."""
+def fit_stream(
+    problems: Iterable[Problem], settings: Settings, capacity: int | None = None
+) -> Iterator[Result]:
+    """Fit a stream of problems, yielding each one's :class:`Result` in order as it completes.
+
+    With ``capacity`` None every problem starts at once. Otherwise the next problem joins the work
+    whenever at most ``capacity // 2`` rows are still at work: the few slow rows of one problem (a
+    start near a saddle can take hundreds of steps) then ride along with the next problem's rows
+    instead of paying a whole step's fixed cost for a handful of rows.
+
+    Problems join only at iterations where the handover check falls (multiples of
+    ``check_every``), so every row takes exactly the steps it would take in a fit of its own:
+    results do not depend on how a sweep is cut into problems or on what runs beside them.
+    """
+    pending = iter(problems)
+    out = _Outputs()
+    first = second = None
+    exhausted, iteration, next_row = False, 0, 0
+    while True:
+        active = (len(first) if first else 0) + (len(second) if second else 0)
+        if not active:
+            iteration = 0  # nothing at work: the next problem starts a fresh schedule
+        while not exhausted and iteration % settings.check_every == 0 and (
+            capacity is None or active <= capacity // 2
+        ):
+            problem = next(pending, None)
+            if problem is None:
+                exhausted = True
+                break
+            block, rows = _start(problem, settings, out, next_row)
+            next_row = block.end
+            first = rows if first is None else _Rows.concat(first, rows)
+            if second is None:
+                second = rows.subset(torch.zeros(len(rows), dtype=torch.bool))
+            active += len(rows)
+        while out.blocks and out.blocks[0].remaining == 0:
+            yield out.blocks.pop(0).result(settings)
+        if not active:
+            if exhausted:
+                return
+            continue
+        check = settings.polish and iteration % settings.check_every == 0
+        first, to_newton = _first_order_step(first, settings, out, check)
+        second, to_first = _newton_step(second, settings, out)
+        first, second = _Rows.concat(first, to_first), _Rows.concat(second, to_newton)
+        iteration += 1
+
+
+def _start(problem: Problem, settings: Settings, out: _Outputs, first_row: int) -> tuple[_Block, _Rows]:
+    """A problem's block of outputs and its rows, numbered from ``first_row``, ready to step."""
     theta0 = torch.stack([problem.init_mu, 0.5 * torch.log(problem.init_sigma2)], -1)
     B = theta0.shape[0]
-    out = _Outputs(theta0)
+    block = _Block(problem, theta0, first_row)
+    out.blocks.append(block)
     nan = torch.full((B,), float("nan"), dtype=theta0.dtype)
     steps = torch.zeros(B, dtype=torch.long)
-    first = _Rows(
-        rows=torch.arange(B),
+    rows = _Rows(
+        rows=torch.arange(first_row, first_row + B),
         theta=theta0,
         objective=Objective.build(
             settings.divergence, settings.estimator, problem.mixture, theta0, problem.alpha
@@ -449,27 +528,14 @@ def fit(problem: Problem, settings: Settings) -> Result:
         best=torch.full((B,), float("inf"), dtype=theta0.dtype),
         kept={"theta": theta0.clone(), "loss": nan, "grad": nan.clone(), "steps": steps.clone()},
     )
-    second = first.subset(torch.zeros(B, dtype=torch.bool))
     if settings.divergence.alpha_of is not None:
         # A start where the divergence is infinite has no fit: it is reported as such, loss +inf.
         start = settings.divergence.finite(problem.mixture, theta0[:, 0], theta0[:, 1], problem.alpha)
         if not start.all():
-            first.kept["loss"] = torch.where(start, first.kept["loss"], torch.inf)
-            out.finish(first, ~start, Status.INFINITE)
-            first = first.subset(start)
-    iteration = 0
-    while len(first) or len(second):
-        check = settings.polish and iteration % settings.check_every == 0
-        first, to_newton = _first_order_step(first, settings, out, check)
-        second, to_first = _newton_step(second, settings, out)
-        first, second = _Rows.concat(first, to_first), _Rows.concat(second, to_newton)
-        iteration += 1
-    sigma2 = gaussian_sigma2(out.theta[:, 1])
-    on_boundary = None
-    if settings.divergence.alpha_of is not None:
-        _, hi, closed = settings.divergence.bounds(problem.mixture, out.theta[:, 0], problem.alpha)
-        on_boundary = (out.theta[:, 1] == hi) & closed
-    return Result(out.theta[:, 0], sigma2, out.loss, out.grad, out.steps, out.status, on_boundary)
+            rows.kept["loss"] = torch.where(start, rows.kept["loss"], torch.inf)
+            out.finish(rows, ~start, Status.INFINITE)
+            rows = rows.subset(start)
+    return block, rows
 
 
 #: Where a fit counts as diverged: sigma^2 outside (e^-200, e^200) ~ (1e-87, 1e87), or |mu| past
