@@ -44,5 +44,6 @@ def keep_freed_memory() -> bool:
         mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
         mallopt.restype = ctypes.c_int
         # mallopt returns 1 on success.
-        _done = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+        mmap_set = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+        _done = mmap_set and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
     return _done

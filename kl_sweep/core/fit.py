@@ -480,8 +480,10 @@ def fit_stream(
         active = (len(first) if first else 0) + (len(second) if second else 0)
         if not active:
             iteration = 0  # nothing at work: the next problem starts a fresh schedule
-        while not exhausted and iteration % settings.check_every == 0 and (
-            capacity is None or active <= capacity // 2
+        while (
+            not exhausted
+            and iteration % settings.check_every == 0
+            and (capacity is None or active <= capacity // 2)
         ):
             problem = next(pending, None)
             if problem is None:

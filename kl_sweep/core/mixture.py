@@ -51,9 +51,7 @@ class Mixture:
     @classmethod
     def cat(cls, parts: list[Mixture]) -> Mixture:
         """The rows of several batches, one after the other."""
-        out = cls(
-            *(torch.cat([getattr(p, f) for p in parts]) for f in ("means", "variances", "log_weights"))
-        )
+        out = cls(*(torch.cat([getattr(p, f) for p in parts]) for f in ("means", "variances", "log_weights")))
         cached = [p.__dict__.get("_crossings") for p in parts]
         if all(c is not None for c in cached):
             out.__dict__["_crossings"] = tuple(torch.cat(c) for c in zip(*cached))
