@@ -117,6 +117,83 @@ def test_closed_form_derivatives_equal_autograd(estimator):
             np.testing.assert_allclose(hess[i].numpy(), h.numpy(), rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_row_gets_the_same_derivative_bits_wherever_it_sits_in_a_batch(threads):
+    """As fits run (no graph), on 1 and 2 threads: with 2 threads each thread's share of a flattened
+    [B, N] tensor ends inside some row, and an op whose vector loop and scalar tail round
+    differently (torch.logaddexp, softplus, sigmoid) would change that row's bits."""
+    gen = torch.Generator().manual_seed(11)
+    n = 400
+    mix = Mixture.two_component(
+        torch.rand(n, generator=gen) * 8,
+        0.5 + 0.45 * torch.rand(n, generator=gen),
+        torch.zeros(n),
+        torch.ones(n),
+    )
+    theta = torch.stack([torch.rand(n, generator=gen) * 8 - 4, torch.rand(n, generator=gen) - 0.5], -1)
+    sizes = range(290, 400, 3)  # batches of > 32768 elements: split between the threads
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for name, alpha in [("reverse", None), ("jensen_shannon", None), ("hellinger", None), ("alpha", 2.0)]:
+            per_row = None if alpha is None else torch.full((n,), alpha)
+            with torch.no_grad():
+                obj = Objective.build(DIVERGENCES[name], Quadrature(), mix, theta, per_row)
+                full = obj.derivatives(theta, hessian=True)
+                changed = 0
+                for b in sizes:
+                    keep = torch.arange(n) >= n - b  # the last b rows: each sits elsewhere in the batch
+                    part = obj.subset(keep).derivatives(theta[keep], hessian=True)
+                    for x, y in zip(full, part):
+                        same = (x[keep] == y) | (x[keep].isnan() & y.isnan())
+                        changed += int((~same).reshape(b, -1).any(-1).sum())
+            assert changed == 0, (name, changed)
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_log_densities_get_the_same_bits_wherever_an_element_sits(threads):
+    """The elementwise pieces of the fit's integrands, element by element (the derivative test above
+    sees them only through sums): log p of the mixture, logaddexp, softplus, the JS terms."""
+    from kl_sweep.core import alpha as family
+    from kl_sweep.core.mixture import logaddexp, softplus
+
+    gen = torch.Generator().manual_seed(5)
+    n, nodes = 1200, 114
+    mix = Mixture.two_component(
+        torch.rand(n, generator=gen) * 3,
+        0.5 + 0.45 * torch.rand(n, generator=gen),
+        torch.zeros(n),
+        torch.ones(n),
+    )
+    z = torch.randn(n, nodes, generator=gen) * 3
+    origin, scale = torch.randn(n, generator=gen), torch.rand(n, generator=gen) + 0.5
+    log_q = -0.5 * z * z - 1.0
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            pieces = {
+                "log_prob_standard": lambda k: mix[k].log_prob_standard(z[k], origin[k], scale[k]),
+                "logaddexp": lambda k: logaddexp(z[k], log_q[k]),
+                "softplus": lambda k: softplus(z[k]),
+                "jensen_shannon_density": lambda k: family.jensen_shannon_density(z[k], log_q[k]),
+                "jensen_shannon_derivatives": lambda k: family.jensen_shannon_weighted_derivatives(
+                    z[k], log_q[k]
+                )[1],
+            }
+            for name, piece in pieces.items():
+                full = piece(torch.ones(n, dtype=torch.bool))
+                changed = 0
+                for b in range(300, n, 7):  # > 32768 elements: split between the threads
+                    keep = torch.arange(n) >= n - b
+                    changed += int((piece(keep) != full[keep]).any(-1).sum())
+                assert changed == 0, (name, changed)
+    finally:
+        torch.set_num_threads(previous)
+
+
 def test_a_row_fits_the_same_alone_or_in_a_batch():
     rows = REVERSE_TABLE[:12]
     together = fit(problem(rows), Settings(DIVERGENCES["reverse"], Quadrature(), Adam()))

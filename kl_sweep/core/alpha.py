@@ -28,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-from kl_sweep.core.mixture import Mixture
+from kl_sweep.core.mixture import Mixture, logaddexp, softplus
 
 #: |x| below which E(x) = e^x - 1 - x is summed as a series (truncation error below 1e-17 of it
 #: there; above, expm1(x) - x loses at most 2 eps/x, 4e-15, to cancellation).
@@ -156,9 +156,9 @@ def jensen_shannon_density(log_p: Tensor, log_q: Tensor, a: Tensor | None = None
     """
     delta = log_p - log_q
     u = torch.tanh(0.5 * delta)
-    log1pu = _LOG2 - torch.nn.functional.softplus(-delta)
-    log1mu = _LOG2 - torch.nn.functional.softplus(delta)
-    return 0.25 * torch.exp(torch.logaddexp(log_p, log_q)) * _h(u, log1pu, log1mu)
+    log1pu = _LOG2 - softplus(-delta)
+    log1mu = _LOG2 - softplus(delta)
+    return 0.25 * torch.exp(logaddexp(log_p, log_q)) * _h(u, log1pu, log1mu)
 
 
 def jensen_shannon_weighted_derivatives(
@@ -168,8 +168,8 @@ def jensen_shannon_weighted_derivatives(
     :func:`alpha_weighted_derivatives` for their meaning)."""
     delta = log_p - log_q
     q = torch.exp(log_q)
-    t1 = 0.5 * q * (_LOG2 - torch.nn.functional.softplus(delta))
-    return t1, t1 + 0.5 * q * torch.sigmoid(delta)
+    t1 = 0.5 * q * (_LOG2 - softplus(delta))
+    return t1, t1 + 0.5 * q * torch.exp(torch.nn.functional.logsigmoid(delta))
 
 
 def log_renyi_integral(rule: Tensor, log_p: Tensor, log_q: Tensor, alpha: Tensor) -> Tensor:

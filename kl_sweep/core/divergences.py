@@ -39,7 +39,7 @@ from torch import Tensor
 from kl_sweep.config import DIVERGENCE_NAMES
 from kl_sweep.core import alpha as family
 from kl_sweep.core.estimators import SCALE_OFFSETS, Estimator, Measure
-from kl_sweep.core.mixture import LOG_2PI, Mixture, gaussian_sigma2, normal_log_prob
+from kl_sweep.core.mixture import LOG_2PI, Mixture, gaussian_sigma2, normal_log_prob, softplus
 
 
 def kl_forward(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -358,7 +358,6 @@ def _monte_carlo(divergence: Divergence, estimator, mixture, mu, log_sigma, alph
     delta_q, w_q = _log_ratio("q", estimator, mixture, mu, log_sigma)
     delta_p, w_p = _log_ratio("p", estimator, mixture, mu, log_sigma)
     if a is None:  # Jensen-Shannon
-        softplus = torch.nn.functional.softplus
         log2 = math.log(2.0)
         return 0.5 * (w_p * (log2 - softplus(-delta_p))).sum(-1) + 0.5 * (
             w_q * (log2 - softplus(delta_q))
