@@ -131,6 +131,8 @@ class Objective:
             return cls(divergence, estimator, mixture, moments=moments, trusted=trusted)
 
     def subset(self, keep: Tensor) -> Objective:
+        if keep.dtype == torch.bool:
+            keep = keep.nonzero().squeeze(-1)  # once: a boolean index would be searched per field
         return replace(
             self,
             mixture=self.mixture[keep],
@@ -379,6 +381,8 @@ class _Rows:
         return self.rows.numel()
 
     def subset(self, keep: Tensor) -> _Rows:
+        if keep.dtype == torch.bool:
+            keep = keep.nonzero().squeeze(-1)  # once: a boolean index would be searched per field
         return _Rows(
             objective=self.objective.subset(keep),
             state={k: v[keep] for k, v in self.state.items()},
@@ -435,10 +439,13 @@ class _Outputs:
     def __init__(self) -> None:
         self.blocks: list[_Block] = []
 
-    def finish(self, group: _Rows, mask: Tensor, status: Status) -> None:
+    def finish(self, group: _Rows, status: Tensor) -> None:
+        """Write out the rows of ``group`` whose ``status`` [b] (a :class:`Status` code) is not RUNNING."""
+        mask = status != Status.RUNNING
         if not mask.any():
             return
         rows, k = group.rows[mask], group.kept
+        codes = status[mask]
         theta, loss, grad, steps = k["theta"][mask], k["loss"][mask], k["grad"][mask], k["steps"][mask]
         for block in self.blocks:  # over the few blocks at work, not over rows
             here = (rows >= block.start) & (rows < block.end)
@@ -447,9 +454,16 @@ class _Outputs:
                 continue
             local = rows[here] - block.start
             block.theta[local], block.loss[local], block.grad[local] = theta[here], loss[here], grad[here]
-            block.steps[local] = steps[here]
-            block.status[local] = int(status)
+            block.steps[local], block.status[local] = steps[here], codes[here]
             block.remaining -= n
+
+
+def _codes(*pairs: tuple[Tensor, Status]) -> Tensor:
+    """One status code per row from disjoint masks (RUNNING where none holds)."""
+    code = torch.zeros_like(pairs[0][0], dtype=torch.long)
+    for mask, status in pairs:  # over the few statuses, not over rows
+        code = code.masked_fill(mask, int(status))
+    return code
 
 
 def fit(problem: Problem, settings: Settings) -> Result:
@@ -535,7 +549,7 @@ def _start(problem: Problem, settings: Settings, out: _Outputs, first_row: int) 
         start = settings.divergence.finite(problem.mixture, theta0[:, 0], theta0[:, 1], problem.alpha)
         if not start.all():
             rows.kept["loss"] = torch.where(start, rows.kept["loss"], torch.inf)
-            out.finish(rows, ~start, Status.INFINITE)
+            out.finish(rows, _codes((~start, Status.INFINITE)))
             rows = rows.subset(start)
     return block, rows
 
@@ -583,9 +597,9 @@ def _first_order_step(
             to_newton = group.subset(handover)
             to_newton.best = torch.full_like(to_newton.best, float("inf"))
             leaving = leaving | handover
-    out.finish(group, converged, Status.CONVERGED)
-    out.finish(group, ~finite, Status.DIVERGED)
-    out.finish(group, budget, Status.MAX_STEPS)
+    out.finish(
+        group, _codes((converged, Status.CONVERGED), (~finite, Status.DIVERGED), (budget, Status.MAX_STEPS))
+    )
     if leaving.any():
         group, grad = group.subset(~leaving), grad[~leaving]
     grad = _damped(group, grad, loss[~leaving] if leaving.any() else loss)
@@ -616,8 +630,10 @@ def _newton_step(group: _Rows, settings: Settings, out: _Outputs) -> tuple[_Rows
     converged = group.best <= group.tol
     done = converged & ~better
     budget = ~done & (group.steps >= group.max_steps)
-    out.finish(group, done | (budget & converged), Status.CONVERGED)
-    out.finish(group, budget & ~converged, Status.MAX_STEPS)
+    out.finish(
+        group,
+        _codes((done | (budget & converged), Status.CONVERGED), (budget & ~converged, Status.MAX_STEPS)),
+    )
     retreat = ~done & ~budget & (~finite | ~pd)
     # Along an edge the loss can be far from quadratic: a step that made the gradient worse is
     # taken back and the next one halved (backtracking), so the polish cannot cycle there.
