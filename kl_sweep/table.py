@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from kl_sweep.config import ROW_KEYS, config_values, split_values  # noqa: F401  (re-exported)
-from kl_sweep.core.divergences import DIVERGENCES, divergence_exact
+from kl_sweep.core.divergences import DIVERGENCES, divergence_exact, kl_pair_exact
 from kl_sweep.core.estimators import make_estimator
 from kl_sweep.core.fit import Problem, Result, Settings, Status, fit, fit_stream
 from kl_sweep.core.mixture import Mixture
@@ -159,10 +159,13 @@ def result_frame(
     log_sigma = 0.5 * torch.log(result.sigma2)
     name = shared["divergence.name"]
     with torch.no_grad():  # both KLs for every row, and the fitted divergence if it is another
-        kl = {
-            k: divergence_exact(DIVERGENCES[k], mixture, result.mu, log_sigma, alpha=problem.alpha).numpy()
-            for k in dict.fromkeys(("forward", "reverse", name))
-        }
+        kl = dict(
+            zip(("forward", "reverse"), (k.numpy() for k in kl_pair_exact(mixture, result.mu, log_sigma)))
+        )
+        if name not in kl:
+            kl[name] = divergence_exact(
+                DIVERGENCES[name], mixture, result.mu, log_sigma, alpha=problem.alpha
+            ).numpy()
     # A row that starts where the divergence is infinite reports +inf, as the fit does.
     kl[name] = np.where(status == Status.INFINITE, np.inf, kl[name])
     on_boundary = np.zeros(len(rows), bool) if result.on_boundary is None else result.on_boundary.numpy()

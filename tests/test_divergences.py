@@ -8,7 +8,13 @@ import pytest
 import torch
 from conftest import MEMBERS, scipy_kl
 
-from kl_sweep.core.divergences import DIVERGENCES, divergence_exact, divergence_value
+from kl_sweep.core.divergences import (
+    DIVERGENCES,
+    SHARED_ORIGIN_RESOLUTION,
+    divergence_exact,
+    divergence_value,
+    kl_pair_exact,
+)
 from kl_sweep.core.estimators import Grid, MonteCarlo, Quadrature
 from kl_sweep.core.mixture import Mixture, normal_log_prob
 
@@ -74,6 +80,24 @@ def test_exact_evaluation_matches_scipy_and_is_never_negative(name):
     err = np.abs(ours - ref) / np.maximum(1.0, np.abs(ref))
     assert err.max() < 1e-9, rows[int(err.argmax())]
     assert (ours >= 0).all()
+
+
+def test_both_kls_from_shared_nodes_match_scipy_and_each_exact_value():
+    """The results table's kl_forward and kl_reverse (kl_pair_exact): one set of nodes per row
+    where both distributions are resolved from either origin, each KL apart elsewhere."""
+    rows = GRID + [(6.0, 0.75, 2.0, 0.3), (3.0, 0.5, 50.0, 1e-10), (1.0, 0.2, -400.0, 1e-12)]
+    mix, mu, log_sigma = batch(rows)
+    narrowest = torch.minimum(torch.exp(log_sigma), torch.ones_like(mu))
+    shared = narrowest >= SHARED_ORIGIN_RESOLUTION * (mu - mix.means.mean(-1)).abs()
+    assert shared.any() and not shared.all()  # both ways are exercised
+    forward, reverse = kl_pair_exact(mix, mu, log_sigma)
+    for name, ours in (("forward", forward), ("reverse", reverse)):
+        alone = divergence_exact(DIVERGENCES[name], mix, mu, log_sigma)
+        np.testing.assert_allclose(ours.numpy(), alone.numpy(), rtol=1e-13, atol=0)
+        ref = np.array([scipy_kl(name, s, w, 1.0, m, s2) for s, w, m, s2 in rows])
+        err = np.abs(ours.numpy() - ref) / np.maximum(1.0, np.abs(ref))
+        assert err.max() < 1e-9, (name, rows[int(err.argmax())])
+        assert (ours >= 0).all()
 
 
 @pytest.mark.parametrize("name", ["forward", "reverse"])

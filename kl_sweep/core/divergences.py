@@ -68,6 +68,18 @@ def kl_density_term(log_a: Tensor, log_b: Tensor) -> Tensor:
     return torch.where(near, small, a * delta + b - a)
 
 
+def _kl_density_terms(log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
+    """:func:`kl_density_term` of (P, Q) and of (Q, P), bit for bit, sharing p, q and the ratio."""
+    delta = log_p - log_q
+    p, q = torch.exp(log_p), torch.exp(log_q)
+    near = delta.abs() < 1.0
+    d0 = torch.where(near, delta, 0.0)
+    forward = torch.where(near, p * (delta + torch.expm1(-d0)), p * delta + q - p)
+    minus = -delta
+    reverse = torch.where(near, q * (minus + torch.expm1(d0)), q * minus + p - q)
+    return forward, reverse
+
+
 def _constant(a: float) -> Callable[[Tensor | None, int, torch.dtype], Tensor]:
     def of(alpha: Tensor | None, n: int, dtype: torch.dtype) -> Tensor:
         return torch.full((n,), a, dtype=dtype)
@@ -423,3 +435,38 @@ def divergence_exact(
         return (rule * divergence.exact_term(log_p, log_q)).sum(-1)
     density = torch.exp(log_q if divergence.measure == "q" else log_p)
     return (rule * density * divergence.integrand(log_p, log_q)).sum(-1)
+
+
+#: Both KLs share one set of nodes where neither P nor Q is narrower than this fraction of the
+#: distance between Q's mean and P's centre: offsets from either origin then resolve both.
+SHARED_ORIGIN_RESOLUTION = 1e-6
+
+
+def kl_pair_exact(
+    mixture: Mixture, mu: Tensor, log_sigma: Tensor, nodes_per_panel: int = 12
+) -> tuple[Tensor, Tensor]:
+    """(KL(P||Q), KL(Q||P)) as :func:`divergence_exact` gives each, from one set of nodes per row.
+
+    The two differ only in their nodes' origin (P's centre for the forward KL, Q's mean for the
+    reverse), which matters only when a distribution is narrower than the float spacing of that
+    distance; rows where either is narrower than :data:`SHARED_ORIGIN_RESOLUTION` of it are done
+    apart, as before. Every row's value depends on its own parameters only.
+    """
+    from kl_sweep.core.estimators import Quadrature
+
+    narrowest = torch.minimum(torch.exp(log_sigma), torch.sqrt(mixture.variances).min(-1).values)
+    shared = narrowest >= SHARED_ORIGIN_RESOLUTION * (mu - mixture.means.mean(-1)).abs()
+    forward, reverse = DIVERGENCES["forward"], DIVERGENCES["reverse"]
+    out = [torch.empty_like(mu), torch.empty_like(mu)]
+    if shared.any():
+        idx = shared.nonzero().squeeze(-1)
+        m, mu_s, ls = mixture[idx], mu[idx], log_sigma[idx]
+        u, rule = Quadrature(nodes_per_panel).relative_rule("pq", m, mu_s, ls, mu_s)
+        log_p, log_q = _log_densities(u, mu_s, m, mu_s, ls)
+        for o, term in zip(out, _kl_density_terms(log_p, log_q)):
+            o[idx] = (rule * term).sum(-1)
+    if not shared.all():
+        idx = (~shared).nonzero().squeeze(-1)
+        for o, d in zip(out, (forward, reverse)):
+            o[idx] = divergence_exact(d, mixture[idx], mu[idx], log_sigma[idx], nodes_per_panel)
+    return out[0], out[1]
