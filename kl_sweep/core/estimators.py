@@ -117,9 +117,11 @@ class FixedNodeEstimator:
         log_sigma: Tensor,
         origin: Tensor,
         extra: Tensor | None = None,
+        unit: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Nodes as offsets from ``origin`` and weights for integrals dx over the mass of ``cover``,
-        and around the ``extra`` points [B, M] (absolute x) where the integrand has mass of its own."""
+        """Nodes as offsets from ``origin`` (in units of ``unit`` [B, 1] if given) and weights for
+        integrals dx over the mass of ``cover``, and around the ``extra`` points [B, M] (absolute x)
+        where the integrand has mass of its own."""
         raise NotImplementedError
 
     def rule(self, cover: str, mixture: Mixture, mu: Tensor, log_sigma: Tensor) -> tuple[Tensor, Tensor]:
@@ -139,8 +141,9 @@ class FixedNodeEstimator:
     ) -> tuple[Tensor, Tensor]:
         """The ``cover`` rule (default "q") with nodes in Q's standard units z = (x - mu) / sigma,
         weights still for dx."""
-        u, rule = self.relative_rule(cover, mixture, mu, log_sigma, mu.detach(), extra)
-        return u / torch.exp(log_sigma.detach()).unsqueeze(-1), rule
+        # The panel edges, not every node, are put in Q's units: one pass over [B, N] fewer.
+        unit = torch.exp(log_sigma.detach()).unsqueeze(-1)
+        return self.relative_rule(cover, mixture, mu, log_sigma, mu.detach(), extra, unit)
 
 
 @dataclass(frozen=True)
@@ -162,15 +165,20 @@ class Quadrature(FixedNodeEstimator):
         log_sigma: Tensor,
         origin: Tensor,
         extra: Tensor | None = None,
+        unit: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Nodes (offsets from ``origin``) and weights for integrals dx over the mass of ``cover``.
+        """Nodes (offsets from ``origin``, in units of ``unit`` if given) and weights for integrals
+        dx over the mass of ``cover``.
 
         Under P alone the nodes stay put for a whole fit (they are computed once), so they get
         twice the order at no cost per step: the forward optimum is then P's moments to rounding.
         """
         with torch.no_grad():
             order = 2 * self.nodes_per_panel if cover == "p" else self.nodes_per_panel
-            return self._panels(self.edges(cover, mixture, mu, log_sigma, origin, extra), order=order)
+            edges = self.edges(cover, mixture, mu, log_sigma, origin, extra)
+            if unit is None:
+                return self._panels(edges, order=order)
+            return self._panels(edges / unit, order=order, scale=unit.unsqueeze(-1))
 
     @staticmethod
     def _panels(edges: Tensor, order: int, scale: Tensor | float = 1.0) -> tuple[Tensor, Tensor]:
@@ -235,8 +243,10 @@ class Grid(FixedNodeEstimator):
         log_sigma: Tensor,
         origin: Tensor,
         extra: Tensor | None = None,
+        unit: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Grid points (offsets from ``origin``) and trapezoid weights over the mass of ``cover``."""
+        """Grid points (offsets from ``origin``, in units of ``unit`` if given) and trapezoid
+        weights over the mass of ``cover``."""
         with torch.no_grad():
             lo, hi = support(cover, mixture, mu, log_sigma, origin, extra)
             t = torch.linspace(0.0, 1.0, self.num_points, dtype=mu.dtype)
@@ -245,7 +255,7 @@ class Grid(FixedNodeEstimator):
             rule = torch.full_like(u, 1.0) * h
             rule[..., 0] *= 0.5
             rule[..., -1] *= 0.5
-            return u, rule
+            return (u if unit is None else u / unit), rule
 
 
 @dataclass(frozen=True)
