@@ -78,7 +78,9 @@ def config_hashes(rows: pd.DataFrame, shared: Mapping[str, Any]) -> np.ndarray:
     frame = rows_frame(rows, len(rows)).reset_index(drop=True)
     frame["__shared__"] = json.dumps(dict(sorted(shared.items())), sort_keys=True, default=str)
     hashed = pd.util.hash_pandas_object(frame, index=False).to_numpy()
-    return np.char.mod("%016x", hashed)
+    # "%016x" of each, done as one hex string of the big-endian bytes cut into 16-digit pieces
+    # (np.char.mod formats one number at a time: 1 s for a million rows, against 0.13 s).
+    return np.frombuffer(hashed.astype(">u8").tobytes().hex().encode(), dtype="S16").astype("U16")
 
 
 def settings_from(shared: Mapping[str, Any]) -> Settings:
