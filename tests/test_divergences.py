@@ -94,8 +94,10 @@ def test_both_kls_from_shared_nodes_match_scipy_and_each_exact_value():
     for name, ours in (("forward", forward), ("reverse", reverse)):
         alone = divergence_exact(DIVERGENCES[name], mix, mu, log_sigma)
         np.testing.assert_allclose(ours.numpy(), alone.numpy(), rtol=1e-13, atol=0)
-        ref = np.array([scipy_kl(name, s, w, 1.0, m, s2) for s, w, m, s2 in rows])
-        err = np.abs(ours.numpy() - ref) / np.maximum(1.0, np.abs(ref))
+        # scipy where its adaptive rule resolves Q (not at sigma^2 = 1e-12 hundreds of sd from P;
+        # those rows take divergence_exact's own path, compared with it just above).
+        ref = np.array([scipy_kl(name, s, w, 1.0, m, s2) for s, w, m, s2 in rows[: len(GRID) + 1]])
+        err = np.abs(ours.numpy()[: len(ref)] - ref) / np.maximum(1.0, np.abs(ref))
         assert err.max() < 1e-9, (name, rows[int(err.argmax())])
         assert (ours >= 0).all()
 
