@@ -89,11 +89,10 @@ class Mixture:
         shift = (origin.unsqueeze(-1) - self.means) * k
         slope = scale.unsqueeze(-1) * k
         out = None
-        combine = _logaddexp if torch.is_grad_enabled() else _logaddexp_fresh
         for c in range(self.means.shape[-1]):  # over the K components, not over configurations
             e = torch.addcmul(shift[:, c : c + 1], z, slope[:, c : c + 1])
             ell = torch.addcmul(const[:, c : c + 1], e, e, value=-1.0)
-            out = ell if out is None else combine(out, ell)
+            out = ell if out is None else logaddexp(out, ell)
         return out
 
     def mean(self) -> Tensor:
@@ -180,8 +179,9 @@ def _logaddexp(a: Tensor, b: Tensor) -> Tensor:
     return torch.maximum(a, b) + torch.log1p(torch.exp(-(a - b).abs()))
 
 
-def _logaddexp_fresh(a: Tensor, b: Tensor) -> Tensor:
-    """log(e^a + e^b) without a graph, the same bits wherever an element sits; ``a`` is overwritten.
+def logaddexp(a: Tensor, b: Tensor) -> Tensor:
+    """log(e^a + e^b) with the same bits wherever an element sits in its tensor; under autograd,
+    :func:`_logaddexp` (finite second derivatives). Neither input is modified.
 
     Not torch.logaddexp: its vectorised loop and its scalar tail (libm exp/log1p) can round
     differently, and with several threads the tail falls at the end of each thread's chunk of the
@@ -189,15 +189,6 @@ def _logaddexp_fresh(a: Tensor, b: Tensor) -> Tensor:
     through the vector code (a partial load), and max, min and sub are exact:
     log(e^a + e^b) = max - logsigmoid(max - min).
     """
-    hi = torch.maximum(a, b)
-    gap = torch.minimum(a, b, out=a)
-    torch.sub(hi, gap, out=gap)  # |a - b|, exactly
-    return hi.sub_(torch.nn.functional.logsigmoid(gap))
-
-
-def logaddexp(a: Tensor, b: Tensor) -> Tensor:
-    """log(e^a + e^b), the same bits wherever an element sits in its tensor (see _logaddexp_fresh),
-    with finite second derivatives under autograd (see _logaddexp); neither input is modified."""
     if torch.is_grad_enabled():
         return _logaddexp(a, b)
     hi = torch.maximum(a, b)
@@ -206,7 +197,7 @@ def logaddexp(a: Tensor, b: Tensor) -> Tensor:
 
 def softplus(x: Tensor) -> Tensor:
     """log(1 + e^x) as -logsigmoid(-x): exact at every x (torch's softplus returns x itself past 20,
-    off by e^-20), and the same bits wherever an element sits (see _logaddexp_fresh)."""
+    off by e^-20), and the same bits wherever an element sits (see :func:`logaddexp`)."""
     return -torch.nn.functional.logsigmoid(-x)
 
 
