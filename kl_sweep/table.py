@@ -20,7 +20,7 @@ import torch
 from kl_sweep.config import ROW_KEYS, config_values, split_values  # noqa: F401  (re-exported)
 from kl_sweep.core.divergences import DIVERGENCES, divergence_exact, kl_pair_exact
 from kl_sweep.core.estimators import make_estimator
-from kl_sweep.core.fit import Problem, Result, Settings, Status, fit, fit_stream
+from kl_sweep.core.fit import Problem, Result, Settings, Status, fit_stream
 from kl_sweep.core.mixture import Mixture
 from kl_sweep.core.optim import make_optimizer
 from kl_sweep.version import numerics_version
@@ -122,19 +122,16 @@ def problem_from(rows: pd.DataFrame, shared: Mapping[str, Any]) -> tuple[pd.Data
 
 def run_rows(rows: pd.DataFrame, shared: Mapping[str, Any]) -> pd.DataFrame:
     """Fit every row of ``rows`` in one batch and return the result table (:data:`COLUMNS`)."""
-    tic = time.perf_counter()
-    rows, problem = problem_from(rows, shared)
-    result = fit(problem, settings_from(shared))
-    return result_frame(rows, shared, problem, result, tic)
+    return next(run_chunks([rows], shared, None))
 
 
 def run_chunks(
-    chunks: Iterable[pd.DataFrame], shared: Mapping[str, Any], capacity: int
+    chunks: Iterable[pd.DataFrame], shared: Mapping[str, Any], capacity: int | None
 ) -> Iterator[pd.DataFrame]:
     """The result table of each chunk, in order, fitted as one stream (:func:`fit_stream`).
 
     A chunk's slow rows share their steps with the next chunk's rows, and at most about
-    1.5 ``capacity`` rows are at work at once. Each table's ``fit_seconds`` shares out the time
+    1.5 ``capacity`` rows are at work at once (None: all chunks at once). Each table's ``fit_seconds`` shares out the time
     since the previous table was ready.
     """
     ready: deque[tuple[pd.DataFrame, Problem]] = deque()

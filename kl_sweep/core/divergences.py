@@ -62,10 +62,13 @@ def kl_density_term(log_a: Tensor, log_b: Tensor) -> Tensor:
     separately, so a density that underflows (a narrow P seen from a wide Q) loses nothing.
     """
     delta = log_a - log_b
-    a, b = torch.exp(log_a), torch.exp(log_b)
     near = delta.abs() < 1.0
-    small = a * (delta + torch.expm1(-torch.where(near, delta, 0.0)))
-    return torch.where(near, small, a * delta + b - a)
+    return _kl_term(torch.exp(log_a), torch.exp(log_b), delta, torch.where(near, delta, 0.0), near)
+
+
+def _kl_term(a: Tensor, b: Tensor, delta: Tensor, near_delta: Tensor, near: Tensor) -> Tensor:
+    """:func:`kl_density_term` from its pieces (``near_delta``: delta where ``near``, else 0)."""
+    return torch.where(near, a * (delta + torch.expm1(-near_delta)), a * delta + b - a)
 
 
 def _kl_density_terms(log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
@@ -74,10 +77,7 @@ def _kl_density_terms(log_p: Tensor, log_q: Tensor) -> tuple[Tensor, Tensor]:
     p, q = torch.exp(log_p), torch.exp(log_q)
     near = delta.abs() < 1.0
     d0 = torch.where(near, delta, 0.0)
-    forward = torch.where(near, p * (delta + torch.expm1(-d0)), p * delta + q - p)
-    minus = -delta
-    reverse = torch.where(near, q * (minus + torch.expm1(d0)), q * minus + p - q)
-    return forward, reverse
+    return _kl_term(p, q, delta, d0, near), _kl_term(q, p, -delta, -d0, near)
 
 
 def _constant(a: float) -> Callable[[Tensor | None, int, torch.dtype], Tensor]:
