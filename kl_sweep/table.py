@@ -131,8 +131,8 @@ def run_chunks(
     """The result table of each chunk, in order, fitted as one stream (:func:`fit_stream`).
 
     A chunk's slow rows share their steps with the next chunk's rows, and at most about
-    1.5 ``capacity`` rows are at work at once (None: all chunks at once). Each table's ``fit_seconds`` shares out the time
-    since the previous table was ready.
+    1.5 ``capacity`` rows are at work at once (None: all chunks at once). Each table's
+    ``fit_seconds`` shares out the time since the previous table was ready.
     """
     ready: deque[tuple[pd.DataFrame, Problem]] = deque()
 

@@ -3,8 +3,10 @@
 ``numerics_version()`` is ``<kl_sweep version>+<12 hex digits>``. The digits hash the syntax trees
 (comments, formatting and docstrings left out) of every module under ``kl_sweep/core/`` that
 computes rows (not the continuation modules of :data:`NOT_ROW_NUMERICS`) and of
-``kl_sweep/table.py`` (which turns fits into rows), together with the torch version. Any change to
-the code that computes a row, or to torch, gives a new version; editing a comment does not.
+``kl_sweep/table.py`` (which turns fits into rows), the C sources of the fused kernels (as bytes)
+and whether those kernels are in use (:mod:`kl_sweep.core.native`: with them off, rows differ in
+their last bits), together with the torch version. Any change to the code that computes a row, or
+to torch, gives a new version; editing a comment in Python does not.
 Every result row carries it in the column ``numerics_version``.
 """
 
@@ -47,7 +49,7 @@ NOT_ROW_NUMERICS = frozenset({"landscape.py", "continuation.py", "bifurcation.py
 def numerics_sources() -> list[Path]:
     """The source files whose code decides a row's numbers."""
     core = [p for p in sorted((_PACKAGE / "core").rglob("*.py")) if p.name not in NOT_ROW_NUMERICS]
-    return core + [_PACKAGE / "table.py"]
+    return core + [_PACKAGE / "table.py", *sorted((_PACKAGE / "core").rglob("*.c"))]
 
 
 @functools.cache
@@ -56,10 +58,14 @@ def numerics_version() -> str:
     import torch
 
     from kl_sweep import __version__
+    from kl_sweep.core import native
 
-    digest = hashlib.sha256(f"torch {torch.__version__}".encode())
+    digest = hashlib.sha256(f"torch {torch.__version__} native {native.available()}".encode())
     for path in numerics_sources():
-        tree = _NoDocstrings().visit(ast.parse(path.read_bytes(), filename=str(path)))
         digest.update(path.relative_to(_PACKAGE).as_posix().encode())
+        if path.suffix != ".py":
+            digest.update(path.read_bytes())
+            continue
+        tree = _NoDocstrings().visit(ast.parse(path.read_bytes(), filename=str(path)))
         digest.update(ast.dump(tree, annotate_fields=False).encode())
     return f"{__version__}+{digest.hexdigest()[:12]}"

@@ -146,6 +146,9 @@ class Divergence:
     transform: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None
     #: The key of this member's parameter (``alpha``: set as ``divergence.alpha``), or None.
     parameter: str | None = None
+    #: The fused kernel in :mod:`kl_sweep.core.native` that computes this divergence's fit
+    #: derivatives on the Quadrature rule, or None.
+    native: str | None = None
 
     @property
     def nodes_cover(self) -> str:
@@ -223,6 +226,7 @@ DIVERGENCES: dict[str, Divergence] = {
         kl_reverse,
         log_q_derivatives=lambda log_p, log_q: (1.0, 0.0),
         exact_term=lambda log_p, log_q: kl_density_term(log_q, log_p),
+        native="reverse_kl",
     ),
     "hellinger": _alpha_member("hellinger", _constant(0.5), 0.25),
     "alpha": _alpha_member("alpha", _given, parameter="alpha"),

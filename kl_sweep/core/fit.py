@@ -22,8 +22,16 @@ import torch
 from torch import Tensor
 
 from kl_sweep.core import alpha as family
+from kl_sweep.core import native
 from kl_sweep.core.divergences import RENYI_NEAR, Divergence, divergence_value
-from kl_sweep.core.estimators import Estimator
+from kl_sweep.core.estimators import (
+    SCALE_OFFSETS,
+    SUPPORT_SDS,
+    SWITCH_OFFSETS,
+    Estimator,
+    Quadrature,
+    _legendre,
+)
 from kl_sweep.core.mixture import LOG_2PI, Mixture, gaussian_sigma2, normal_log_prob
 from kl_sweep.core.optim import FirstOrder, newton
 
@@ -177,6 +185,8 @@ class Objective:
             return self._moment_derivatives(theta, hessian)
         if self.divergence.pointwise and self.estimator.fixed_nodes:
             return self._pointwise_derivatives(theta, hessian)
+        if self._native():
+            return self._native_derivatives(theta, hessian)
         if (
             self.cache is None
             and self.moments is None
@@ -214,6 +224,36 @@ class Objective:
         h_ms = -2 * g_mu
         hess = torch.stack([torch.stack([inv * m0, h_ms], -1), torch.stack([h_ms, 2 * sq * inv], -1)], -2)
         return loss, grad, hess
+
+    def _native(self) -> bool:
+        """True when the fused kernel computes these derivatives (see :mod:`kl_sweep.core.native`)."""
+        return (
+            self.divergence.native == "reverse_kl"
+            and type(self.estimator) is Quadrature
+            and self.mixture.means.shape[-1] == 2
+            and self.cache is None
+            and self.moments is None
+            and native.available()
+        )
+
+    def _native_derivatives(self, theta: Tensor, hessian: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        """:meth:`_closed_form_derivatives` for the reverse KL on the Quadrature rule, in one fused
+        pass per row (the same rule and formulas; they agree to about 1e-14)."""
+        switch, width = self.mixture.crossings()
+        order = self.estimator.nodes_per_panel
+        return native.reverse_kl(
+            theta,
+            self.mixture.means,
+            self.mixture.variances,
+            self.mixture.log_weights,
+            switch,
+            width,
+            SCALE_OFFSETS,
+            SWITCH_OFFSETS,
+            SUPPORT_SDS,
+            tuple(tuple(v.tolist()) for v in _legendre(order)),
+            hessian,
+        )
 
     def _closed_form_derivatives(self, theta: Tensor, hessian: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         r"""Derivatives of :math:`L = \sum_i r_i\, q(x_i)\, \phi(\log p_i, \log q_i)` on fixed nodes.

@@ -1,0 +1,123 @@
+/* Reverse KL(Q||P) and its derivatives in theta = (mu, log sigma), one row at a time.
+ *
+ * The same rule and formulas as kl_sweep.core.fit.Objective._closed_form_derivatives with the
+ * Quadrature estimator (see its docstring for the maths), fused into one pass over each row's
+ * nodes: the torch path makes about twenty passes over [rows, nodes] tensors per step.
+ *
+ * Q = N(mu, sigma^2), P = sum_k w_k N(m_k, v_k) with K = 2 components. Panel edges, as offsets
+ * from mu in Q's standard units z: Q's scale points (scale[], in sds) and each switch point of P
+ * (switch offsets off[] in widths around it; a repeated switch point counts once), clipped to
+ * +-support sds and sorted. On each panel, `order` Gauss-Legendre nodes t[] with weights gw[].
+ * With w = q(x) dx, phi = log q - log p, a = w (phi + 1) and b = w (phi + 2):
+ *   loss = sum a - sum w,   grad = (sum a z / sigma, sum a z^2 - sum a),
+ *   hess = [[(sum b z^2 - sum a) / sigma^2, (sum b z (z^2 - 1) - 2 sum a z) / sigma],
+ *           [.., sum b (z^2 - 1)^2 - 2 sum a z^2]].
+ *
+ * Every row is computed by the same code from its own inputs only, so its bits do not depend on
+ * the batch it is in, nor on how rows are split among threads. The node loop is vectorised (the
+ * sums along it are reassociated, the same way for every row); exp and log1p then come from
+ * glibc's vector math library (libmvec, at most 4 ulp) when KL_SWEEP_MVEC is defined.
+ *
+ * Rows are shared among OpenMP threads (from min_rows rows on). Built with -fopenmp, this library
+ * asks for libgomp.so.1, which in a torch process is the one torch has loaded: the kernel runs on
+ * torch's own thread team (torch.set_num_threads applies), with no second pool competing for the
+ * cores with torch's spinning workers.
+ */
+#include <math.h>
+#include <stddef.h>
+
+#ifdef KL_SWEEP_MVEC
+double exp(double) __attribute__((simd("notinbranch")));
+double log1p(double) __attribute__((simd("notinbranch")));
+#endif
+
+#define LOG_2PI 1.8378770664093454835606594728112
+
+int kl_sweep_abi(void) { return 1; }
+
+void reverse_kl(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *theta,
+                const double *means, const double *variances, const double *log_weights,
+                const double *switch_points, const double *widths,
+                int n_scale, const double *scale, int n_off, const double *off, double support,
+                int order, const double *t, const double *gw,
+                int hessian, double *loss, double *grad, double *hess)
+{
+    const int max_edges = n_scale + S * n_off;
+#pragma omp parallel if (rows >= min_rows)
+    {
+    double edges[max_edges];
+    double z[(max_edges - 1) * order], rule[(max_edges - 1) * order];
+#pragma omp for schedule(static)
+    for (ptrdiff_t r = 0; r < rows; ++r) {
+        const double m = theta[2 * r], s = theta[2 * r + 1], sigma = exp(s);
+        const double lo = -support * sigma, hi = support * sigma;
+        int ne = 0;
+        for (int i = 0; i < n_scale; ++i) edges[ne++] = sigma * scale[i];
+        for (int j = 0; j < S; ++j) {
+            const double sw = switch_points[r * S + j];
+            int seen = 0;
+            for (int k = 0; k < j; ++k) seen |= switch_points[r * S + k] == sw;
+            if (seen) continue;
+            const double c = sw - m, width = fmin(widths[r * S + j], 1e300);
+            for (int i = 0; i < n_off; ++i) edges[ne++] = c + width * off[i];
+        }
+        for (int i = 0; i < ne; ++i) {
+            double v = edges[i];
+            v = v < lo ? lo : v;
+            v = v > hi ? hi : v;
+            edges[i] = v / sigma;
+        }
+        for (int i = 1; i < ne; ++i) { /* insertion sort: about twenty edges */
+            const double v = edges[i];
+            int k = i - 1;
+            for (; k >= 0 && edges[k] > v; --k) edges[k + 1] = edges[k];
+            edges[k + 1] = v;
+        }
+        int n = 0;
+        for (int p = 0; p + 1 < ne; ++p) {
+            const double left = edges[p], half = 0.5 * (edges[p + 1] - edges[p]);
+            for (int i = 0; i < order; ++i, ++n) {
+                z[n] = left + half * (t[i] + 1.0);
+                rule[n] = half * sigma * gw[i];
+            }
+        }
+        /* log w_k N(x; m_k, v_k) = c_k - e_k^2 with e_k = shift_k + slope_k z. */
+        const double *mk = means + 2 * r, *vk = variances + 2 * r, *lw = log_weights + 2 * r;
+        const double c0 = lw[0] - 0.5 * (LOG_2PI + log(vk[0])), k0 = 1.0 / sqrt(2.0 * vk[0]);
+        const double c1 = lw[1] - 0.5 * (LOG_2PI + log(vk[1])), k1 = 1.0 / sqrt(2.0 * vk[1]);
+        const double shift0 = (m - mk[0]) * k0, slope0 = sigma * k0;
+        const double shift1 = (m - mk[1]) * k1, slope1 = sigma * k1;
+        const double cq = -0.5 * LOG_2PI - s;
+        double w_sum = 0, a_sum = 0, az = 0, azz = 0, bzz = 0, bzzz = 0, bzz1 = 0;
+#pragma omp simd reduction(+ : w_sum, a_sum, az, azz, bzz, bzzz, bzz1)
+        for (int i = 0; i < n; ++i) {
+            const double zi = z[i], zz = zi * zi;
+            const double log_q = cq - 0.5 * zz;
+            const double w = exp(log_q) * rule[i];
+            const double e0 = shift0 + zi * slope0, e1 = shift1 + zi * slope1;
+            const double l0 = c0 - e0 * e0, l1 = c1 - e1 * e1;
+            const double top = l0 > l1 ? l0 : l1, low = l0 > l1 ? l1 : l0;
+            const double log_p = top + log1p(exp(low - top));
+            const double a = w + w * (log_q - log_p);
+            const double b = a + w, zz1 = zz - 1.0;
+            w_sum += w;
+            a_sum += a;
+            az += a * zi;
+            azz += a * zz;
+            bzz += b * zz;
+            bzzz += b * zi * zz1;
+            bzz1 += b * zz1 * zz1;
+        }
+        loss[r] = a_sum - w_sum;
+        grad[2 * r] = az / sigma;
+        grad[2 * r + 1] = azz - a_sum;
+        if (hessian) {
+            const double h_ms = (bzzz - 2.0 * az) / sigma;
+            hess[4 * r] = (bzz - a_sum) / (sigma * sigma);
+            hess[4 * r + 1] = h_ms;
+            hess[4 * r + 2] = h_ms;
+            hess[4 * r + 3] = bzz1 - 2.0 * azz;
+        }
+    }
+    }
+}
