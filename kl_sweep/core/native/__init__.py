@@ -19,8 +19,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+from dataclasses import dataclass
 from functools import cache
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -55,9 +57,26 @@ def available() -> bool:
     return enabled() and _library() is not None
 
 
+@dataclass(frozen=True)
+class Rule:
+    """The Quadrature rule's constants as the kernel takes them (see ``reverse_kl.c``)."""
+
+    scale_offsets: Tensor
+    switch_offsets: Tensor
+    support: float
+    nodes: Tensor
+    weights: Tensor
+
+
 @cache
-def _constants(values: tuple[float, ...]) -> Tensor:
-    return torch.tensor(values, dtype=torch.float64)
+def quadrature_rule(
+    scale_offsets: tuple[float, ...], switch_offsets: tuple[float, ...], support: float, order: int
+) -> Rule:
+    """Panel edges at ``scale_offsets`` sds of Q and ``switch_offsets`` widths around each switch
+    point, within ``support`` sds, with ``order`` Gauss-Legendre nodes a panel."""
+    t, w = np.polynomial.legendre.leggauss(order)
+    f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    return Rule(f64(scale_offsets), f64(switch_offsets), float(support), f64(t), f64(w))
 
 
 def reverse_kl(
@@ -67,32 +86,28 @@ def reverse_kl(
     log_weights: Tensor,
     switch_points: Tensor,
     widths: Tensor,
-    scale_offsets: tuple[float, ...],
-    switch_offsets: tuple[float, ...],
-    support: float,
-    legendre: tuple[tuple[float, ...], tuple[float, ...]],
+    rule: Rule,
     hessian: bool,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """Reverse KL [B], gradient [B, 2] and Hessian [B, 2, 2] (or None) in theta = (mu, log sigma) [B, 2].
 
     P has two components (``means``, ``variances``, ``log_weights`` [B, 2]) with switch points
-    and widths [B, S] (:meth:`Mixture.crossings`); the rule is the Quadrature estimator's for Q's
-    cover (``scale_offsets``, ``switch_offsets``, ``support`` and Gauss-Legendre ``legendre``).
+    and widths [B, S] (:meth:`Mixture.crossings`); ``rule`` is the Quadrature estimator's for Q's
+    cover (:func:`quadrature_rule`).
     """
     lib = _library()
     B = theta.shape[0]
     arrays = [x.detach().to(torch.float64).contiguous() for x in (theta, means, variances, log_weights)]
     switch_points, widths = (x.to(torch.float64).contiguous() for x in (switch_points, widths))
-    scale, off = _constants(scale_offsets), _constants(switch_offsets)
-    t, gw = (_constants(v) for v in legendre)
     loss = torch.empty(B, dtype=torch.float64)
     grad = torch.empty(B, 2, dtype=torch.float64)
     hess = torch.empty(B, 2, 2, dtype=torch.float64) if hessian else None
     lib.reverse_kl(
         B, MIN_PARALLEL_ROWS, switch_points.shape[-1],
         *(x.data_ptr() for x in (*arrays, switch_points, widths)),
-        len(scale_offsets), scale.data_ptr(), len(switch_offsets), off.data_ptr(), support,
-        t.numel(), t.data_ptr(), gw.data_ptr(), int(hessian),
+        rule.scale_offsets.numel(), rule.scale_offsets.data_ptr(),
+        rule.switch_offsets.numel(), rule.switch_offsets.data_ptr(), rule.support,
+        rule.nodes.numel(), rule.nodes.data_ptr(), rule.weights.data_ptr(), int(hessian),
         loss.data_ptr(), grad.data_ptr(), 0 if hess is None else hess.data_ptr(),
     )  # fmt: skip
     return loss, grad, hess
