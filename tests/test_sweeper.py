@@ -330,3 +330,33 @@ def test_progress_is_log_lines_off_a_terminal_and_a_bar_on_one(cli, tmp_path):
     os.close(leader)
     assert child.returncode == 0
     assert f"{SMOKE}/{SMOKE}".encode() in seen and b"cfg/s" in seen  # tqdm's bar: done/total, rate
+
+
+@pytest.mark.parametrize(
+    ("rows", "shards", "shard_size"),
+    [(36, 4, None), (5000, 2, None), (163_200, 2, None), (10, 3, None), (7000, 9, 800)],
+)
+def test_shards_are_dealt_equal_blocks_round_robin(rows, shards, shard_size):
+    """Every row in exactly one shard; shard sizes within one block of each other; a large sweep's
+    shards each take blocks from the whole grid (a like mix of its costs); a small one is cut into
+    contiguous ranges."""
+    import numpy as np
+
+    from hydra_plugins.kl_sweep_sweeper._core import DEAL_BLOCK, _job_span, _split
+
+    frame = pd.DataFrame({"job_num": np.arange(rows)})
+    pieces = _split(frame, shards, shard_size)
+    jobs = np.concatenate([p["job_num"].to_numpy() for p in pieces])
+    assert sorted(jobs.tolist()) == list(range(rows))
+    n = -(-rows // shard_size) if shard_size else shards
+    assert len(pieces) == n
+    sizes = [len(p) for p in pieces]
+    assert max(sizes) - min(sizes) <= DEAL_BLOCK
+    for p in pieces:
+        assert p["job_num"].is_monotonic_increasing
+    if rows <= n * DEAL_BLOCK:
+        assert all(" in " not in _job_span(p) for p in pieces)  # contiguous
+    else:
+        for p in pieces:  # blocks from across the grid, not one stretch of it
+            assert p["job_num"].max() - p["job_num"].min() > rows // 2
+            assert " blocks" in _job_span(p)
