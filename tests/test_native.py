@@ -170,14 +170,14 @@ def test_without_a_compiler_fits_take_the_torch_path(monkeypatch, tmp_path, capl
 
 def test_the_library_is_built_once_and_renamed_into_place(monkeypatch, tmp_path):
     monkeypatch.setenv("KL_SWEEP_CACHE", str(tmp_path))
-    path, reason = toolchain.build("reverse_kl")
+    path, reason = toolchain.build("kl")
     assert reason == "" and path is not None and path.parent == tmp_path
     stamp = path.stat().st_mtime_ns
-    again, _ = toolchain.build("reverse_kl")
+    again, _ = toolchain.build("kl")
     assert again == path and path.stat().st_mtime_ns == stamp  # found, not rebuilt
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no temporary left behind
     monkeypatch.setattr(toolchain, "BASE_FLAGS", (*toolchain.BASE_FLAGS, "-DKL_SWEEP_OTHER"))
-    other, _ = toolchain.build("reverse_kl")
+    other, _ = toolchain.build("kl")
     assert other != path  # other flags: another library
 
 
@@ -201,3 +201,61 @@ def test_a_fit_with_the_kernel_finds_the_same_minima_as_the_torch_path(monkeypat
     assert (fused.status == Status.CONVERGED).all() and (reference.status == Status.CONVERGED).all()
     np.testing.assert_allclose(fused.mu.numpy(), reference.mu.numpy(), atol=1e-9)
     np.testing.assert_allclose(fused.sigma2.numpy(), reference.sigma2.numpy(), rtol=1e-9)
+
+
+def test_kl_pair_kernel_matches_the_torch_path_and_scipy(monkeypatch):
+    """Both KLs of result rows (kl_pair_exact's shared-node rows): the kernel against the torch path
+    on 3000 random rows, and against scipy on the cases above (tests/test_divergences.py checks
+    kl_pair_exact against scipy too)."""
+    from kl_sweep.core.divergences import kl_pair_exact
+
+    gen = torch.Generator().manual_seed(6)
+    n = 3000
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=gen, dtype=torch.float64)  # noqa: E731
+    v1 = u(0.2, 3.0)
+    v2 = torch.where(torch.arange(n) % 3 == 0, u(0.2, 3.0), v1)
+    w, sep = u(0.05, 0.95), u(0, 10)
+    mix = Mixture(
+        torch.stack([-sep / 2, sep / 2], -1),
+        torch.stack([v1, v2], -1),
+        torch.stack([w.log(), (-w).log1p()], -1),
+    )
+    mu, log_sigma = u(-8, 8), u(-3, 2.5)
+    fused = kl_pair_exact(mix, mu, log_sigma)
+    monkeypatch.setenv("KL_SWEEP_NATIVE", "0")
+    reference = kl_pair_exact(mix, mu, log_sigma)
+    for x, y in zip(fused, reference):
+        assert ((x - y).abs() / y.abs()).max().item() < 1e-13
+    monkeypatch.setenv("KL_SWEEP_NATIVE", "1")
+    for means, variances, weights, mu0, sigma in CASES:
+        m = mixture([means], [variances], [weights])
+        forward, reverse = kl_pair_exact(m, torch.tensor([mu0]), torch.tensor([math.log(sigma)]))
+        assert reverse.item() == pytest.approx(
+            scipy_reverse(means, variances, weights, mu0, sigma)[0], rel=1e-10
+        )
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kl_pair_gives_a_row_the_same_bits_in_any_batch(threads):
+    from kl_sweep.core.divergences import kl_pair_exact
+
+    gen = torch.Generator().manual_seed(9)
+    n = 400
+    mix = Mixture.two_component(
+        torch.rand(n, generator=gen) * 8,
+        0.5 + 0.45 * torch.rand(n, generator=gen),
+        torch.zeros(n),
+        torch.ones(n),
+    )
+    mu, log_sigma = torch.rand(n, generator=gen) * 8 - 4, torch.rand(n, generator=gen) - 0.5
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        full = kl_pair_exact(mix, mu, log_sigma)
+        for b in (1, 13, native.MIN_PARALLEL_ROWS // 4, 257, 399):
+            keep = torch.arange(n) >= n - b
+            part = kl_pair_exact(mix[keep], mu[keep], log_sigma[keep])
+            for x, y in zip(full, part):
+                assert torch.equal(x[keep], y), b
+    finally:
+        torch.set_num_threads(previous)

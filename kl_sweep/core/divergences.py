@@ -38,7 +38,8 @@ from torch import Tensor
 
 from kl_sweep.config import DIVERGENCE_NAMES
 from kl_sweep.core import alpha as family
-from kl_sweep.core.estimators import SCALE_OFFSETS, Estimator, Measure
+from kl_sweep.core import native
+from kl_sweep.core.estimators import SCALE_OFFSETS, SUPPORT_SDS, SWITCH_OFFSETS, Estimator, Measure
 from kl_sweep.core.mixture import LOG_2PI, Mixture, gaussian_sigma2, normal_log_prob, softplus
 
 
@@ -465,10 +466,17 @@ def kl_pair_exact(
     if shared.any():
         idx = shared.nonzero().squeeze(-1)
         m, mu_s, ls = mixture[idx], mu[idx], log_sigma[idx]
-        u, rule = Quadrature(nodes_per_panel).relative_rule("pq", m, mu_s, ls, mu_s)
-        log_p, log_q = _log_densities(u, mu_s, m, mu_s, ls)
-        for o, term in zip(out, _kl_density_terms(log_p, log_q)):
-            o[idx] = (rule * term).sum(-1)
+        if m.means.shape[-1] == 2 and native.available():  # the same, fused (core.native)
+            rule = native.quadrature_rule(SCALE_OFFSETS, SWITCH_OFFSETS, SUPPORT_SDS, nodes_per_panel)
+            theta = torch.stack([mu_s, ls], -1)
+            pair = native.kl_pair(theta, m.means, m.variances, m.log_weights, *m.crossings(), rule)
+            for o, value in zip(out, pair):
+                o[idx] = value
+        else:
+            u, rule = Quadrature(nodes_per_panel).relative_rule("pq", m, mu_s, ls, mu_s)
+            log_p, log_q = _log_densities(u, mu_s, m, mu_s, ls)
+            for o, term in zip(out, _kl_density_terms(log_p, log_q)):
+                o[idx] = (rule * term).sum(-1)
     if not shared.all():
         idx = (~shared).nonzero().squeeze(-1)
         for o, d in zip(out, (forward, reverse)):

@@ -1,10 +1,16 @@
 """Fused C kernels for the fit's hot path, compiled on first use and called through ctypes.
 
 The torch path evaluates the reverse KL's derivatives in about twenty passes over [rows, nodes]
-float64 tensors per step: memory traffic, not arithmetic. :func:`reverse_kl` does one pass per row
-(``reverse_kl.c``), with the same rule and formulas; the two agree to about 1e-14 (tests check
-both against scipy). It is used by :meth:`kl_sweep.core.fit.Objective.derivatives` wherever it
-applies (:func:`applies`) and :func:`available` is true; otherwise the fit takes the torch path.
+float64 tensors per step: memory traffic, not arithmetic. The kernels in ``kl.c`` make one pass
+per row, with the same rules and formulas, and agree with the torch path to about 1e-14 (tests
+check both against scipy):
+
+- :func:`reverse_kl`: the reverse KL's fit derivatives, used by
+  :meth:`kl_sweep.core.fit.Objective.derivatives` for the Quadrature estimator;
+- :func:`kl_pair`: both KLs of a result row, used by
+  :func:`kl_sweep.core.divergences.kl_pair_exact`.
+
+Both need a two-component P and :func:`available`; otherwise the torch path runs.
 
 A row's bits depend on its own inputs only, whichever batch it is in and however many threads
 run: the rows are shared among torch's own OpenMP threads (``torch.get_num_threads()``), each
@@ -41,7 +47,7 @@ def enabled() -> bool:
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    path, reason = build("reverse_kl")
+    path, reason = build("kl")
     if path is None:
         log.warning("native kernel unavailable (%s): fits take the torch path, about 3x slower", reason)
         return None
@@ -49,6 +55,8 @@ def _library() -> ctypes.CDLL | None:
     p, i, n, d = ctypes.c_void_p, ctypes.c_int, ctypes.c_ssize_t, ctypes.c_double
     lib.reverse_kl.argtypes = [n, n, i, p, p, p, p, p, p, i, p, i, p, d, i, p, p, i, p, p, p]
     lib.reverse_kl.restype = None
+    lib.kl_pair.argtypes = [n, n, i, p, p, p, p, p, p, i, p, i, p, d, i, p, p, p, p]
+    lib.kl_pair.restype = None
     return lib
 
 
@@ -59,7 +67,7 @@ def available() -> bool:
 
 @dataclass(frozen=True)
 class Rule:
-    """The Quadrature rule's constants as the kernel takes them (see ``reverse_kl.c``)."""
+    """The Quadrature rule's constants as the kernel takes them (see ``kl.c``)."""
 
     scale_offsets: Tensor
     switch_offsets: Tensor
@@ -111,3 +119,30 @@ def reverse_kl(
         loss.data_ptr(), grad.data_ptr(), 0 if hess is None else hess.data_ptr(),
     )  # fmt: skip
     return loss, grad, hess
+
+
+def kl_pair(
+    theta: Tensor,
+    means: Tensor,
+    variances: Tensor,
+    log_weights: Tensor,
+    switch_points: Tensor,
+    widths: Tensor,
+    rule: Rule,
+) -> tuple[Tensor, Tensor]:
+    """(KL(P||Q), KL(Q||P)) [B] at theta = (mu, log sigma) [B, 2], on one set of nodes a row: the
+    Quadrature rule over both P's and Q's mass, as offsets from Q's mean (see ``kl.c``)."""
+    lib = _library()
+    B = theta.shape[0]
+    arrays = [x.detach().to(torch.float64).contiguous() for x in (theta, means, variances, log_weights)]
+    switch_points, widths = (x.to(torch.float64).contiguous() for x in (switch_points, widths))
+    forward, reverse = torch.empty(B, dtype=torch.float64), torch.empty(B, dtype=torch.float64)
+    lib.kl_pair(
+        B, MIN_PARALLEL_ROWS // 4, switch_points.shape[-1],
+        *(x.data_ptr() for x in (*arrays, switch_points, widths)),
+        rule.scale_offsets.numel(), rule.scale_offsets.data_ptr(),
+        rule.switch_offsets.numel(), rule.switch_offsets.data_ptr(), rule.support,
+        rule.nodes.numel(), rule.nodes.data_ptr(), rule.weights.data_ptr(),
+        forward.data_ptr(), reverse.data_ptr(),
+    )  # fmt: skip
+    return forward, reverse

@@ -1,6 +1,7 @@
-/* Reverse KL(Q||P) and its derivatives in theta = (mu, log sigma), one row at a time.
+/* The reverse KL's fit derivatives (reverse_kl) and both KLs of a result row (kl_pair), one row
+ * at a time.
  *
- * The same rule and formulas as kl_sweep.core.fit.Objective._closed_form_derivatives with the
+ * reverse_kl: KL(Q||P) and its derivatives in theta = (mu, log sigma). The same rule and formulas as kl_sweep.core.fit.Objective._closed_form_derivatives with the
  * Quadrature estimator (see its docstring for the maths), fused into one pass over each row's
  * nodes: the torch path makes about twenty passes over [rows, nodes] tensors per step.
  *
@@ -28,12 +29,24 @@
 
 #ifdef KL_SWEEP_MVEC
 double exp(double) __attribute__((simd("notinbranch")));
+double expm1(double) __attribute__((simd("notinbranch")));
 double log1p(double) __attribute__((simd("notinbranch")));
 #endif
 
 #define LOG_2PI 1.8378770664093454835606594728112
 
 int kl_sweep_abi(void) { return 1; }
+
+/* Sort a few values in place (insertion sort: a row has at most a few dozen panel edges). */
+static void sort_edges(double *e, int n)
+{
+    for (int i = 1; i < n; ++i) {
+        const double v = e[i];
+        int k = i - 1;
+        for (; k >= 0 && e[k] > v; --k) e[k + 1] = e[k];
+        e[k + 1] = v;
+    }
+}
 
 void reverse_kl(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *theta,
                 const double *means, const double *variances, const double *log_weights,
@@ -67,12 +80,7 @@ void reverse_kl(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *theta,
             v = v > hi ? hi : v;
             edges[i] = v / sigma;
         }
-        for (int i = 1; i < ne; ++i) { /* insertion sort: about twenty edges */
-            const double v = edges[i];
-            int k = i - 1;
-            for (; k >= 0 && edges[k] > v; --k) edges[k + 1] = edges[k];
-            edges[k + 1] = v;
-        }
+        sort_edges(edges, ne);
         int n = 0;
         for (int p = 0; p + 1 < ne; ++p) {
             const double left = edges[p], half = 0.5 * (edges[p + 1] - edges[p]);
@@ -118,6 +126,85 @@ void reverse_kl(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *theta,
             hess[4 * r + 2] = h_ms;
             hess[4 * r + 3] = bzz1 - 2.0 * azz;
         }
+    }
+    }
+}
+
+/* kl_pair: KL(P||Q) and KL(Q||P) as kl_sweep.core.divergences.kl_pair_exact computes them for rows
+ * whose nodes are shared (its docstring), on one set of nodes per row:
+ *
+ * nodes u = x - mu on composite Gauss-Legendre panels (order nodes each) between Q's and each
+ * component's scale points (scale[] sds) and the switch points' offsets (off[] widths), clipped to
+ * the support of both (support sds of Q and of each component) and sorted; at each node, with
+ * delta = log p - log q, the non-negative densities
+ *   KL(A||B) term = a (delta_ab + expm1(-delta_ab)) where |delta| < 1, else a delta_ab + b - a,
+ * summed with the rule's weights. */
+void kl_pair(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *theta,
+             const double *means, const double *variances, const double *log_weights,
+             const double *switch_points, const double *widths,
+             int n_scale, const double *scale, int n_off, const double *off, double support,
+             int order, const double *t, const double *gw, double *forward, double *reverse)
+{
+    const int max_edges = 3 * n_scale + S * n_off;
+#pragma omp parallel if (rows >= min_rows)
+    {
+    double edges[max_edges];
+    double u[(max_edges - 1) * order], rule[(max_edges - 1) * order];
+#pragma omp for schedule(static)
+    for (ptrdiff_t r = 0; r < rows; ++r) {
+        const double m = theta[2 * r], s = theta[2 * r + 1], sigma = exp(s);
+        const double *mk = means + 2 * r, *vk = variances + 2 * r, *lw = log_weights + 2 * r;
+        const double sd0 = sqrt(vk[0]), sd1 = sqrt(vk[1]);
+        const double d0 = mk[0] - m, d1 = mk[1] - m;
+        double lo = -support * sigma, hi = support * sigma;
+        lo = fmin(lo, fmin(d0 - support * sd0, d1 - support * sd1));
+        hi = fmax(hi, fmax(d0 + support * sd0, d1 + support * sd1));
+        int ne = 0;
+        for (int i = 0; i < n_scale; ++i) edges[ne++] = sigma * scale[i];
+        for (int i = 0; i < n_scale; ++i) edges[ne++] = d0 + sd0 * scale[i];
+        for (int i = 0; i < n_scale; ++i) edges[ne++] = d1 + sd1 * scale[i];
+        for (int j = 0; j < S; ++j) {
+            const double sw = switch_points[r * S + j];
+            int seen = 0;
+            for (int k = 0; k < j; ++k) seen |= switch_points[r * S + k] == sw;
+            if (seen) continue;
+            const double c = sw - m, width = fmin(widths[r * S + j], 1e300);
+            for (int i = 0; i < n_off; ++i) edges[ne++] = c + width * off[i];
+        }
+        for (int i = 0; i < ne; ++i) edges[i] = fmin(fmax(edges[i], lo), hi);
+        sort_edges(edges, ne);
+        int n = 0;
+        for (int p = 0; p + 1 < ne; ++p) {
+            const double left = edges[p], half = 0.5 * (edges[p + 1] - edges[p]);
+            for (int i = 0; i < order; ++i, ++n) {
+                u[n] = left + half * (t[i] + 1.0);
+                rule[n] = half * gw[i];
+            }
+        }
+        const double c0 = lw[0] - 0.5 * (LOG_2PI + log(vk[0])), k0 = 1.0 / sqrt(2.0 * vk[0]);
+        const double c1 = lw[1] - 0.5 * (LOG_2PI + log(vk[1])), k1 = 1.0 / sqrt(2.0 * vk[1]);
+        const double shift0 = (m - mk[0]) * k0, shift1 = (m - mk[1]) * k1;
+        double f_sum = 0, r_sum = 0;
+#pragma omp simd reduction(+ : f_sum, r_sum)
+        for (int i = 0; i < n; ++i) {
+            const double ui = u[i], z = ui / sigma;
+            const double log_q = -0.5 * (LOG_2PI + z * z) - s;
+            const double e0 = shift0 + ui * k0, e1 = shift1 + ui * k1;
+            const double l0 = c0 - e0 * e0, l1 = c1 - e1 * e1;
+            const double top = l0 > l1 ? l0 : l1, low = l0 > l1 ? l1 : l0;
+            const double log_p = top + log1p(exp(low - top));
+            const double delta = log_p - log_q;
+            const double p = exp(log_p), q = exp(log_q);
+            const int near = fabs(delta) < 1.0;
+            const double d = near ? delta : 0.0;
+            const double em = expm1(-d), ep = expm1(d);
+            const double tf = near ? p * (delta + em) : p * delta + q - p;
+            const double tr = near ? q * (-delta + ep) : q * -delta + p - q;
+            f_sum += rule[i] * tf;
+            r_sum += rule[i] * tr;
+        }
+        forward[r] = f_sum;
+        reverse[r] = r_sum;
     }
     }
 }
