@@ -3,6 +3,7 @@ same bits wherever a row sits and however many threads run, and the fall-back wh
 
 import logging
 import math
+import os
 
 import numpy as np
 import pytest
@@ -259,3 +260,23 @@ def test_kl_pair_gives_a_row_the_same_bits_in_any_batch(threads):
                 assert torch.equal(x[keep], y), b
     finally:
         torch.set_num_threads(previous)
+
+
+def test_a_damaged_cached_library_is_moved_aside_and_built_again(monkeypatch, tmp_path):
+    monkeypatch.setenv("KL_SWEEP_CACHE", str(tmp_path))
+    path, _ = toolchain.build("kl")
+    path.write_bytes(b"not a shared library")
+    lib, reason = toolchain.load("kl")
+    assert lib is not None and reason == ""
+    assert path.stat().st_size > 1000  # rebuilt
+    (aside,) = [p for p in tmp_path.iterdir() if ".damaged-" in p.name]
+    assert aside.read_bytes() == b"not a shared library"  # kept, not deleted
+
+
+def test_an_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("KL_SWEEP_CACHE", str(blocker / "cache"))  # under a file: cannot be made
+    monkeypatch.setattr(toolchain.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    path, reason = toolchain.build("kl")
+    assert reason == "" and path.parent == tmp_path / "tmp" / f"kl_sweep-{os.getuid()}"

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kl_sweep.core.native.toolchain import build
+from kl_sweep.core.native.toolchain import load
 
 log = logging.getLogger(__name__)
 
@@ -47,11 +47,10 @@ def enabled() -> bool:
 
 @cache
 def _library() -> ctypes.CDLL | None:
-    path, reason = build("kl")
-    if path is None:
+    lib, reason = load("kl")
+    if lib is None:
         log.warning("native kernel unavailable (%s): fits take the torch path, about 3x slower", reason)
         return None
-    lib = ctypes.CDLL(str(path))
     p, i, n, d = ctypes.c_void_p, ctypes.c_int, ctypes.c_ssize_t, ctypes.c_double
     lib.reverse_kl.argtypes = [n, n, i, p, p, p, p, p, p, i, p, i, p, d, i, p, p, i, p, p, p]
     lib.reverse_kl.restype = None

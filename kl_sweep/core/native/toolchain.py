@@ -6,17 +6,21 @@ compiler's version, the machine and its CPU flags. A cluster's shared home then 
 per kind of node, and an edit to the source rebuilds it. It is written under a temporary name and
 renamed into place, so processes building at the same time (a sweep's shards) never load a
 partial file. The cache is ``KL_SWEEP_CACHE``, else ``$XDG_CACHE_HOME/kl_sweep``, else
-``~/.cache/kl_sweep``.
+``~/.cache/kl_sweep``; where that cannot be written (a read-only home), a folder in the system's
+temporary directory. A cached library that will not load is moved aside (never deleted) and built
+again.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from importlib import resources
 from pathlib import Path
 
@@ -30,6 +34,22 @@ def cache_dir() -> Path:
         return Path(os.environ["KL_SWEEP_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "kl_sweep"
+
+
+def _writable(directory: Path) -> bool:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(directory, os.W_OK)
+
+
+def build_dir() -> Path:
+    """:func:`cache_dir` if it can be written, else a folder of this user's in the temporary directory."""
+    preferred = cache_dir()
+    if _writable(preferred):
+        return preferred
+    return Path(tempfile.gettempdir()) / f"kl_sweep-{os.getuid()}"
 
 
 def _cpu_flags() -> str:
@@ -57,7 +77,7 @@ def build(name: str) -> tuple[Path | None, str]:
             b"\0".join(s.encode() if isinstance(s, str) else s for s in (
                 source, " ".join(flags), version, platform.machine(), _cpu_flags()))
         ).hexdigest()[:16]  # fmt: skip
-        target = cache_dir() / f"{name}-{key}.so"
+        target = build_dir() / f"{name}-{key}.so"
         if target.exists():
             return target, ""
         error = _compile(cc, source, flags, target)
@@ -65,6 +85,25 @@ def build(name: str) -> tuple[Path | None, str]:
             return target, ""
         errors.append(error)
     return None, "; ".join(errors)
+
+
+def load(name: str) -> tuple[ctypes.CDLL | None, str]:
+    """The kernel library ``name``, built if needed, or (None, why not)."""
+    reason = ""
+    for _ in range(2):  # a damaged cached file is moved aside and built once more
+        path, reason = build(name)
+        if path is None:
+            return None, reason
+        try:
+            return ctypes.CDLL(str(path)), ""
+        except OSError as exc:
+            aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            try:
+                os.replace(path, aside)
+            except OSError:
+                return None, f"{path} does not load ({exc}) and cannot be moved aside"
+            reason = f"{path} did not load ({exc}); moved to {aside.name}"
+    return None, reason
 
 
 def _compile(cc: str, source: bytes, flags: tuple[str, ...], target: Path) -> str | None:
