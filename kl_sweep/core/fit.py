@@ -705,7 +705,7 @@ def _pushed_to_edge(group: _Rows, grad: Tensor) -> Tensor | None:
 
 def _projected_norm(grad: Tensor, on_edge: Tensor | None) -> Tensor:
     """|grad|, or |d/d mu| alone on rows held by the edge."""
-    norm = grad.norm(dim=-1)
+    norm = torch.linalg.vector_norm(grad, dim=-1)  # what grad.norm(dim=-1) calls, without its wrapper
     return norm if on_edge is None else torch.where(on_edge, grad[:, 0].abs(), norm)
 
 

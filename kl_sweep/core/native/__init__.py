@@ -74,6 +74,14 @@ class Rule:
     nodes: Tensor
     weights: Tensor
 
+    def __post_init__(self) -> None:
+        args = (
+            self.scale_offsets.numel(), self.scale_offsets.data_ptr(),
+            self.switch_offsets.numel(), self.switch_offsets.data_ptr(), self.support,
+            self.nodes.numel(), self.nodes.data_ptr(), self.weights.data_ptr(),
+        )  # fmt: skip
+        object.__setattr__(self, "args", args)  # the rule's arguments of kl.c's functions, once
+
 
 @cache
 def quadrature_rule(
@@ -84,6 +92,14 @@ def quadrature_rule(
     t, w = np.polynomial.legendre.leggauss(order)
     f64 = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
     return Rule(f64(scale_offsets), f64(switch_offsets), float(support), f64(t), f64(w))
+
+
+def _float64(tensors: tuple[Tensor, ...]) -> list[Tensor]:
+    """The tensors as contiguous float64 (themselves when they already are: the common case)."""
+    return [
+        x if x.dtype == torch.float64 and x.is_contiguous() else x.detach().to(torch.float64).contiguous()
+        for x in tensors
+    ]
 
 
 def reverse_kl(
@@ -102,20 +118,14 @@ def reverse_kl(
     and widths [B, S] (:meth:`Mixture.crossings`); ``rule`` is the Quadrature estimator's for Q's
     cover (:func:`quadrature_rule`).
     """
-    lib = _library()
     B = theta.shape[0]
-    arrays = [x.detach().to(torch.float64).contiguous() for x in (theta, means, variances, log_weights)]
-    switch_points, widths = (x.to(torch.float64).contiguous() for x in (switch_points, widths))
+    arrays = _float64((theta, means, variances, log_weights, switch_points, widths))
     loss = torch.empty(B, dtype=torch.float64)
     grad = torch.empty(B, 2, dtype=torch.float64)
     hess = torch.empty(B, 2, 2, dtype=torch.float64) if hessian else None
-    lib.reverse_kl(
-        B, MIN_PARALLEL_ROWS, switch_points.shape[-1],
-        *(x.data_ptr() for x in (*arrays, switch_points, widths)),
-        rule.scale_offsets.numel(), rule.scale_offsets.data_ptr(),
-        rule.switch_offsets.numel(), rule.switch_offsets.data_ptr(), rule.support,
-        rule.nodes.numel(), rule.nodes.data_ptr(), rule.weights.data_ptr(), int(hessian),
-        loss.data_ptr(), grad.data_ptr(), 0 if hess is None else hess.data_ptr(),
+    _library().reverse_kl(
+        B, MIN_PARALLEL_ROWS, switch_points.shape[-1], *(x.data_ptr() for x in arrays), *rule.args,
+        int(hessian), loss.data_ptr(), grad.data_ptr(), 0 if hess is None else hess.data_ptr(),
     )  # fmt: skip
     return loss, grad, hess
 
@@ -131,17 +141,11 @@ def kl_pair(
 ) -> tuple[Tensor, Tensor]:
     """(KL(P||Q), KL(Q||P)) [B] at theta = (mu, log sigma) [B, 2], on one set of nodes a row: the
     Quadrature rule over both P's and Q's mass, as offsets from Q's mean (see ``kl.c``)."""
-    lib = _library()
     B = theta.shape[0]
-    arrays = [x.detach().to(torch.float64).contiguous() for x in (theta, means, variances, log_weights)]
-    switch_points, widths = (x.to(torch.float64).contiguous() for x in (switch_points, widths))
+    arrays = _float64((theta, means, variances, log_weights, switch_points, widths))
     forward, reverse = torch.empty(B, dtype=torch.float64), torch.empty(B, dtype=torch.float64)
-    lib.kl_pair(
-        B, MIN_PARALLEL_ROWS // 4, switch_points.shape[-1],
-        *(x.data_ptr() for x in (*arrays, switch_points, widths)),
-        rule.scale_offsets.numel(), rule.scale_offsets.data_ptr(),
-        rule.switch_offsets.numel(), rule.switch_offsets.data_ptr(), rule.support,
-        rule.nodes.numel(), rule.nodes.data_ptr(), rule.weights.data_ptr(),
+    _library().kl_pair(
+        B, MIN_PARALLEL_ROWS // 4, switch_points.shape[-1], *(x.data_ptr() for x in arrays), *rule.args,
         forward.data_ptr(), reverse.data_ptr(),
     )  # fmt: skip
     return forward, reverse
