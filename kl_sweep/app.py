@@ -7,15 +7,14 @@ from pathlib import Path
 
 import hydra
 import pandas as pd
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from kl_sweep.allocator import keep_freed_memory
-from kl_sweep.config import CONFIG_DIR
+from kl_sweep.config import CONFIG_DIR, config_values, split_values
 from kl_sweep.io import write_parquet
+from kl_sweep.rows import rows_frame
 from kl_sweep.sweep import run_shard
-from kl_sweep.table import config_values, rows_frame, run_rows, split_values
 from kl_sweep.threads import thread_budget
 from kl_sweep.validate import validate
 
@@ -29,6 +28,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> float:
     Validation comes first: a bad value raises before any fit and nothing is written. A job the
     kl_sweep sweeper launches carries ``shard``: it fits that shard's rows instead.
     """
+    from kl_sweep.table import run_rows  # torch: loaded by the process that fits, when it fits
+
     if cfg.get("shard"):
         return float(run_shard(cfg.shard))
     values = config_values(cfg)
@@ -50,6 +51,8 @@ def run(cfg: DictConfig, output_dir: str | Path) -> float:
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
+    import torch
+
     torch.set_num_threads(thread_budget())  # a shard may set its own share (kl_sweep.sweep.run_shard)
     keep_freed_memory()  # the fit's temporaries stay in the heap between steps (kl_sweep.allocator)
     return run(cfg, HydraConfig.get().runtime.output_dir)

@@ -15,13 +15,16 @@ import pyarrow.parquet as pq
 
 
 def versions() -> dict[str, str]:
-    import torch
+    """The versions of kl_sweep and the libraries behind a file, for its metadata."""
+    import sys
+    from importlib import metadata
 
     from kl_sweep import __version__
 
+    torch = sys.modules.get("torch")  # a process that plans or assembles never loads it for this
     return {
         "kl_sweep": __version__,
-        "torch": torch.__version__,
+        "torch": torch.__version__ if torch is not None else metadata.version("torch"),
         "pandas": pd.__version__,
         "pyarrow": pa.__version__,
     }

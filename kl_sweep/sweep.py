@@ -17,11 +17,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from kl_sweep.collect import PARTS
 from kl_sweep.io import write_parquet
-from kl_sweep.table import run_chunks
 
 log = logging.getLogger("kl_sweep.sweep")
 
@@ -77,6 +75,10 @@ def run_shard(path: str | Path) -> int:
     from kl_sweep.io import read_metadata
 
     logging.raiseExceptions = False  # a full disk: one failed write, not a traceback per log line
+    import torch  # here, not at the top: the sweeper's own process plans and assembles without it
+
+    from kl_sweep.table import run_chunks
+
     spec = json.loads(read_metadata(path)["shard"])
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
@@ -123,6 +125,8 @@ class Progress:
 
     def close(self) -> None:
         """End the bar and say the fit phase's throughput (configurations per second)."""
+        import torch  # loaded already: the fit ran in this process
+
         if self.bar is not None:
             self.bar.close()
         seconds = time.perf_counter() - self.start

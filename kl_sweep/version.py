@@ -49,7 +49,7 @@ NOT_ROW_NUMERICS = frozenset({"landscape.py", "continuation.py", "bifurcation.py
 def numerics_sources() -> list[Path]:
     """The source files whose code decides a row's numbers."""
     core = [p for p in sorted((_PACKAGE / "core").rglob("*.py")) if p.name not in NOT_ROW_NUMERICS]
-    return core + [_PACKAGE / "table.py", *sorted((_PACKAGE / "core").rglob("*.c"))]
+    return core + [_PACKAGE / "table.py", _PACKAGE / "rows.py", *sorted((_PACKAGE / "core").rglob("*.c"))]
 
 
 @functools.cache

@@ -360,3 +360,32 @@ def test_shards_are_dealt_equal_blocks_round_robin(rows, shards, shard_size):
         for p in pieces:  # blocks from across the grid, not one stretch of it
             assert p["job_num"].max() - p["job_num"].min() > rows // 2
             assert " blocks" in _job_span(p)
+
+
+@pytest.mark.slow
+def test_the_sweepers_own_process_does_not_load_torch_when_workers_fit(cli, tmp_path):
+    """With joblib shards, the process that plans the sweep and assembles its table never imports
+    torch (about 1.5 s of its start-up); the workers that fit do."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import atexit, os, sys\n"
+        "def _report():\n"
+        "    with open(os.path.join(os.environ['KL_SWEEP_TEST_MODULES'], str(os.getpid())), 'w') as f:\n"
+        "        f.write(f\"{os.getppid()}\\n{'torch' in sys.modules}\")\n"
+        "atexit.register(_report)\n"
+    )
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    sweep_dir = tmp_path / "sweep"
+    env = {"PYTHONPATH": str(hooks), "KL_SWEEP_TEST_MODULES": str(reports)}
+    proc = cli(
+        "-m", "experiment=smoke", "hydra/launcher=joblib", "hydra.sweeper.shards=2",
+        f"hydra.sweep.dir={sweep_dir}", "hydra.sweeper.latest_link=null", env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(table(sweep_dir)) == SMOKE
+    seen = [p.read_text().split("\n") for p in reports.iterdir()]
+    main = [torch for parent, torch in seen if int(parent) == os.getpid()]  # the workers' parent is main
+    assert main == ["False"], seen
+    assert "True" in [torch for _, torch in seen], seen  # and the workers did import it

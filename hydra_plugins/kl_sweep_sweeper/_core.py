@@ -48,8 +48,8 @@ from kl_sweep.collect import (
 from kl_sweep.config import ROW_KEYS, config_values, split_values
 from kl_sweep.io import read_metadata, writable_dir_problem, write_parquet, write_text
 from kl_sweep.lock import STALE_AFTER, LockedError, SweepLock
+from kl_sweep.rows import config_hashes, rows_frame
 from kl_sweep.sweep import product, write_shard
-from kl_sweep.table import config_hashes, rows_frame
 from kl_sweep.threads import thread_budget, threads_per_shard
 from kl_sweep.validate import ConfigError, validate
 from kl_sweep.version import COLUMN as VERSION_COLUMN
@@ -490,6 +490,8 @@ def _survey(sweep_dir: Path) -> dict[Path, pa.Table]:
 
 def _versions(sweep_dir: Path, found: dict[Path, pa.Table], policy: str) -> set[str]:
     """Apply ``on_version_change`` to rows of other numerics versions; the hashes that count as done."""
+    if not found:  # a fresh sweep: no versions to compare (and no torch to load for the current one)
+        return set()
     current = numerics_version()
     frames = {path: t.to_pandas() for path, t in found.items()}
     old = {
