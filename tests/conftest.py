@@ -1,3 +1,4 @@
+import contextlib
 import functools
 import math
 import os
@@ -91,3 +92,30 @@ def run_cli(
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with torch on ``n`` threads, then restore the count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def random_rows(n: int, seed: int):
+    """(two-component mixtures, theta = (mu, log sigma) [n, 2]) of the study's kind: separation
+    0-8, weight 0.5-0.95, unit components, mu in [-4, 4], log sigma in [-0.5, 0.5]."""
+    from kl_sweep.core.mixture import Mixture
+
+    gen = torch.Generator().manual_seed(seed)
+    mix = Mixture.two_component(
+        torch.rand(n, generator=gen) * 8,
+        0.5 + 0.45 * torch.rand(n, generator=gen),
+        torch.zeros(n),
+        torch.ones(n),
+    )
+    theta = torch.stack([torch.rand(n, generator=gen) * 8 - 4, torch.rand(n, generator=gen) - 0.5], -1)
+    return mix, theta

@@ -5,7 +5,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from conftest import MEMBERS
+from conftest import MEMBERS, random_rows, torch_threads
 
 from kl_sweep.core.divergences import DIVERGENCES, divergence_value
 from kl_sweep.core.estimators import Grid, MonteCarlo, Quadrature
@@ -122,19 +122,10 @@ def test_a_row_gets_the_same_derivative_bits_wherever_it_sits_in_a_batch(threads
     """As fits run (no graph), on 1 and 2 threads: with 2 threads each thread's share of a flattened
     [B, N] tensor ends inside some row, and an op whose vector loop and scalar tail round
     differently (torch.logaddexp, softplus, sigmoid) would change that row's bits."""
-    gen = torch.Generator().manual_seed(11)
     n = 400
-    mix = Mixture.two_component(
-        torch.rand(n, generator=gen) * 8,
-        0.5 + 0.45 * torch.rand(n, generator=gen),
-        torch.zeros(n),
-        torch.ones(n),
-    )
-    theta = torch.stack([torch.rand(n, generator=gen) * 8 - 4, torch.rand(n, generator=gen) - 0.5], -1)
+    mix, theta = random_rows(n, seed=11)
     sizes = range(290, 400, 3)  # batches of > 32768 elements: split between the threads
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for name, alpha in [("reverse", None), ("jensen_shannon", None), ("hellinger", None), ("alpha", 2.0)]:
             per_row = None if alpha is None else torch.full((n,), alpha)
             with torch.no_grad():
@@ -148,8 +139,6 @@ def test_a_row_gets_the_same_derivative_bits_wherever_it_sits_in_a_batch(threads
                         same = (x[keep] == y) | (x[keep].isnan() & y.isnan())
                         changed += int((~same).reshape(b, -1).any(-1).sum())
             assert changed == 0, (name, changed)
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -170,9 +159,7 @@ def test_log_densities_get_the_same_bits_wherever_an_element_sits(threads):
     z = torch.randn(n, nodes, generator=gen) * 3
     origin, scale = torch.randn(n, generator=gen), torch.rand(n, generator=gen) + 0.5
     log_q = -0.5 * z * z - 1.0
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         with torch.no_grad():
             pieces = {
                 "log_prob_standard": lambda k: mix[k].log_prob_standard(z[k], origin[k], scale[k]),
@@ -190,8 +177,6 @@ def test_log_densities_get_the_same_bits_wherever_an_element_sits(threads):
                     keep = torch.arange(n) >= n - b
                     changed += int((piece(keep) != full[keep]).any(-1).sum())
                 assert changed == 0, (name, changed)
-    finally:
-        torch.set_num_threads(previous)
 
 
 def test_a_row_fits_the_same_alone_or_in_a_batch():

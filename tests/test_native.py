@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import random_rows, torch_threads
 from scipy import integrate
 
 from kl_sweep.core import native
@@ -116,18 +117,9 @@ def test_kernel_matches_the_torch_path_and_autograd_hessians(monkeypatch):
 def test_a_row_gets_the_same_kernel_bits_alone_and_in_any_batch(threads):
     """Each row alone (one row: one thread), and in batches below and above the size from which the
     rows are shared among threads: bit for bit."""
-    gen = torch.Generator().manual_seed(8)
     n = 700
-    mix = Mixture.two_component(
-        torch.rand(n, generator=gen) * 8,
-        0.5 + 0.45 * torch.rand(n, generator=gen),
-        torch.zeros(n),
-        torch.ones(n),
-    )
-    theta = torch.stack([torch.rand(n, generator=gen) * 8 - 4, torch.rand(n, generator=gen) - 0.5], -1)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    mix, theta = random_rows(n, seed=8)
+    with torch_threads(threads):
         obj = Objective.build(REVERSE, Quadrature(), mix, theta)
         full = obj.derivatives(theta, hessian=True)
         sizes = [1, 7, native.MIN_PARALLEL_ROWS - 1, native.MIN_PARALLEL_ROWS, 333, 699]
@@ -140,8 +132,6 @@ def test_a_row_gets_the_same_kernel_bits_alone_and_in_any_batch(threads):
         for k, i in enumerate(range(0, n, 37)):
             for x, y in zip(full, alone[k]):
                 assert torch.equal(x[i : i + 1], y), i
-    finally:
-        torch.set_num_threads(previous)
 
 
 def test_without_a_compiler_fits_take_the_torch_path(monkeypatch, tmp_path, caplog):
@@ -240,26 +230,16 @@ def test_kl_pair_kernel_matches_the_torch_path_and_scipy(monkeypatch):
 def test_kl_pair_gives_a_row_the_same_bits_in_any_batch(threads):
     from kl_sweep.core.divergences import kl_pair_exact
 
-    gen = torch.Generator().manual_seed(9)
     n = 400
-    mix = Mixture.two_component(
-        torch.rand(n, generator=gen) * 8,
-        0.5 + 0.45 * torch.rand(n, generator=gen),
-        torch.zeros(n),
-        torch.ones(n),
-    )
-    mu, log_sigma = torch.rand(n, generator=gen) * 8 - 4, torch.rand(n, generator=gen) - 0.5
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    mix, theta = random_rows(n, seed=9)
+    mu, log_sigma = theta[:, 0], theta[:, 1]
+    with torch_threads(threads):
         full = kl_pair_exact(mix, mu, log_sigma)
         for b in (1, 13, native.MIN_PARALLEL_ROWS // 4, 257, 399):
             keep = torch.arange(n) >= n - b
             part = kl_pair_exact(mix[keep], mu[keep], log_sigma[keep])
             for x, y in zip(full, part):
                 assert torch.equal(x[keep], y), b
-    finally:
-        torch.set_num_threads(previous)
 
 
 def test_a_damaged_cached_library_is_moved_aside_and_built_again(monkeypatch, tmp_path):

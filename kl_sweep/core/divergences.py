@@ -468,8 +468,7 @@ def kl_pair_exact(
         m, mu_s, ls = mixture[idx], mu[idx], log_sigma[idx]
         if m.means.shape[-1] == 2 and native.available():  # the same, fused (core.native)
             rule = native.quadrature_rule(SCALE_OFFSETS, SWITCH_OFFSETS, SUPPORT_SDS, nodes_per_panel)
-            theta = torch.stack([mu_s, ls], -1)
-            pair = native.kl_pair(theta, m.means, m.variances, m.log_weights, *m.crossings(), rule)
+            pair = native.kl_pair(torch.stack([mu_s, ls], -1), m, rule)
             for o, value in zip(out, pair):
                 o[idx] = value
         else:

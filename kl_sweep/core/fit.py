@@ -238,11 +238,10 @@ class Objective:
     def _native_derivatives(self, theta: Tensor, hessian: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         """:meth:`_closed_form_derivatives` for the reverse KL on the Quadrature rule, in one fused
         pass per row (the same rule and formulas; they agree to about 1e-14)."""
-        mix, order = self.mixture, self.estimator.nodes_per_panel
-        rule = native.quadrature_rule(SCALE_OFFSETS, SWITCH_OFFSETS, SUPPORT_SDS, order)
-        switch, width = mix.crossings()
-        p = (mix.means, mix.variances, mix.log_weights)
-        return native.reverse_kl(theta, *p, switch, width, rule, hessian)
+        rule = native.quadrature_rule(
+            SCALE_OFFSETS, SWITCH_OFFSETS, SUPPORT_SDS, self.estimator.nodes_per_panel
+        )
+        return native.reverse_kl(theta, self.mixture, rule, hessian)
 
     def _closed_form_derivatives(self, theta: Tensor, hessian: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         r"""Derivatives of :math:`L = \sum_i r_i\, q(x_i)\, \phi(\log p_i, \log q_i)` on fixed nodes.

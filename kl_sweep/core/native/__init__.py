@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from kl_sweep.core.mixture import Mixture
 from kl_sweep.core.native.toolchain import load
 
 log = logging.getLogger(__name__)
@@ -102,50 +103,34 @@ def _float64(tensors: tuple[Tensor, ...]) -> list[Tensor]:
     ]
 
 
-def reverse_kl(
-    theta: Tensor,
-    means: Tensor,
-    variances: Tensor,
-    log_weights: Tensor,
-    switch_points: Tensor,
-    widths: Tensor,
-    rule: Rule,
-    hessian: bool,
-) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Reverse KL [B], gradient [B, 2] and Hessian [B, 2, 2] (or None) in theta = (mu, log sigma) [B, 2].
+def _run(kernel: str, min_rows: int, theta: Tensor, mixture: Mixture, rule: Rule, *tail) -> None:
+    """Call ``kernel`` of ``kl.c`` on the rows of ``theta`` [B, 2] and of the two-component
+    ``mixture`` (with its switch points, :meth:`Mixture.crossings`), with ``rule``."""
+    switch_points, widths = mixture.crossings()
+    arrays = _float64((theta, mixture.means, mixture.variances, mixture.log_weights, switch_points, widths))
+    getattr(_library(), kernel)(
+        theta.shape[0], min_rows, switch_points.shape[-1], *(x.data_ptr() for x in arrays), *rule.args, *tail
+    )  # the arrays stay alive until the call returns
 
-    P has two components (``means``, ``variances``, ``log_weights`` [B, 2]) with switch points
-    and widths [B, S] (:meth:`Mixture.crossings`); ``rule`` is the Quadrature estimator's for Q's
-    cover (:func:`quadrature_rule`).
-    """
+
+def reverse_kl(
+    theta: Tensor, mixture: Mixture, rule: Rule, hessian: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Reverse KL [B], gradient [B, 2] and Hessian [B, 2, 2] (or None) in theta = (mu, log sigma) [B, 2],
+    for a two-component P; ``rule`` is the Quadrature estimator's for Q's cover (:func:`quadrature_rule`)."""
     B = theta.shape[0]
-    arrays = _float64((theta, means, variances, log_weights, switch_points, widths))
     loss = torch.empty(B, dtype=torch.float64)
     grad = torch.empty(B, 2, dtype=torch.float64)
     hess = torch.empty(B, 2, 2, dtype=torch.float64) if hessian else None
-    _library().reverse_kl(
-        B, MIN_PARALLEL_ROWS, switch_points.shape[-1], *(x.data_ptr() for x in arrays), *rule.args,
-        int(hessian), loss.data_ptr(), grad.data_ptr(), 0 if hess is None else hess.data_ptr(),
-    )  # fmt: skip
+    outputs = (loss.data_ptr(), grad.data_ptr(), 0 if hess is None else hess.data_ptr())
+    _run("reverse_kl", MIN_PARALLEL_ROWS, theta, mixture, rule, int(hessian), *outputs)
     return loss, grad, hess
 
 
-def kl_pair(
-    theta: Tensor,
-    means: Tensor,
-    variances: Tensor,
-    log_weights: Tensor,
-    switch_points: Tensor,
-    widths: Tensor,
-    rule: Rule,
-) -> tuple[Tensor, Tensor]:
+def kl_pair(theta: Tensor, mixture: Mixture, rule: Rule) -> tuple[Tensor, Tensor]:
     """(KL(P||Q), KL(Q||P)) [B] at theta = (mu, log sigma) [B, 2], on one set of nodes a row: the
     Quadrature rule over both P's and Q's mass, as offsets from Q's mean (see ``kl.c``)."""
     B = theta.shape[0]
-    arrays = _float64((theta, means, variances, log_weights, switch_points, widths))
     forward, reverse = torch.empty(B, dtype=torch.float64), torch.empty(B, dtype=torch.float64)
-    _library().kl_pair(
-        B, MIN_PARALLEL_ROWS // 4, switch_points.shape[-1], *(x.data_ptr() for x in arrays), *rule.args,
-        forward.data_ptr(), reverse.data_ptr(),
-    )  # fmt: skip
+    _run("kl_pair", MIN_PARALLEL_ROWS // 4, theta, mixture, rule, forward.data_ptr(), reverse.data_ptr())
     return forward, reverse

@@ -48,6 +48,44 @@ static void sort_edges(double *e, int n)
     }
 }
 
+/* Appends the edges around each distinct switch point of a row (off[] widths around it, as
+ * offsets from Q's mean m) to edges[0..ne); returns the new count. */
+static int add_switch_edges(double *edges, int ne, int S, const double *sw, const double *wd, double m,
+                            int n_off, const double *off)
+{
+    for (int j = 0; j < S; ++j) {
+        int seen = 0;
+        for (int k = 0; k < j; ++k) seen |= sw[k] == sw[j];
+        if (seen) continue;
+        const double c = sw[j] - m, width = fmin(wd[j], 1e300);
+        for (int i = 0; i < n_off; ++i) edges[ne++] = c + width * off[i];
+    }
+    return ne;
+}
+
+/* Gauss-Legendre nodes on the panels between consecutive sorted edges, with weights times
+ * `scale`; returns the number of nodes. */
+static int panels(const double *edges, int ne, int order, const double *t, const double *gw, double scale,
+                  double *nodes, double *rule)
+{
+    int n = 0;
+    for (int p = 0; p + 1 < ne; ++p) {
+        const double left = edges[p], half = 0.5 * (edges[p + 1] - edges[p]);
+        for (int i = 0; i < order; ++i, ++n) {
+            nodes[n] = left + half * (t[i] + 1.0);
+            rule[n] = half * scale * gw[i];
+        }
+    }
+    return n;
+}
+
+/* log w N(x; mean, var) = c - e^2 with e = shift + k u at x = m + u: c and k (shift = (m - mean) k). */
+static void component(double log_weight, double var, double *c, double *k)
+{
+    *c = log_weight - 0.5 * (LOG_2PI + log(var));
+    *k = 1.0 / sqrt(2.0 * var);
+}
+
 void reverse_kl(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *theta,
                 const double *means, const double *variances, const double *log_weights,
                 const double *switch_points, const double *widths,
@@ -68,14 +106,7 @@ void reverse_kl(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *theta,
         const double lo = -support * sigma, hi = support * sigma;
         int ne = 0;
         for (int i = 0; i < n_scale; ++i) edges[ne++] = sigma * scale[i];
-        for (int j = 0; j < S; ++j) {
-            const double sw = switch_points[r * S + j];
-            int seen = 0;
-            for (int k = 0; k < j; ++k) seen |= switch_points[r * S + k] == sw;
-            if (seen) continue;
-            const double c = sw - m, width = fmin(widths[r * S + j], 1e300);
-            for (int i = 0; i < n_off; ++i) edges[ne++] = c + width * off[i];
-        }
+        ne = add_switch_edges(edges, ne, S, switch_points + r * S, widths + r * S, m, n_off, off);
         for (int i = 0; i < ne; ++i) {
             double v = edges[i];
             v = v < lo ? lo : v;
@@ -83,18 +114,12 @@ void reverse_kl(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *theta,
             edges[i] = v / sigma;
         }
         sort_edges(edges, ne);
-        int n = 0;
-        for (int p = 0; p + 1 < ne; ++p) {
-            const double left = edges[p], half = 0.5 * (edges[p + 1] - edges[p]);
-            for (int i = 0; i < order; ++i, ++n) {
-                z[n] = left + half * (t[i] + 1.0);
-                rule[n] = half * sigma * gw[i];
-            }
-        }
+        const int n = panels(edges, ne, order, t, gw, sigma, z, rule);
         /* log w_k N(x; m_k, v_k) = c_k - e_k^2 with e_k = shift_k + slope_k z. */
         const double *mk = means + 2 * r, *vk = variances + 2 * r, *lw = log_weights + 2 * r;
-        const double c0 = lw[0] - 0.5 * (LOG_2PI + log(vk[0])), k0 = 1.0 / sqrt(2.0 * vk[0]);
-        const double c1 = lw[1] - 0.5 * (LOG_2PI + log(vk[1])), k1 = 1.0 / sqrt(2.0 * vk[1]);
+        double c0, k0, c1, k1;
+        component(lw[0], vk[0], &c0, &k0);
+        component(lw[1], vk[1], &c1, &k1);
         const double shift0 = (m - mk[0]) * k0, slope0 = sigma * k0;
         const double shift1 = (m - mk[1]) * k1, slope1 = sigma * k1;
         const double cq = -0.5 * LOG_2PI - s;
@@ -165,26 +190,13 @@ void kl_pair(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *theta,
         for (int i = 0; i < n_scale; ++i) edges[ne++] = sigma * scale[i];
         for (int i = 0; i < n_scale; ++i) edges[ne++] = d0 + sd0 * scale[i];
         for (int i = 0; i < n_scale; ++i) edges[ne++] = d1 + sd1 * scale[i];
-        for (int j = 0; j < S; ++j) {
-            const double sw = switch_points[r * S + j];
-            int seen = 0;
-            for (int k = 0; k < j; ++k) seen |= switch_points[r * S + k] == sw;
-            if (seen) continue;
-            const double c = sw - m, width = fmin(widths[r * S + j], 1e300);
-            for (int i = 0; i < n_off; ++i) edges[ne++] = c + width * off[i];
-        }
+        ne = add_switch_edges(edges, ne, S, switch_points + r * S, widths + r * S, m, n_off, off);
         for (int i = 0; i < ne; ++i) edges[i] = fmin(fmax(edges[i], lo), hi);
         sort_edges(edges, ne);
-        int n = 0;
-        for (int p = 0; p + 1 < ne; ++p) {
-            const double left = edges[p], half = 0.5 * (edges[p + 1] - edges[p]);
-            for (int i = 0; i < order; ++i, ++n) {
-                u[n] = left + half * (t[i] + 1.0);
-                rule[n] = half * gw[i];
-            }
-        }
-        const double c0 = lw[0] - 0.5 * (LOG_2PI + log(vk[0])), k0 = 1.0 / sqrt(2.0 * vk[0]);
-        const double c1 = lw[1] - 0.5 * (LOG_2PI + log(vk[1])), k1 = 1.0 / sqrt(2.0 * vk[1]);
+        const int n = panels(edges, ne, order, t, gw, 1.0, u, rule);
+        double c0, k0, c1, k1;
+        component(lw[0], vk[0], &c0, &k0);
+        component(lw[1], vk[1], &c1, &k1);
         const double shift0 = (m - mk[0]) * k0, shift1 = (m - mk[1]) * k1;
         double f_sum = 0, r_sum = 0;
 #pragma omp simd reduction(+ : f_sum, r_sum)
