@@ -421,6 +421,9 @@ class _Rows:
     def keep_if(self, mask: Tensor, loss: Tensor, gnorm: Tensor) -> None:
         """Make the current point what these rows report, where ``mask`` holds."""
         k = self.kept
+        if mask.all():  # the common case, in fewer operations (none of these is changed in place)
+            k["theta"], k["loss"], k["grad"], k["steps"] = self.theta, loss, gnorm, self.steps
+            return
         k["theta"] = torch.where(mask.unsqueeze(-1), self.theta, k["theta"])
         k["loss"] = torch.where(mask, loss, k["loss"])
         k["grad"] = torch.where(mask, gnorm, k["grad"])
@@ -625,12 +628,11 @@ def _first_order_step(
             to_newton = group.subset(handover)
             to_newton.best = torch.full_like(to_newton.best, float("inf"))
             leaving = leaving | handover
-    out.finish(
-        group, _codes((converged, Status.CONVERGED), (~finite, Status.DIVERGED), (budget, Status.MAX_STEPS))
-    )
     if leaving.any():
-        group, grad = group.subset(~leaving), grad[~leaving]
-    grad = _damped(group, grad, loss[~leaving] if leaving.any() else loss)
+        codes = _codes((converged, Status.CONVERGED), (~finite, Status.DIVERGED), (budget, Status.MAX_STEPS))
+        out.finish(group, codes)
+        group, grad, loss = group.subset(~leaving), grad[~leaving], loss[~leaving]
+    grad = _damped(group, grad, loss)
     group.theta = _keep_finite(group, settings.optimizer.step(group.theta, grad, group.lr, group.state))
     group.steps = group.steps + 1
     return group, to_newton
@@ -658,10 +660,10 @@ def _newton_step(group: _Rows, settings: Settings, out: _Outputs) -> tuple[_Rows
     converged = group.best <= group.tol
     done = converged & ~better
     budget = ~done & (group.steps >= group.max_steps)
-    out.finish(
-        group,
-        _codes((done | (budget & converged), Status.CONVERGED), (budget & ~converged, Status.MAX_STEPS)),
-    )
+    ending = done | budget
+    if ending.any():
+        finished = done | (budget & converged)
+        out.finish(group, _codes((finished, Status.CONVERGED), (budget & ~converged, Status.MAX_STEPS)))
     retreat = ~done & ~budget & (~finite | ~pd)
     # Along an edge the loss can be far from quadratic: a step that made the gradient worse is
     # taken back and the next one halved (backtracking), so the polish cannot cycle there.
@@ -674,7 +676,7 @@ def _newton_step(group: _Rows, settings: Settings, out: _Outputs) -> tuple[_Rows
     if retreat.any():
         to_first = group.subset(retreat)
         to_first.theta = to_first.kept["theta"].clone()
-    keep = ~(done | budget | retreat)
+    keep = ~(ending | retreat)
     if not keep.all():
         group, step, worse = group.subset(keep), step[keep], worse[keep]
     # Cap the step at one e-fold of sigma, or that many sigmas of mu.
