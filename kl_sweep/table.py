@@ -106,7 +106,8 @@ def run_chunks(
     """The result table of each chunk, in order, fitted as one stream (:func:`fit_stream`).
 
     A chunk's slow rows share their steps with the next chunk's rows, and at most about
-    1.5 ``capacity`` rows are at work at once (None: all chunks at once). Each table's
+    1.5 ``capacity`` rows are at work at once (None: all chunks at once); where the fit is fused
+    (:func:`kl_sweep.core.fit.fused`), each chunk is fitted whole in the native kernel instead. Each table's
     ``fit_seconds`` shares out the time since the previous table was ready.
     """
     ready: deque[tuple[pd.DataFrame, Problem]] = deque()

@@ -191,7 +191,8 @@ def test_a_row_fits_the_same_alone_or_in_a_batch():
 @pytest.mark.parametrize("name", ["forward", "reverse"])
 def test_a_stream_fits_each_block_as_a_fit_of_its_own(name):
     """Blocks of a stream join while others are still at work, and still give every row the steps it
-    takes alone (they join only when the handover check falls): the same bits, block by block."""
+    takes alone (they join only when the handover check falls): the same bits, block by block.
+    The stepwise path (``fused=False``): the fused kernel fits each block whole, with no stream."""
     gen = torch.Generator().manual_seed(7)
     n = 240
     rows = list(
@@ -203,7 +204,7 @@ def test_a_stream_fits_each_block_as_a_fit_of_its_own(name):
             (0.2 + 3 * torch.rand(n, generator=gen)).tolist(),
         )
     )
-    settings = Settings(DIVERGENCES[name], Quadrature(), Adam())
+    settings = Settings(DIVERGENCES[name], Quadrature(), Adam(), fused=False)
     cuts = [0, 37, 120, 121, 200, n]
     blocks = [problem(rows[a:b]) for a, b in zip(cuts, cuts[1:])]
     alone = [fit(b, settings) for b in blocks]

@@ -4,6 +4,7 @@ same bits wherever a row sits and however many threads run, and the fall-back wh
 import logging
 import math
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,11 +14,11 @@ from scipy import integrate
 
 from kl_sweep.core import native
 from kl_sweep.core.divergences import DIVERGENCES
-from kl_sweep.core.estimators import Quadrature
-from kl_sweep.core.fit import Objective, Problem, Settings, Status, fit
+from kl_sweep.core.estimators import Grid, Quadrature
+from kl_sweep.core.fit import Objective, Problem, Settings, Status, fit, fused
 from kl_sweep.core.mixture import Mixture
 from kl_sweep.core.native import toolchain
-from kl_sweep.core.optim import Adam
+from kl_sweep.core.optim import SGD, Adam
 
 REVERSE = DIVERGENCES["reverse"]
 
@@ -192,6 +193,146 @@ def test_a_fit_with_the_kernel_finds_the_same_minima_as_the_torch_path(monkeypat
     assert (fused.status == Status.CONVERGED).all() and (reference.status == Status.CONVERGED).all()
     np.testing.assert_allclose(fused.mu.numpy(), reference.mu.numpy(), atol=1e-9)
     np.testing.assert_allclose(fused.sigma2.numpy(), reference.sigma2.numpy(), rtol=1e-9)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_forward_moments_match_scipy_and_the_closed_forms(case):
+    """The forward KL's moment form (c, m0, m1, m2 about P's mean): m0 = 1, m1 = 0 and m2 = Var P
+    in closed form, c = the integral of p log p by scipy."""
+    means, variances, weights, _, _ = case
+    obj = Objective.build(DIVERGENCES["forward"], Quadrature(), mixture([means], [variances], [weights]), torch.zeros(1, 2))
+    c, m0, m1, m2, ref = (x.item() for x in obj.moments)
+    var = sum(w * (v + m * m) for m, v, w in zip(means, variances, weights)) - sum(w * m for m, w in zip(means, weights)) ** 2
+    assert ref == pytest.approx(sum(w * m for m, w in zip(means, weights)), abs=1e-15)
+    assert m0 == pytest.approx(1.0, abs=1e-13) and m1 == pytest.approx(0.0, abs=1e-12)
+    assert m2 == pytest.approx(var, rel=1e-12)
+
+    def p(x):
+        return sum(w * math.exp(-((x - m) ** 2) / (2 * v)) / math.sqrt(2 * math.pi * v) for m, v, w in zip(means, variances, weights))
+
+    edges = sorted({*(m + k * math.sqrt(v) for m, v in zip(means, variances) for k in (-14, -3, 0, 3, 14))})
+    entropy = sum(
+        integrate.quad(lambda x: p(x) * math.log(p(x)) if p(x) > 0 else 0.0, a, b, epsabs=1e-14, epsrel=1e-12, limit=400)[0]
+        for a, b in zip(edges[:-1], edges[1:])
+    )
+    assert c == pytest.approx(entropy, rel=1e-10, abs=1e-12)
+
+
+def test_forward_moments_match_the_torch_path(monkeypatch):
+    mix, theta = random_rows(600, seed=12)
+    unequal = Mixture(mix.means, mix.variances * torch.tensor([1.0, 2.5]), mix.log_weights)
+    for m in (mix, unequal):
+        got = Objective.build(DIVERGENCES["forward"], Quadrature(), m, theta)
+        monkeypatch.setenv("KL_SWEEP_NATIVE", "0")
+        want = Objective.build(DIVERGENCES["forward"], Quadrature(), m, theta)
+        monkeypatch.delenv("KL_SWEEP_NATIVE")
+        for x, y in zip(got.moments, want.moments):
+            np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=1e-13, atol=1e-14)
+        assert torch.equal(got.trusted, want.trusted)
+
+
+def fit_rows(n: int, seed: int, max_steps: int = 5000) -> Problem:
+    """Study-like rows (random_rows) with starts of every width, plus rows that end at once: one
+    diverged at its start (sigma^2 = 1e-100, past the bounds of fit.MAX_ABS_LOG_SIGMA) and one with
+    no budget (max_steps 0)."""
+    mix, theta = random_rows(n, seed)
+    sigma2 = torch.exp(4 * theta[:, 1])  # 0.14 to 7.4
+    sigma2[0] = 1e-100
+    steps = torch.full((n,), max_steps)
+    steps[1] = 0
+    ones = torch.ones(n)
+    return Problem(mix, theta[:, 0], sigma2, 0.05 * ones, steps, 1e-8 * ones)
+
+
+@pytest.mark.parametrize("name", ["reverse", "forward"])
+@pytest.mark.parametrize("polish", [True, False])
+def test_fused_fits_take_the_stepwise_paths_steps(name, polish):
+    """Whole fits in the kernel against the stepwise state machine on the same derivatives (the
+    kernel's for the reverse KL, the moment form's for the forward KL; Settings.fused=False): the
+    same outcome for every row, the same point to rounding.
+    Only Adam's and Newton's own arithmetic differs (other exp, fused multiply-adds), so a converged
+    row can take a few steps more or fewer; a row out of budget stops at the same step."""
+    n = 400
+    for max_steps in (5000, 40):
+        prob = fit_rows(n, seed=21, max_steps=max_steps)
+        settings = Settings(DIVERGENCES[name], Quadrature(), Adam(), polish=polish)
+        assert fused(settings) and not fused(replace(settings, fused=False))
+        whole = fit(prob, settings)
+        stepwise = fit(prob, replace(settings, fused=False))
+        assert torch.equal(whole.status, stepwise.status)
+        codes = whole.status.bincount(minlength=4).tolist()
+        assert whole.status[0] == Status.DIVERGED and whole.status[1] == Status.MAX_STEPS
+        assert whole.steps[0] == whole.steps[1] == 0 and whole.mu[0] == prob.init_mu[0]
+        assert math.isnan(whole.loss[0]) and whole.loss[1].item() == pytest.approx(stepwise.loss[1].item(), rel=1e-13)
+        if max_steps == 40:
+            assert codes[Status.MAX_STEPS] > n // 2, codes
+            out = whole.status == Status.MAX_STEPS
+            assert torch.equal(whole.steps[out], stepwise.steps[out])
+        else:
+            assert codes[Status.CONVERGED] >= n - 5, codes  # a start on a saddle can use up its budget
+            assert (whole.steps - stepwise.steps).abs().max() <= 20
+        for field in ("mu", "sigma2", "loss", "grad_norm"):
+            x, y = getattr(whole, field)[2:], getattr(stepwise, field)[2:]
+            np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=1e-9, atol=1e-9 if field != "grad_norm" else 1e-8)
+        converged = whole.status == Status.CONVERGED
+        assert (whole.grad_norm[converged] <= 1e-8).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_row_gets_the_same_fused_fit_alone_and_in_any_batch(threads):
+    """A row's whole fit, bit for bit: alone, in batches below and above the size from which rows
+    are shared among threads, and on 1 or 2 threads."""
+    n = 120
+    prob = fit_rows(n, seed=5)
+    settings = Settings(REVERSE, Quadrature(), Adam())
+    with torch_threads(2):
+        full = fit(prob, settings)
+    with torch_threads(threads):
+        for b in [1, native.MIN_PARALLEL_FITS - 1, native.MIN_PARALLEL_FITS, 57, n - 1]:
+            keep = torch.arange(n) >= n - b
+            part = fit(subset(prob, keep), settings)
+            for field in ("mu", "sigma2", "loss", "grad_norm", "steps", "status"):
+                x, y = getattr(full, field)[keep], getattr(part, field)
+                assert torch.equal(x, y) or torch.equal(x.isnan(), y.isnan()) and x.isnan().all(), (b, field)
+
+
+def test_fits_are_fused_only_where_the_kernel_applies():
+    settings = Settings(REVERSE, Quadrature(), Adam())
+    assert fused(settings)
+    assert not fused(replace(settings, optimizer=SGD()))
+    assert not fused(replace(settings, estimator=Grid()))
+    forward = replace(settings, divergence=DIVERGENCES["forward"])
+    assert fused(forward) and fused(replace(forward, estimator=Grid()))
+    assert not fused(replace(forward, optimizer=SGD()))
+    assert not fused(replace(settings, divergence=DIVERGENCES["hellinger"]))
+    # A three-component P: the kernel does two; the problem takes the stepwise path, and the fit
+    # still lands on the heaviest mode.
+    t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+    mix = Mixture(t([[-6.0, 0.0, 6.0]]), t([[1.0, 1.0, 1.0]]), torch.log(t([[0.2, 0.2, 0.6]])))
+    prob = Problem(mix, t([5.0]), t([1.0]), t([0.05]), torch.tensor([5000]), t([1e-8]))
+    res = fit(prob, settings)
+    assert res.status.item() == Status.CONVERGED
+    assert res.mu.item() == pytest.approx(6.0, abs=0.05)
+
+
+def test_fused_forward_fits_mark_rows_whose_grid_cannot_see_p():
+    """A grid of 3 points under P: its moments are meaningless (weights far from summing to 1), so
+    the row ends as diverged at its start, with the loss there; as on the stepwise path."""
+    prob = fit_rows(6, seed=2)
+    settings = Settings(DIVERGENCES["forward"], Grid(3), Adam())
+    whole, stepwise = fit(prob, settings), fit(prob, replace(settings, fused=False))
+    assert (whole.status == Status.DIVERGED).all() and (whole.steps == 0).all()
+    assert torch.equal(whole.mu, prob.init_mu) and torch.isfinite(whole.loss[1:]).all()
+    assert torch.equal(whole.status, stepwise.status)
+    np.testing.assert_allclose(whole.loss[1:].numpy(), stepwise.loss[1:].numpy(), rtol=1e-13)
+    good = fit(prob, replace(settings, estimator=Grid(4001)))
+    assert (good.status[2:] == Status.CONVERGED).all()
+
+
+def subset(prob: Problem, keep: torch.Tensor) -> Problem:
+    return Problem(
+        prob.mixture[keep], prob.init_mu[keep], prob.init_sigma2[keep], prob.lr[keep], prob.max_steps[keep], prob.tol[keep]
+    )
 
 
 def test_kl_pair_kernel_matches_the_torch_path_and_scipy(monkeypatch):

@@ -147,8 +147,8 @@ class Divergence:
     transform: Callable[[Tensor, Tensor], tuple[Tensor, Tensor, Tensor]] | None = None
     #: The key of this member's parameter (``alpha``: set as ``divergence.alpha``), or None.
     parameter: str | None = None
-    #: The fused kernel in :mod:`kl_sweep.core.native` that computes this divergence's fit
-    #: derivatives on the Quadrature rule, or None.
+    #: The kernel in :mod:`kl_sweep.core.native` that computes what this divergence's fit needs on
+    #: the Quadrature rule (the reverse KL's derivatives, the forward KL's moments), or None.
     native: str | None = None
 
     @property
@@ -220,7 +220,9 @@ def _alpha_member(name: str, alpha_of, scale: float = 1.0, **options) -> Diverge
 
 
 DIVERGENCES: dict[str, Divergence] = {
-    "forward": Divergence("forward", "p", kl_forward, affine_in_log_q=True, exact_term=kl_density_term),
+    "forward": Divergence(
+        "forward", "p", kl_forward, affine_in_log_q=True, exact_term=kl_density_term, native="forward_moments"
+    ),
     "reverse": Divergence(
         "reverse",
         "q",

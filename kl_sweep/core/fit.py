@@ -32,7 +32,7 @@ from kl_sweep.core.estimators import (
     Quadrature,
 )
 from kl_sweep.core.mixture import LOG_2PI, Mixture, gaussian_sigma2, normal_log_prob
-from kl_sweep.core.optim import FirstOrder, newton
+from kl_sweep.core.optim import Adam, FirstOrder, newton
 
 
 class Status(IntEnum):
@@ -73,6 +73,9 @@ class Settings:
     handover: float = 0.1
     #: How often (in steps) the first-order phase looks for rows ready for the polish.
     check_every: int = 5
+    #: Run whole fits in the native kernel where it applies (:func:`fused`); False: step by step
+    #: here (the same rules, to rounding).
+    fused: bool = True
 
 
 @dataclass
@@ -124,6 +127,15 @@ class Objective:
     ) -> Objective:
         if not (divergence.measure == "p" and estimator.static_p):
             return cls(divergence, estimator, mixture, alpha=alpha)
+        if (
+            divergence.native == "forward_moments"
+            and type(estimator) is Quadrature
+            and mixture.means.shape[-1] == 2
+            and native.available()
+        ):  # the same, in one pass a row (core.native)
+            rule = native.quadrature_rule(SCALE_OFFSETS, SWITCH_OFFSETS, SUPPORT_SDS, 2 * estimator.nodes_per_panel)
+            moments = native.forward_moments(mixture, rule)
+            return cls(divergence, estimator, mixture, moments=moments, trusted=(moments[1] - 1.0).abs() <= 1e-6)
         with torch.no_grad():
             x, w = estimator.nodes("p", mixture, theta[:, 0], theta[:, 1])
             log_p = mixture.log_prob(x)
@@ -502,11 +514,77 @@ def fit(problem: Problem, settings: Settings) -> Result:
     return next(fit_stream([problem], settings))
 
 
-@torch.no_grad()  # every derivative is in closed form, or taken by autograd explicitly
 def fit_stream(
     problems: Iterable[Problem], settings: Settings, capacity: int | None = None
 ) -> Iterator[Result]:
     """Fit a stream of problems, yielding each one's :class:`Result` in order as it completes.
+
+    Where :func:`fused` holds, each problem is fitted whole in the native kernel; otherwise by
+    :func:`_stepwise`, which ``capacity`` is for.
+    """
+    if not fused(settings):
+        yield from _stepwise(problems, settings, capacity)
+        return
+    for problem in problems:
+        if settings.divergence.native == "reverse_kl" and problem.mixture.means.shape[-1] != 2:
+            yield from _stepwise([problem], settings, capacity)
+        else:
+            yield _fused_fit(problem, settings)
+
+
+def fused(settings: Settings) -> bool:
+    """True when whole fits run in the native kernel (:func:`kl_sweep.core.native.reverse_fit`,
+    :func:`~kl_sweep.core.native.moment_fit`), with Adam: the reverse KL on the Quadrature rule (for
+    two-component mixtures), and a divergence in moment form (the forward KL, any estimator whose
+    nodes do not move with Q).
+
+    The kernel takes the same steps as :func:`_stepwise` by the same rules, on the same
+    derivatives (the reverse KL's from one function in ``kl.c``; the moment form's from the same
+    formulas). Its Adam and Newton updates are written in C, so a row's bits can differ from the
+    stepwise path's by rounding (another ``expm1``, fused multiply-adds): a few steps more or fewer
+    near the tolerance, the same minimum.
+    """
+    div, est = settings.divergence, settings.estimator
+    return (
+        settings.fused
+        and type(settings.optimizer) is Adam
+        and (
+            (div.native == "reverse_kl" and type(est) is Quadrature)
+            or (div.measure == "p" and est.static_p and div.affine_in_log_q)
+        )
+        and native.available()
+    )
+
+
+@torch.no_grad()
+def _fused_fit(problem: Problem, settings: Settings) -> Result:
+    theta0 = torch.stack([problem.init_mu, 0.5 * torch.log(problem.init_sigma2)], -1)
+    opt = settings.optimizer
+    options = native.FitOptions(
+        problem.lr,
+        problem.max_steps,
+        problem.tol,
+        (opt.beta1, opt.beta2, opt.eps),
+        settings.polish,
+        settings.handover,
+        settings.check_every,
+    )
+    if settings.divergence.native == "reverse_kl":
+        order = settings.estimator.nodes_per_panel
+        rule = native.quadrature_rule(SCALE_OFFSETS, SWITCH_OFFSETS, SUPPORT_SDS, order)
+        out = native.reverse_fit(theta0, problem.mixture, rule, options)
+    else:
+        objective = Objective.build(settings.divergence, settings.estimator, problem.mixture, theta0)
+        out = native.moment_fit(theta0, objective.moments, replace(options, trusted=objective.trusted))
+    mu, log_sigma = out.theta[:, 0], out.theta[:, 1]
+    return Result(mu, gaussian_sigma2(log_sigma), out.loss, out.grad_norm, out.steps, out.status)
+
+
+@torch.no_grad()  # every derivative is in closed form, or taken by autograd explicitly
+def _stepwise(
+    problems: Iterable[Problem], settings: Settings, capacity: int | None = None
+) -> Iterator[Result]:
+    """Fit a stream of problems step by step, all rows at work in one batch.
 
     With ``capacity`` None every problem starts at once. Otherwise the next problem joins the work
     whenever at most ``capacity // 2`` rows are still at work: the few slow rows of one problem (a

@@ -7,10 +7,15 @@ check both against scipy):
 
 - :func:`reverse_kl`: the reverse KL's fit derivatives, used by
   :meth:`kl_sweep.core.fit.Objective.derivatives` for the Quadrature estimator;
+- :func:`reverse_fit` and :func:`moment_fit`: whole fits, of the reverse KL and of a divergence in
+  moment form (the forward KL), with Adam and the Newton polish, each row from start to finish in
+  the kernel, used by :func:`kl_sweep.core.fit.fit_stream`: the same steps as its torch state
+  machine, without its hundred small torch operations an iteration;
 - :func:`kl_pair`: both KLs of a result row, used by
   :func:`kl_sweep.core.divergences.kl_pair_exact`.
 
-Both need a two-component P and :func:`available`; otherwise the torch path runs.
+All need :func:`available`, and all but :func:`moment_fit` a two-component P; otherwise the torch
+path runs.
 
 A row's bits depend on its own inputs only, whichever batch it is in and however many threads
 run: the rows are shared among torch's own OpenMP threads (``torch.get_num_threads()``), each
@@ -39,6 +44,10 @@ log = logging.getLogger(__name__)
 
 #: Rows below which one thread does a call alone (waking the team costs more than it saves).
 MIN_PARALLEL_ROWS = 256
+#: The same for whole fits (a row takes from one to thousands of steps of about 0.5 us).
+MIN_PARALLEL_FITS = 8
+#: ... and for whole fits in moment form (steps of some 20 ns).
+MIN_PARALLEL_MOMENT_FITS = 256
 
 
 def enabled() -> bool:
@@ -57,6 +66,13 @@ def _library() -> ctypes.CDLL | None:
     lib.reverse_kl.restype = None
     lib.kl_pair.argtypes = [n, n, i, p, p, p, p, p, p, i, p, i, p, d, i, p, p, p, p]
     lib.kl_pair.restype = None
+    fit_tail = [p, p, p, p, d, d, d, i, d, i, p, p, p, p, p]
+    lib.reverse_fit.argtypes = [n, n, i, p, p, p, p, p, p, i, p, i, p, d, i, p, p, *fit_tail]
+    lib.reverse_fit.restype = None
+    lib.moment_fit.argtypes = [n, n, p, p, p, p, p, p, *fit_tail]
+    lib.moment_fit.restype = None
+    lib.forward_moments.argtypes = [n, n, i, p, p, p, p, p, i, p, i, p, d, i, p, p, p, p, p, p, p]
+    lib.forward_moments.restype = None
     return lib
 
 
@@ -125,6 +141,83 @@ def reverse_kl(
     outputs = (loss.data_ptr(), grad.data_ptr(), 0 if hess is None else hess.data_ptr())
     _run("reverse_kl", MIN_PARALLEL_ROWS, theta, mixture, rule, int(hessian), *outputs)
     return loss, grad, hess
+
+
+@dataclass(frozen=True)
+class Fits:
+    """What each row of a whole fit reports: its kept point and how it ended."""
+
+    theta: Tensor
+    loss: Tensor
+    grad_norm: Tensor
+    steps: Tensor
+    #: A :class:`kl_sweep.core.fit.Status` number per row.
+    status: Tensor
+
+
+@dataclass(frozen=True)
+class FitOptions:
+    """A whole fit's optimiser, per row and shared (kl_sweep.core.fit.Problem and Settings)."""
+
+    lr: Tensor
+    max_steps: Tensor
+    tol: Tensor
+    #: Adam's (beta1, beta2, eps).
+    adam: tuple[float, float, float]
+    polish: bool
+    handover: float
+    check_every: int
+    #: Rows whose nodes see all of P (None: all); the others end as diverged at once.
+    trusted: Tensor | None = None
+
+
+def _fit_args(B: int, options: FitOptions) -> tuple[tuple, Fits, list[Tensor]]:
+    """(the fit's arguments of ``kl.c``, its outputs, the tensors those arguments point into)."""
+    f64 = lambda *n: torch.empty(n, dtype=torch.float64)  # noqa: E731
+    i64 = lambda n: torch.empty(n, dtype=torch.long)  # noqa: E731
+    out = Fits(f64(B, 2), f64(B), f64(B), i64(B), i64(B))
+    lr, tol = _float64((options.lr.expand(B), options.tol.expand(B)))
+    max_steps = options.max_steps.expand(B).to(torch.long).contiguous()
+    trusted = None if options.trusted is None else options.trusted.to(torch.uint8).contiguous()
+    args = (
+        lr.data_ptr(), max_steps.data_ptr(), tol.data_ptr(), 0 if trusted is None else trusted.data_ptr(),
+        *map(float, options.adam), int(options.polish), float(options.handover), int(options.check_every),
+        *(x.data_ptr() for x in (out.theta, out.loss, out.grad_norm, out.steps, out.status)),
+    )  # fmt: skip
+    return args, out, [lr, tol, max_steps, *([] if trusted is None else [trusted])]
+
+
+def reverse_fit(theta0: Tensor, mixture: Mixture, rule: Rule, options: FitOptions) -> Fits:
+    """Fit Q to the two-component P of each row of ``theta0`` [B, 2] = (mu, log sigma) at the start,
+    by the reverse KL on ``rule``, by the rules of :func:`kl_sweep.core.fit.fit_stream` (``kl.c``)."""
+    args, out, _alive = _fit_args(theta0.shape[0], options)
+    _run("reverse_fit", MIN_PARALLEL_FITS, theta0, mixture, rule, *args)
+    return out
+
+
+def moment_fit(theta0: Tensor, moments: tuple[Tensor, ...], options: FitOptions) -> Fits:
+    """The same for a divergence in moment form: ``moments`` = (c, m0, m1, m2, ref) [B] of
+    :class:`kl_sweep.core.fit.Objective` (the forward KL)."""
+    args, out, _alive = _fit_args(theta0.shape[0], options)
+    arrays = _float64((theta0, *moments))
+    _library().moment_fit(theta0.shape[0], MIN_PARALLEL_MOMENT_FITS, *(x.data_ptr() for x in arrays), *args)
+    return out
+
+
+def forward_moments(mixture: Mixture, rule: Rule) -> tuple[Tensor, ...]:
+    """(c, m0, m1, m2, ref) [B]: the forward KL's moment form under the two-component P of each row
+    (:meth:`kl_sweep.core.fit.Objective.build`), on ``rule`` (twice the fit's order: P's nodes are
+    laid out once a fit), about P's mean ``ref``; see ``kl.c``."""
+    B = mixture.means.shape[0]
+    ref = mixture.mean().to(torch.float64).contiguous()
+    sums = [torch.empty(B, dtype=torch.float64) for _ in range(4)]
+    switch_points, widths = mixture.crossings()
+    arrays = _float64((mixture.means, mixture.variances, mixture.log_weights, switch_points, widths))
+    _library().forward_moments(
+        B, MIN_PARALLEL_ROWS // 4, switch_points.shape[-1], *(x.data_ptr() for x in arrays), *rule.args,
+        ref.data_ptr(), *(x.data_ptr() for x in sums),
+    )  # fmt: skip
+    return (*sums, ref)
 
 
 def kl_pair(theta: Tensor, mixture: Mixture, rule: Rule) -> tuple[Tensor, Tensor]:
