@@ -355,11 +355,28 @@ def test_shards_are_dealt_equal_blocks_round_robin(rows, shards, shard_size):
     for p in pieces:
         assert p["job_num"].is_monotonic_increasing
     if rows <= n * DEAL_BLOCK:
-        assert all(" in " not in _job_span(p) for p in pieces)  # contiguous
+        assert all(" in " not in _job_span(p) for p in pieces)  # contiguous, in order
+        assert [p["job_num"].iloc[0] for p in pieces] == sorted(p["job_num"].iloc[0] for p in pieces)
     else:
         for p in pieces:  # blocks from across the grid, not one stretch of it
             assert p["job_num"].max() - p["job_num"].min() > rows // 2
             assert " blocks" in _job_span(p)
+
+
+@pytest.mark.parametrize("run", [1, 16, 64, 340, 1024])
+def test_shards_get_a_like_mix_whatever_the_grids_period(run):
+    """Costly and cheap rows in alternating runs of ``run`` rows (the divergence axis inside the
+    start axis): each of two or three shards gets close to half of each, with no aliasing between
+    the dealing and the period."""
+    import numpy as np
+
+    from hydra_plugins.kl_sweep_sweeper._core import _split
+
+    rows = 163_200
+    frame = pd.DataFrame({"job_num": np.arange(rows), "costly": (np.arange(rows) // run) % 2 == 1})
+    for shards in (2, 3):
+        shares = [p["costly"].mean() for p in _split(frame, shards, None)]
+        assert max(abs(x - 0.5) for x in shares) < 0.02, (shards, shares)
 
 
 @pytest.mark.slow
@@ -368,12 +385,20 @@ def test_the_sweepers_own_process_does_not_load_torch_when_workers_fit(cli, tmp_
     torch (about 1.5 s of its start-up); the workers that fit do."""
     hooks = tmp_path / "hooks"
     hooks.mkdir()
+    # Every process reports at exit whether it holds torch; one that imports torch says so at once
+    # (the workers are stopped, not shut down, when the shards are done: no exit handlers).
     (hooks / "sitecustomize.py").write_text(
         "import atexit, os, sys\n"
+        "out = os.environ['KL_SWEEP_TEST_MODULES']\n"
         "def _report():\n"
-        "    with open(os.path.join(os.environ['KL_SWEEP_TEST_MODULES'], str(os.getpid())), 'w') as f:\n"
+        "    with open(os.path.join(out, str(os.getpid())), 'w') as f:\n"
         "        f.write(f\"{os.getppid()}\\n{'torch' in sys.modules}\")\n"
         "atexit.register(_report)\n"
+        "class _Watch:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n"
+        "            open(os.path.join(out, f'{os.getpid()}.torch'), 'w').close()\n"
+        "sys.meta_path.insert(0, _Watch())\n"
     )
     reports = tmp_path / "reports"
     reports.mkdir()
@@ -385,7 +410,8 @@ def test_the_sweepers_own_process_does_not_load_torch_when_workers_fit(cli, tmp_
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(table(sweep_dir)) == SMOKE
-    seen = [p.read_text().split("\n") for p in reports.iterdir()]
-    main = [torch for parent, torch in seen if int(parent) == os.getpid()]  # the workers' parent is main
-    assert main == ["False"], seen
-    assert "True" in [torch for _, torch in seen], seen  # and the workers did import it
+    seen = {p.name: p.read_text().split("\n") for p in reports.iterdir() if not p.name.endswith(".torch")}
+    main = [pid for pid, (parent, _) in seen.items() if int(parent) == os.getpid()]  # the workers' parent
+    assert len(main) == 1 and seen[main[0]][1] == "False", seen
+    importers = [p.name.split(".")[0] for p in reports.glob("*.torch")]
+    assert importers and main[0] not in importers, (importers, seen)  # the workers did import it
