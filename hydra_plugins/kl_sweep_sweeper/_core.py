@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override, RangeSweep
@@ -567,14 +568,23 @@ def _clear_shards(sweep_dir: Path, shard_dir: Path) -> None:
             log.warning(f"kl_sweep: damaged shard file {path}: {problem}; moved to {target}")
 
 
-def _hashes_in_parts(sweep_dir: Path) -> set[str]:
-    done: set[str] = set()
+def _hashes_in_parts(sweep_dir: Path) -> pa.Array:
+    """The config hashes of every readable part file (one Arrow array: a million rows would take
+    seconds as a Python set)."""
+    chunks: list[pa.Array] = []
     for path in sorted((sweep_dir / PARTS).glob("*.parquet")):
         try:
-            done.update(pq.read_table(path, columns=["config_hash"]).column(0).to_pylist())
+            column = pq.read_table(path, columns=["config_hash"]).column(0)
+            chunks.extend(chunk.cast(pa.string()) for chunk in column.chunks)
         except (pa.ArrowException, OSError):
             pass
-    return done
+    return pa.chunked_array(chunks, pa.string()).combine_chunks()
+
+
+def _landed(piece: pd.DataFrame, done: pa.Array) -> np.ndarray:
+    """Which rows of ``piece`` are among the ``done`` hashes."""
+    hashes = pa.array(piece["config_hash"], type=pa.string())
+    return pc.is_in(hashes, value_set=done).to_numpy(zero_copy_only=False)
 
 
 def _launch(
@@ -594,7 +604,7 @@ def _launch(
         results = []
         done = _hashes_in_parts(sweep_dir)
         for i, (spec, piece) in enumerate(zip(specs, pieces)):
-            if set(piece["config_hash"]) <= done:
+            if _landed(piece, done).all():
                 continue
             try:
                 (one,) = launcher.launch([[f"shard='{spec}'"]], initial_job_idx=i)
@@ -610,7 +620,7 @@ def _launch(
                 failures[i] = _reason(one._return_value)
     done = _hashes_in_parts(sweep_dir)
     for i, piece in enumerate(pieces):  # whatever the launcher said, a shard is done when its rows are
-        if i not in failures and not set(piece["config_hash"]) <= done:
+        if i not in failures and not _landed(piece, done).all():
             failures[i] = "its job ended without writing all its rows"
     return results, failures
 
@@ -631,7 +641,7 @@ def _reason(ex: BaseException) -> str:
 
 def _failure_line(sweep_dir: Path, pieces: list[pd.DataFrame], failures: dict[int, str]) -> str:
     done = _hashes_in_parts(sweep_dir)
-    missing = sum((~pieces[i]["config_hash"].isin(done)).sum() for i in failures)
+    missing = sum(int((~_landed(pieces[i], done)).sum()) for i in failures)
     shown = [f"shard {i} ({_job_span(pieces[i])}): {why}" for i, why in sorted(failures.items())[:3]]
     more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
     fix = "free space, then rerun" if any(why.startswith(DISK_FULL) for why in failures.values()) else "rerun"
