@@ -59,7 +59,7 @@ def enabled() -> bool:
 def _library() -> ctypes.CDLL | None:
     lib, reason = load("kl")
     if lib is None:
-        log.warning("native kernel unavailable (%s): fits take the torch path, about 3x slower", reason)
+        log.warning("native kernel unavailable (%s): fits take the torch path, about 10x slower", reason)
         return None
     p, i, n, d = ctypes.c_void_p, ctypes.c_int, ctypes.c_ssize_t, ctypes.c_double
     lib.reverse_kl.argtypes = [n, n, i, p, p, p, p, p, p, i, p, i, p, d, i, p, p, i, p, p, p]
