@@ -121,7 +121,10 @@ def main() -> None:
         f"= {B / t_base:,.0f} fits/s ({conv_b.float().mean().item():.1%} converged)"
     )
     print(f"ratio   : core/baseline {t_base / t_batch:.2f}x")
-    print(f"stepwise: {B} fits in {t_stepwise:.2f} s = {B / t_stepwise:,.0f} fits/s (fused=False); core/stepwise {t_stepwise / t_batch:.2f}x")
+    print(
+        f"stepwise: {B} fits in {t_stepwise:.2f} s = {B / t_stepwise:,.0f} fits/s (fused=False); "
+        f"core/stepwise {t_stepwise / t_batch:.2f}x"
+    )
     print(
         f"agree   : {int(agree.sum())}/{nb} rows ({agree.float().mean().item():.2%}) both converged "
         f"within {AGREE:g} in mu and sigma^2; {int(apart.sum())} in different minima (> {APART:g} "
@@ -131,7 +134,8 @@ def main() -> None:
     )
     for name, t in t_loop.items():
         print(
-            f"loop    : {name}, {len(sample)} fits timed, {t:.1f} s extrapolated to {B} = {B / t:,.0f} fits/s; "
+            f"loop    : {name}, {len(sample)} fits timed, {t:.1f} s extrapolated to {B} "
+            f"= {B / t:,.0f} fits/s; "
             f"batched/loop {t / t_batch:.0f}x" + (" (target >= 100x)" if name == "stepwise" else "")
         )
 

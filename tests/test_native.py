@@ -200,19 +200,29 @@ def test_forward_moments_match_scipy_and_the_closed_forms(case):
     """The forward KL's moment form (c, m0, m1, m2 about P's mean): m0 = 1, m1 = 0 and m2 = Var P
     in closed form, c = the integral of p log p by scipy."""
     means, variances, weights, _, _ = case
-    obj = Objective.build(DIVERGENCES["forward"], Quadrature(), mixture([means], [variances], [weights]), torch.zeros(1, 2))
+    obj = Objective.build(
+        DIVERGENCES["forward"], Quadrature(), mixture([means], [variances], [weights]), torch.zeros(1, 2)
+    )
     c, m0, m1, m2, ref = (x.item() for x in obj.moments)
-    var = sum(w * (v + m * m) for m, v, w in zip(means, variances, weights)) - sum(w * m for m, w in zip(means, weights)) ** 2
+    var = (
+        sum(w * (v + m * m) for m, v, w in zip(means, variances, weights))
+        - sum(w * m for m, w in zip(means, weights)) ** 2
+    )
     assert ref == pytest.approx(sum(w * m for m, w in zip(means, weights)), abs=1e-15)
     assert m0 == pytest.approx(1.0, abs=1e-13) and m1 == pytest.approx(0.0, abs=1e-12)
     assert m2 == pytest.approx(var, rel=1e-12)
 
     def p(x):
-        return sum(w * math.exp(-((x - m) ** 2) / (2 * v)) / math.sqrt(2 * math.pi * v) for m, v, w in zip(means, variances, weights))
+        return sum(
+            w * math.exp(-((x - m) ** 2) / (2 * v)) / math.sqrt(2 * math.pi * v)
+            for m, v, w in zip(means, variances, weights)
+        )
 
     edges = sorted({*(m + k * math.sqrt(v) for m, v in zip(means, variances) for k in (-14, -3, 0, 3, 14))})
     entropy = sum(
-        integrate.quad(lambda x: p(x) * math.log(p(x)) if p(x) > 0 else 0.0, a, b, epsabs=1e-14, epsrel=1e-12, limit=400)[0]
+        integrate.quad(
+            lambda x: p(x) * math.log(p(x)) if p(x) > 0 else 0.0, a, b, epsabs=1e-14, epsrel=1e-12, limit=400
+        )[0]
         for a, b in zip(edges[:-1], edges[1:])
     )
     assert c == pytest.approx(entropy, rel=1e-10, abs=1e-12)
@@ -263,7 +273,9 @@ def test_fused_fits_take_the_stepwise_paths_steps(name, polish):
         codes = whole.status.bincount(minlength=4).tolist()
         assert whole.status[0] == Status.DIVERGED and whole.status[1] == Status.MAX_STEPS
         assert whole.steps[0] == whole.steps[1] == 0 and whole.mu[0] == prob.init_mu[0]
-        assert math.isnan(whole.loss[0]) and whole.loss[1].item() == pytest.approx(stepwise.loss[1].item(), rel=1e-13)
+        assert math.isnan(whole.loss[0]) and whole.loss[1].item() == pytest.approx(
+            stepwise.loss[1].item(), rel=1e-13
+        )
         if max_steps == 40:
             assert codes[Status.MAX_STEPS] > n // 2, codes
             out = whole.status == Status.MAX_STEPS
@@ -273,7 +285,9 @@ def test_fused_fits_take_the_stepwise_paths_steps(name, polish):
             assert (whole.steps - stepwise.steps).abs().max() <= 20
         for field in ("mu", "sigma2", "loss", "grad_norm"):
             x, y = getattr(whole, field)[2:], getattr(stepwise, field)[2:]
-            np.testing.assert_allclose(x.numpy(), y.numpy(), rtol=1e-9, atol=1e-9 if field != "grad_norm" else 1e-8)
+            np.testing.assert_allclose(
+                x.numpy(), y.numpy(), rtol=1e-9, atol=1e-9 if field != "grad_norm" else 1e-8
+            )
         converged = whole.status == Status.CONVERGED
         assert (whole.grad_norm[converged] <= 1e-8).all()
 
@@ -331,7 +345,12 @@ def test_fused_forward_fits_mark_rows_whose_grid_cannot_see_p():
 
 def subset(prob: Problem, keep: torch.Tensor) -> Problem:
     return Problem(
-        prob.mixture[keep], prob.init_mu[keep], prob.init_sigma2[keep], prob.lr[keep], prob.max_steps[keep], prob.tol[keep]
+        prob.mixture[keep],
+        prob.init_mu[keep],
+        prob.init_sigma2[keep],
+        prob.lr[keep],
+        prob.max_steps[keep],
+        prob.tol[keep],
     )
 
 

@@ -133,9 +133,13 @@ class Objective:
             and mixture.means.shape[-1] == 2
             and native.available()
         ):  # the same, in one pass a row (core.native)
-            rule = native.quadrature_rule(SCALE_OFFSETS, SWITCH_OFFSETS, SUPPORT_SDS, 2 * estimator.nodes_per_panel)
+            rule = native.quadrature_rule(
+                SCALE_OFFSETS, SWITCH_OFFSETS, SUPPORT_SDS, 2 * estimator.nodes_per_panel
+            )
             moments = native.forward_moments(mixture, rule)
-            return cls(divergence, estimator, mixture, moments=moments, trusted=(moments[1] - 1.0).abs() <= 1e-6)
+            return cls(
+                divergence, estimator, mixture, moments=moments, trusted=(moments[1] - 1.0).abs() <= 1e-6
+            )
         with torch.no_grad():
             x, w = estimator.nodes("p", mixture, theta[:, 0], theta[:, 1])
             log_p = mixture.log_prob(x)

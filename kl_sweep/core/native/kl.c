@@ -114,6 +114,16 @@ static int add_p_edges(double *edges, int ne, const struct rule *R, const struct
                             R->off);
 }
 
+/* Clips edges[0..ne) to [lo, hi], sorts them and lays the rule's panels between them (weights for
+ * dx); returns the number of nodes. */
+static int clipped_panels(double *edges, int ne, double lo, double hi, const struct rule *R, double *nodes,
+                          double *rule)
+{
+    for (int i = 0; i < ne; ++i) edges[i] = fmin(fmax(edges[i], lo), hi);
+    sort_edges(edges, ne);
+    return panels(edges, ne, R->order, R->t, R->gw, 1.0, nodes, rule);
+}
+
 /* Scratch for one row's panels: max_edges edges, (max_edges - 1) * order nodes and weights. */
 #define SCRATCH(name, max_edges, order)                                                   \
     double name##_edges[max_edges];                                                       \
@@ -226,10 +236,8 @@ void forward_moments(ptrdiff_t rows, ptrdiff_t min_rows, int S,
         const double *mk = means + 2 * r, *vk = variances + 2 * r, *lw = log_weights + 2 * r;
         const double o = 0.5 * (mk[0] + mk[1]);
         double lo = INFINITY, hi = -INFINITY;
-        int ne = add_p_edges(row_edges, 0, &R, &P, r, o, &lo, &hi);
-        for (int i = 0; i < ne; ++i) row_edges[i] = fmin(fmax(row_edges[i], lo), hi);
-        sort_edges(row_edges, ne);
-        const int n = panels(row_edges, ne, order, t, gw, 1.0, row_nodes, row_rule);
+        const int ne = add_p_edges(row_edges, 0, &R, &P, r, o, &lo, &hi);
+        const int n = clipped_panels(row_edges, ne, lo, hi, &R, row_nodes, row_rule);
         double c0, k0, c1, k1;
         component(lw[0], vk[0], &c0, &k0);
         component(lw[1], vk[1], &c1, &k1);
@@ -469,9 +477,7 @@ void kl_pair(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *theta,
         int ne = 0;
         for (int i = 0; i < n_scale; ++i) edges[ne++] = sigma * scale[i];
         ne = add_p_edges(edges, ne, &R, &P, r, m, &lo, &hi);
-        for (int i = 0; i < ne; ++i) edges[i] = fmin(fmax(edges[i], lo), hi);
-        sort_edges(edges, ne);
-        const int n = panels(edges, ne, order, t, gw, 1.0, u, rule);
+        const int n = clipped_panels(edges, ne, lo, hi, &R, u, rule);
         double c0, k0, c1, k1;
         component(lw[0], vk[0], &c0, &k0);
         component(lw[1], vk[1], &c1, &k1);
