@@ -11,7 +11,7 @@ first-order method only hovers around the optimum, Newton converges quadraticall
 :func:`fit_stream` runs a sequence of problems (a sweep's chunks) through the same loop, taking
 on the next one while the last few rows of the one before are still at work.
 
-This module's loop (:func:`_stepwise`) is the reference and serves every fit. Reverse- and
+This module's loop (:func:`_stepwise`) is the reference and runs every other fit. Reverse- and
 forward-KL fits with Adam (:func:`fused`) run the same rules whole, row by row, in the native
 kernel (:mod:`kl_sweep.core.native`).
 """
