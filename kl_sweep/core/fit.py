@@ -96,6 +96,16 @@ class Result:
     on_boundary: Tensor | None = None
 
 
+#: How far from 1 the mass a rule's nodes see of P may be before the estimator counts as blind.
+TRUSTED_MASS = 1e-6
+
+
+def in_moment_form(divergence: Divergence, estimator: Estimator) -> bool:
+    """True when :meth:`Objective.build` gives the moment form: an integrand affine in log q (the
+    forward KL) under nodes that do not move with Q."""
+    return divergence.measure == "p" and estimator.static_p and divergence.affine_in_log_q
+
+
 @dataclass
 class Objective:
     r"""The divergence of each active row as a function of theta = (mu, log sigma).
@@ -141,13 +151,12 @@ class Objective:
                 SCALE_OFFSETS, SWITCH_OFFSETS, SUPPORT_SDS, 2 * estimator.nodes_per_panel
             )
             moments = native.forward_moments(mixture, rule)
-            return cls(
-                divergence, estimator, mixture, moments=moments, trusted=(moments[1] - 1.0).abs() <= 1e-6
-            )
+            trusted = (moments[1] - 1.0).abs() <= TRUSTED_MASS
+            return cls(divergence, estimator, mixture, moments=moments, trusted=trusted)
         with torch.no_grad():
             x, w = estimator.nodes("p", mixture, theta[:, 0], theta[:, 1])
             log_p = mixture.log_prob(x)
-            trusted = (w.sum(-1) - 1.0).abs() <= 1e-6
+            trusted = (w.sum(-1) - 1.0).abs() <= TRUSTED_MASS
             if not divergence.affine_in_log_q:
                 return cls(divergence, estimator, mixture, cache=(x, w, log_p), trusted=trusted)
             # Moments about P's mean, so that nothing cancels when P is far from 0.
@@ -558,7 +567,7 @@ def fused(settings: Settings) -> bool:
         and type(settings.optimizer) is Adam
         and (
             (div.native == "reverse_kl" and type(est) is Quadrature)
-            or (div.measure == "p" and est.static_p and div.affine_in_log_q)
+            or in_moment_form(div, est)
         )
         and native.available()
     )
