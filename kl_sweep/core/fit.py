@@ -565,10 +565,7 @@ def fused(settings: Settings) -> bool:
     return (
         settings.fused
         and type(settings.optimizer) is Adam
-        and (
-            (div.native == "reverse_kl" and type(est) is Quadrature)
-            or in_moment_form(div, est)
-        )
+        and ((div.native == "reverse_kl" and type(est) is Quadrature) or in_moment_form(div, est))
         and native.available()
     )
 
