@@ -21,6 +21,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
+from kl_sweep.workers import asks_for_joblib, start_forkserver
+
 EXIT_BAD_INPUT = 2
 
 
@@ -134,6 +136,8 @@ def ensure_plugin_discoverable() -> None:
 
 def main() -> None:
     ensure_plugin_discoverable()
+    if asks_for_joblib(sys.argv[1:]):
+        start_forkserver()  # first: the workers' imports run on another core while this process plans
     if not os.environ.get("HYDRA_FULL_ERROR"):
         error = preflight(sys.argv[1:])
         if error:

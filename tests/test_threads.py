@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from hydra_plugins.kl_sweep_sweeper._core import shard_threads
 from kl_sweep import threads
 from kl_sweep.sweep import run_shard, write_shard
+from kl_sweep.workers import asks_for_joblib
 
 BASIC = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
@@ -80,3 +81,18 @@ def test_a_shard_fits_with_the_threads_its_spec_gives(tmp_path):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["-m", "separation=1,2", "hydra/launcher=joblib"], True),
+        (["--multirun", "hydra/launcher=joblib", "hydra.sweeper.shards=2"], True),
+        (["separation=1", "hydra/launcher=joblib"], False),  # a single run: no workers
+        (["-m", "separation=1,2"], False),  # the basic launcher fits in this process
+        (["-m", "hydra/launcher=submitit_local"], False),
+        (["-m", "hydra/launcher=joblib", "separation=[1"], False),  # malformed: the pre-flight says so
+    ],
+)
+def test_the_command_line_starts_the_forkserver_only_for_joblib_sweeps(argv, expected):
+    assert asks_for_joblib(argv) is expected

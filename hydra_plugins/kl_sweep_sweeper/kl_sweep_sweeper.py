@@ -41,11 +41,15 @@ class KLSweepSweeper(Sweeper):
         self.hydra_context, self.task_function, self.config = hydra_context, task_function, config
 
     def sweep(self, arguments: list[str]) -> Any:
+        assert self.hydra_context is not None and self.task_function is not None and self.config is not None
+        if "joblib" in str(self.config.hydra.launcher.get("_target_", "")):
+            from kl_sweep.workers import start_forkserver
+
+            start_forkserver()  # a no-op when the command line started it
         from kl_sweep.validate import ConfigError
 
         from ._core import SweepError, run_sweep
 
-        assert self.hydra_context is not None and self.task_function is not None and self.config is not None
         try:
             return run_sweep(self.hydra_context, self.task_function, self.config, arguments, **self.options)
         except (ConfigError, SweepError) as ex:
