@@ -1,4 +1,5 @@
 from kl_sweep.cli import main
+from kl_sweep.shutdown import run_then_exit
 
 if __name__ == "__main__":
-    main()
+    run_then_exit(main)

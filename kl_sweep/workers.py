@@ -18,8 +18,14 @@ from __future__ import annotations
 
 import multiprocessing
 
-#: What a shard's worker imports before its first row: the launcher's job runner and the fit.
-PRELOAD = ("hydra_plugins.hydra_joblib_launcher._core", "kl_sweep.app", "kl_sweep.table")
+#: What a shard's worker imports before its first row: the launcher's job runner and the fit;
+#: first, what makes the forkserver end without tearing all that down (kl_sweep.shutdown).
+PRELOAD = (
+    "kl_sweep._forkserver",
+    "hydra_plugins.hydra_joblib_launcher._core",
+    "kl_sweep.app",
+    "kl_sweep.table",
+)
 
 _started = False
 
