@@ -16,6 +16,7 @@ config file. Rows do not depend on it: a worker's torch threads are set from its
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 
 #: What a shard's worker imports before its first row: the launcher's job runner and the fit;
@@ -27,6 +28,7 @@ PRELOAD = (
     "kl_sweep.table",
 )
 
+log = logging.getLogger("kl_sweep")
 _started = False
 
 
@@ -51,8 +53,10 @@ def asks_for_joblib(argv: list[str]) -> bool:
 def start_forkserver() -> bool:
     """Have joblib's workers forked from a process that has imported the fit; start it now.
 
-    Returns True when workers will start that way (also when an earlier call set it up), False
-    where the platform has no forkserver (Windows): workers then start as fresh interpreters.
+    Returns True when workers will start that way (also when an earlier call set it up). Returns
+    False where the platform has no forkserver (Windows) or it cannot start (a sandbox without
+    Unix sockets, no process left to start): workers then start as fresh interpreters, as loky
+    starts them by default, and the sweep runs as it would have.
     """
     global _started
     if _started:
@@ -64,7 +68,11 @@ def start_forkserver() -> bool:
     from joblib.externals.loky.backend.context import set_start_method
 
     multiprocessing.set_forkserver_preload(list(PRELOAD))
+    try:
+        forkserver.ensure_running()  # it imports PRELOAD in the background from here on
+    except OSError as ex:
+        log.debug(f"kl_sweep: no forkserver ({ex}); joblib's workers start as fresh interpreters")
+        return False
     set_start_method("forkserver", force=True)  # the context loky's pool starts its workers with
-    forkserver.ensure_running()  # it imports PRELOAD in the background from here on
     _started = True
     return True

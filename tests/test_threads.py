@@ -96,3 +96,22 @@ def test_a_shard_fits_with_the_threads_its_spec_gives(tmp_path):
 )
 def test_the_command_line_starts_the_forkserver_only_for_joblib_sweeps(argv, expected):
     assert asks_for_joblib(argv) is expected
+
+
+def test_without_a_forkserver_workers_start_as_loky_starts_them(monkeypatch):
+    """A forkserver that cannot start (no Unix sockets in a sandbox) leaves loky's own start method."""
+    from multiprocessing import forkserver
+
+    from joblib.externals.loky.backend.context import get_start_method
+
+    from kl_sweep import workers
+
+    def refuse() -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(workers, "_started", False)
+    monkeypatch.setattr(forkserver, "ensure_running", refuse)
+    before = get_start_method()
+    assert workers.start_forkserver() is False
+    assert get_start_method() == before != "forkserver"
+    assert workers._started is False
