@@ -124,6 +124,16 @@ def test_the_main_use_writes_one_table(cli, tmp_path):
     )
 
 
+def test_a_configuration_listed_twice_is_fitted_once(cli, tmp_path):
+    """separation=1 and 1.0 are one configuration (the schema types it): one row, its first job."""
+    out = tmp_path / "sweep"
+    sweep(cli, out, "separation=1,1.0,2", "init_mu=0,1", "hydra.sweeper.shards=2")
+    t = table(out)
+    assert t.job_num.tolist() == [0, 1, 4, 5]
+    assert t.separation.tolist() == [1.0, 1.0, 2.0, 2.0] and t.init_mu.tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert t.config_hash.is_unique
+
+
 def test_config_params_with_the_command_line_winning(cli, tmp_path):
     out = tmp_path / "sweep"
     sweep(cli, out, "experiment=smoke", "separation=1,2")

@@ -50,7 +50,7 @@ from kl_sweep.collect import (
 from kl_sweep.config import ROW_KEYS, config_values, split_values
 from kl_sweep.io import read_metadata, writable_dir_problem, write_parquet, write_text
 from kl_sweep.lock import STALE_AFTER, LockedError, SweepLock
-from kl_sweep.rows import config_hashes, rows_frame
+from kl_sweep.rows import config_hash_values, hash_values, rows_frame
 from kl_sweep.sweep import product, write_shard
 from kl_sweep.threads import thread_budget, threads_per_shard
 from kl_sweep.validate import ConfigError, validate
@@ -84,7 +84,7 @@ class SweepFailed(SweepError):
 class Plan:
     """Every configuration of the sweep, and the settings each group of rows shares."""
 
-    rows: pd.DataFrame  # ROW_KEYS columns + group, job_num, config_hash
+    rows: pd.DataFrame  # ROW_KEYS columns + group, job_num, hash (config_hash as a uint64)
     groups: list[dict[str, Any]]
     sweep_id: str
 
@@ -213,12 +213,12 @@ def make_plan(
         typed = rows_frame(columns, len(rows))
         typed["group"] = np.int64(group)
         typed["job_num"] = rows["job_num"].to_numpy()
-        typed["config_hash"] = config_hashes(typed, shared)
+        typed["hash"] = config_hash_values(typed, shared)
         groups.append(shared)
         parts.append(typed)
     table = pd.concat(parts, ignore_index=True).sort_values("job_num", kind="stable")
     # A configuration listed twice (separation=1,1) is one configuration: keep its first job.
-    table = table.drop_duplicates("config_hash", keep="first").reset_index(drop=True)
+    table = table[~table["hash"].duplicated()].reset_index(drop=True)
     lines = [o.input_line for o in overrides.values()]
     sweep_id = hashlib.sha1(json.dumps(lines).encode()).hexdigest()[:12]
     return Plan(table, groups, sweep_id)
@@ -428,7 +428,7 @@ def _run_locked(
     found = _survey(sweep_dir)
     done = _versions(sweep_dir, found, on_version_change)
     write_text(OmegaConf.to_yaml(config), sweep_dir / "multirun.yaml")
-    todo = plan.rows[~plan.rows["config_hash"].isin(done)]
+    todo = plan.rows[~plan.rows["hash"].isin(done)]
     log.info(
         f"kl_sweep: {len(plan.rows)} configurations in {len(plan.groups)} group(s); "
         f"{len(plan.rows) - len(todo)} already done, {len(todo)} to fit -> {sweep_dir}"
@@ -509,19 +509,23 @@ def _survey(sweep_dir: Path) -> dict[Path, pa.Table]:
     return found
 
 
-def _versions(sweep_dir: Path, found: dict[Path, pa.Table], policy: str) -> set[str]:
-    """Apply ``on_version_change`` to rows of other numerics versions; the hashes that count as done."""
+def _versions(sweep_dir: Path, found: dict[Path, pa.Table], policy: str) -> np.ndarray:
+    """Apply ``on_version_change`` to rows of other numerics versions; the hashes (uint64) that count
+    as done."""
     if not found:  # a fresh sweep: no versions to compare (and no torch to load for the current one)
-        return set()
+        return np.empty(0, np.uint64)
     current = numerics_version()
-    frames = {path: t.to_pandas() for path, t in found.items()}
-    old = {
-        path: f for path, f in frames.items() if (f[VERSION_COLUMN].fillna(UNKNOWN_VERSION) != current).any()
-    }
-    every = {h for f in frames.values() for h in f["config_hash"]}
+    text = pa.large_string()
+    every = hash_values(pa.chunked_array([t.column("config_hash").cast(text) for t in found.values()], text))
+    old = [
+        path
+        for path, t in found.items()
+        if not pc.all(pc.equal(pc.fill_null(t.column(VERSION_COLUMN).cast(text), UNKNOWN_VERSION), current))
+    ]
     if not old:
         return every
-    stale = pd.concat(old.values())
+    frames = {path: t.to_pandas() for path, t in found.items()}
+    stale = pd.concat([frames[path] for path in old])
     stale = stale[stale[VERSION_COLUMN].fillna(UNKNOWN_VERSION) != current]
     versions = ", ".join(sorted(stale[VERSION_COLUMN].fillna(UNKNOWN_VERSION).unique()))
     count = stale["config_hash"].nunique()
@@ -544,7 +548,8 @@ def _versions(sweep_dir: Path, found: dict[Path, pa.Table], policy: str) -> set[
                 write_parquet(rows, sweep_dir / PARTS / f"kept-{tag}.parquet")
         _move_aside(sweep_dir, path, SUPERSEDED)
     log.warning(f"kl_sweep: {said}; fitting them again, their files moved to {sweep_dir / SUPERSEDED}")
-    return {h for f in frames.values() for h in f.loc[f[VERSION_COLUMN] == current, "config_hash"]}
+    kept = [f.loc[f[VERSION_COLUMN] == current, "config_hash"] for f in frames.values()]
+    return hash_values(pa.chunked_array([pa.array(k, text) for k in kept], text))
 
 
 def _clear_shards(sweep_dir: Path, shard_dir: Path) -> None:
@@ -568,23 +573,22 @@ def _clear_shards(sweep_dir: Path, shard_dir: Path) -> None:
             log.warning(f"kl_sweep: damaged shard file {path}: {problem}; moved to {target}")
 
 
-def _hashes_in_parts(sweep_dir: Path) -> pa.Array:
-    """The config hashes of every readable part file (one Arrow array: a million rows would take
-    seconds as a Python set)."""
+def _hashes_in_parts(sweep_dir: Path) -> np.ndarray:
+    """The config hashes (uint64) of every readable part file (a million rows would take seconds
+    as a Python set of strings)."""
     chunks: list[pa.Array] = []
     for path in sorted((sweep_dir / PARTS).glob("*.parquet")):
         try:
             column = pq.read_table(path, columns=["config_hash"]).column(0)
-            chunks.extend(chunk.cast(pa.string()) for chunk in column.chunks)
+            chunks.extend(chunk.cast(pa.large_string()) for chunk in column.chunks)
         except (pa.ArrowException, OSError):
             pass
-    return pa.chunked_array(chunks, pa.string()).combine_chunks()
+    return hash_values(pa.chunked_array(chunks, pa.large_string()))
 
 
-def _landed(piece: pd.DataFrame, done: pa.Array) -> np.ndarray:
+def _landed(piece: pd.DataFrame, done: np.ndarray) -> np.ndarray:
     """Which rows of ``piece`` are among the ``done`` hashes."""
-    hashes = pa.array(piece["config_hash"], type=pa.string())
-    return pc.is_in(hashes, value_set=done).to_numpy(zero_copy_only=False)
+    return piece["hash"].isin(done).to_numpy()
 
 
 def _launch(
