@@ -22,7 +22,7 @@ from analysis.classify import DEFAULT_TOL  # noqa: E402
 from analysis.data import load_sweep  # noqa: E402
 from analysis.pipeline import DEFAULT_WEIGHT, analyse  # noqa: E402
 from analysis.report import write_report  # noqa: E402
-from kl_sweep.allocator import keep_freed_memory  # noqa: E402
+from kl_sweep.allocator import keep_freed_memory, small_pages  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,6 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     keep_freed_memory()  # the exact structure's fits and continuations reuse their temporaries
+    small_pages()  # reading a million-row table stalls less (kl_sweep.allocator)
     try:
         table = load_sweep(args.sweep_dir)
     except (FileNotFoundError, ValueError) as err:

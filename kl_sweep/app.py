@@ -10,7 +10,7 @@ import pandas as pd
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from kl_sweep.allocator import keep_freed_memory
+from kl_sweep.allocator import keep_freed_memory, small_pages
 from kl_sweep.config import CONFIG_DIR, config_values, split_values
 from kl_sweep.io import write_parquet
 from kl_sweep.rows import rows_frame
@@ -55,4 +55,5 @@ def main(cfg: DictConfig) -> float:
 
     torch.set_num_threads(thread_budget())  # a shard may set its own share (kl_sweep.sweep.run_shard)
     keep_freed_memory()  # the fit's temporaries stay in the heap between steps (kl_sweep.allocator)
+    small_pages()  # and no stalls for huge pages in reading and writing tables (kl_sweep.allocator)
     return run(cfg, HydraConfig.get().runtime.output_dir)

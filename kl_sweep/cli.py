@@ -21,6 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
+from kl_sweep.allocator import small_pages
 from kl_sweep.workers import asks_for_joblib, start_forkserver
 
 EXIT_BAD_INPUT = 2
@@ -135,6 +136,7 @@ def ensure_plugin_discoverable() -> None:
 
 
 def main() -> None:
+    small_pages()  # before the sweep's first large array (kl_sweep.allocator)
     ensure_plugin_discoverable()
     if asks_for_joblib(sys.argv[1:]):
         start_forkserver()  # first: the workers' imports run on another core while this process plans

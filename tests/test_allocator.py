@@ -1,6 +1,7 @@
 """kl_sweep.allocator: freed temporaries stay in the process, so a fit's steps do not page-fault."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -51,3 +52,17 @@ def test_freed_temporaries_are_reused_not_faulted_in_again():
     assert on["given_back"] < 1e6, on
     assert on["faults"] < 1000, on
     assert off["faults"] > 10 * on["faults"], (off, on)
+
+
+def test_small_pages_turns_off_numpys_huge_page_advice_and_arrows_mimalloc():
+    script = (
+        "import numpy as np, pyarrow as pa\n"
+        "from kl_sweep.allocator import small_pages\n"
+        "small_pages()\n"
+        "advice = np._core.multiarray._set_madvise_hugepage(True)\n"  # returns the setting it replaces
+        "print(pa.default_memory_pool().backend_name, advice)\n"
+    )
+    unset = ("NUMPY_MADVISE_HUGEPAGE", "ARROW_DEFAULT_MEMORY_POOL")  # either would preset what is tested
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.split() == ["system", "False"]
