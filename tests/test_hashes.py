@@ -1,4 +1,4 @@
-"""Config hashes as numbers: the same hashes as the text, and the table deduplicated and ordered on them."""
+"""Config hashes as numbers and as text; the table keeps the first row of each configuration, in job order."""
 
 import json
 
