@@ -32,3 +32,4 @@ bench:
 	$(PYTHON) benchmarks/fit_throughput.py
 	$(PYTHON) benchmarks/sweep_throughput.py
 	$(PYTHON) benchmarks/cores.py
+	$(PYTHON) benchmarks/pages.py
