@@ -61,9 +61,10 @@ def small_pages() -> None:
     memory to find a free 2 MiB page when such a page is first touched
     (``/sys/kernel/mm/transparent_hugepage/defrag`` set to ``madvise``, the default of many
     distributions), that first touch stalls in the kernel. A sweep's planning and assembly touch
-    a few GB of fresh memory at a million configurations. Measured on this project's 2-core
-    machine at a million configurations: planning 1.1-1.4 s against 1.5-2.2 s, assembling the
-    table 1.0-1.15 s against 1.9-2.3 s (most of the difference system time).
+    about a GB of fresh memory at a million configurations. Measured by ``benchmarks/pages.py`` on
+    this project's 2-core machine (1,020,000 configurations, fresh processes, medians of five):
+    planning 1.16 -> 0.84 s, assembling the table 3.81 -> 2.67 s, and their system time
+    3.65 -> 1.32 s.
 
     numpy is told not to advise them (its ``NUMPY_MADVISE_HUGEPAGE=0``, set at run time), and
     Arrow is given the system allocator (glibc's malloc, which :func:`keep_freed_memory` tunes).
