@@ -22,7 +22,7 @@ from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
 from kl_sweep.allocator import small_pages
-from kl_sweep.workers import asks_for_joblib, start_forkserver
+from kl_sweep.workers import asks_for_joblib, use_forkserver
 
 EXIT_BAD_INPUT = 2
 
@@ -139,7 +139,7 @@ def main() -> None:
     small_pages()  # before the sweep's first large array (kl_sweep.allocator)
     ensure_plugin_discoverable()
     if asks_for_joblib(sys.argv[1:]):
-        start_forkserver()  # first: the workers' imports run on another core while this process plans
+        use_forkserver()  # __main__ started it: the workers' imports run on another core while this one plans
     if not os.environ.get("HYDRA_FULL_ERROR"):
         error = preflight(sys.argv[1:])
         if error:

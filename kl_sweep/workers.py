@@ -9,9 +9,11 @@ on another core while this process composes and plans; joblib's workers are then
 as soon as those imports are done (at 163,200 configurations on 2 cores, a worker's first row
 came 0.7-0.9 s after the launch, against 1.4-2.0 s).
 
-The command line calls it first thing, when its arguments ask for the joblib launcher
-(:func:`asks_for_joblib`); the sweeper calls it again (a no-op by then) for a launcher chosen in a
-config file. Rows do not depend on it: a worker's torch threads are set from its shard file
+``python -m kl_sweep`` starts the forkserver before its own imports when its arguments may ask
+for the joblib launcher (:func:`might_ask_for_joblib`), and the command line points loky at it
+once they do (:func:`asks_for_joblib`, :func:`use_forkserver`); the sweeper calls
+:func:`use_forkserver` again (a no-op by then) for a launcher chosen in a config file. Rows do not
+depend on it: a worker's torch threads are set from its shard file
 (:func:`kl_sweep.sweep.run_shard`), not from the environment that loky would otherwise give it.
 """
 
@@ -30,12 +32,24 @@ PRELOAD = (
 )
 
 log = logging.getLogger("kl_sweep")
-_started = False
+#: Whether the forkserver runs: None until :func:`start_forkserver` is first called.
+_running: bool | None = None
+#: Whether loky starts joblib's workers from it (:func:`use_forkserver`).
+_used = False
+
+
+def might_ask_for_joblib(argv: list[str]) -> bool:
+    """True for every command line :func:`asks_for_joblib` accepts (and a few more), without Hydra.
+
+    For ``python -m kl_sweep`` to start the forkserver before its own imports (Hydra's take 0.2-0.3
+    s); a forkserver started for a command line that turns out not to need it idles and ends with it.
+    """
+    return any("joblib" in arg for arg in argv) and any(arg in ("-m", "--multirun") for arg in argv)
 
 
 def asks_for_joblib(argv: list[str]) -> bool:
     """True when a command line is a multirun on Hydra's joblib launcher (``hydra/launcher=joblib``)."""
-    if not any("joblib" in arg for arg in argv):  # the common case, without parsing
+    if not might_ask_for_joblib(argv):  # the common case, without parsing
         return False
     from hydra._internal.utils import get_args_parser
     from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -52,28 +66,38 @@ def asks_for_joblib(argv: list[str]) -> bool:
 
 
 def start_forkserver() -> bool:
-    """Have joblib's workers forked from a process that has imported the fit; start it now.
+    """Start the forkserver, which imports :data:`PRELOAD` in the background from then on.
 
-    Returns True when workers will start that way (also when an earlier call set it up). Returns
-    False where the platform has no forkserver (Windows) or it cannot start (a sandbox without
-    Unix sockets, no process left to start): workers then start as fresh interpreters, as loky
-    starts them by default, and the sweep runs as it would have.
+    Returns True when it runs (also when an earlier call started it). Returns False where the
+    platform has no forkserver (Windows) or it cannot start (a sandbox without Unix sockets, no
+    process left to start).
     """
-    global _started
-    if _started:
-        return True
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return False
-    from multiprocessing import forkserver
+    global _running
+    if _running is None:
+        _running = False
+        if "forkserver" in multiprocessing.get_all_start_methods():
+            from multiprocessing import forkserver
 
-    from joblib.externals.loky.backend.context import set_start_method
+            multiprocessing.set_forkserver_preload(list(PRELOAD))
+            try:
+                forkserver.ensure_running()
+                _running = True
+            except OSError as ex:
+                log.debug(f"kl_sweep: no forkserver ({ex}); joblib's workers start as fresh interpreters")
+    return _running
 
-    multiprocessing.set_forkserver_preload(list(PRELOAD))
-    try:
-        forkserver.ensure_running()  # it imports PRELOAD in the background from here on
-    except OSError as ex:
-        log.debug(f"kl_sweep: no forkserver ({ex}); joblib's workers start as fresh interpreters")
-        return False
-    set_start_method("forkserver", force=True)  # the context loky's pool starts its workers with
-    _started = True
-    return True
+
+def use_forkserver() -> bool:
+    """Have joblib's workers forked from the forkserver (started now if it is not running yet).
+
+    Returns True when workers will start that way. Without a forkserver (:func:`start_forkserver`
+    returned False), workers start as fresh interpreters, as loky starts them by default, and the
+    sweep runs as it would have.
+    """
+    global _used
+    if not _used and start_forkserver():
+        from joblib.externals.loky.backend.context import set_start_method
+
+        set_start_method("forkserver", force=True)  # the context loky's pool starts its workers with
+        _used = True
+    return _used

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from hydra_plugins.kl_sweep_sweeper._core import shard_threads
 from kl_sweep import threads
 from kl_sweep.sweep import run_shard, write_shard
-from kl_sweep.workers import asks_for_joblib
+from kl_sweep.workers import asks_for_joblib, might_ask_for_joblib
 
 BASIC = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
 JOBLIB = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
@@ -96,6 +96,9 @@ def test_a_shard_fits_with_the_threads_its_spec_gives(tmp_path):
 )
 def test_the_command_line_starts_the_forkserver_only_for_joblib_sweeps(argv, expected):
     assert asks_for_joblib(argv) is expected
+    # The check before the command line's imports lets through every joblib sweep, and no
+    # command line without "joblib" or without -m.
+    assert might_ask_for_joblib(argv) is (expected or argv[0] == "-m" and "joblib" in " ".join(argv))
 
 
 def test_without_a_forkserver_workers_start_as_loky_starts_them(monkeypatch):
@@ -109,9 +112,10 @@ def test_without_a_forkserver_workers_start_as_loky_starts_them(monkeypatch):
     def refuse() -> None:
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(workers, "_started", False)
+    monkeypatch.setattr(workers, "_running", None)
+    monkeypatch.setattr(workers, "_used", False)
     monkeypatch.setattr(forkserver, "ensure_running", refuse)
     before = get_start_method()
-    assert workers.start_forkserver() is False
+    assert workers.use_forkserver() is False
     assert get_start_method() == before != "forkserver"
-    assert workers._started is False
+    assert workers._running is False and workers._used is False

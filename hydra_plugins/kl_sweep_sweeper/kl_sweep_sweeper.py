@@ -43,9 +43,9 @@ class KLSweepSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         assert self.hydra_context is not None and self.task_function is not None and self.config is not None
         if "joblib" in str(self.config.hydra.launcher.get("_target_", "")):
-            from kl_sweep.workers import start_forkserver
+            from kl_sweep.workers import use_forkserver
 
-            start_forkserver()  # a no-op when the command line started it
+            use_forkserver()  # a no-op when the command line did
         from kl_sweep.validate import ConfigError
 
         from ._core import SweepError, run_sweep
