@@ -136,7 +136,6 @@ def ensure_plugin_discoverable() -> None:
 
 
 def main() -> None:
-    small_pages()  # before the sweep's first large array (kl_sweep.allocator)
     ensure_plugin_discoverable()
     if asks_for_joblib(sys.argv[1:]):
         use_forkserver()  # __main__ started it: the workers' imports run on another core while this one plans
@@ -145,6 +144,7 @@ def main() -> None:
         if error:
             print(error, file=sys.stderr)
             sys.exit(EXIT_BAD_INPUT)
+    small_pages()  # after the pre-flight: a bad input exits without importing numpy and Arrow
     from kl_sweep.app import main as hydra_main
 
     hydra_main()
