@@ -9,14 +9,17 @@ b. one shard with every core this process may use (the default);
 c. ``hydra/launcher=joblib hydra.sweeper.shards=N`` with N the number of cores: the sweeper gives
    each shard its share of the cores (``kl_sweep.threads``), so the shards do not oversubscribe.
 
-Targets on 2 cores: c at least 1.6x faster than a, and not slower than b. Each mode is run
+Targets on 2 cores, read at the default size: c at least 1.6x faster than a, and not slower
+than b. Each mode is run
 ``--repeats`` times, interleaved (a, b, c, a, b, c, ...) so that drift of a shared machine hits all
 three alike; medians and the ratios of medians are printed.
 
     python benchmarks/cores.py [--repeats 1] [--init-mu-step 0.004]
 
-``--init-mu-step 0.025`` makes it 163,200 configurations (about 10 s a run): there the fixed
-start-up and assembly, about 4 s in every mode, hold the wall ratios well below the fit phase's.
+``--init-mu-step 0.01`` makes it 408,000 configurations, about where c/a reaches 1.6x;
+``--init-mu-step 0.025`` makes it 163,200 (about 10 s a run): there the fixed start-up and
+assembly, about 2.5-4 s in every mode (most of it ``import torch``), hold the wall ratios well
+below the fit phase's (c/a near 1.4-1.5x).
 """
 
 from __future__ import annotations
