@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from kl_sweep.io import write_parquet
+from kl_sweep.io import arrow_lists, write_parquet
 from kl_sweep.version import COLUMN as VERSION_COLUMN
 from kl_sweep.version import UNKNOWN as UNKNOWN_VERSION
 
@@ -141,7 +141,7 @@ def _read_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, list[Path]]:
         if "sweep_id" not in table.column_names:
             table = table.append_column("sweep_id", pa.array([sweep_dir.name] * table.num_rows, pa.string()))
         tables.append(table)
-    frame = pa.concat_tables(tables, promote_options="default").to_pandas()
+    frame = pa.concat_tables(tables, promote_options="default").to_pandas(types_mapper=arrow_lists)
     frame = frame.drop_duplicates("config_hash", keep="first")
     if VERSION_COLUMN in frame.columns:  # rows from before the column existed
         frame[VERSION_COLUMN] = frame[VERSION_COLUMN].fillna(UNKNOWN_VERSION)

@@ -58,9 +58,27 @@ def write_parquet(frame: pd.DataFrame, path: str | Path, metadata: dict[str, str
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(frame, preserve_index=False)
     meta = dict(table.schema.metadata or {})
+    if b"pandas" in meta:
+        meta[b"pandas"] = _plain_lists(meta[b"pandas"])
     meta[b"kl_sweep"] = json.dumps({**versions(), **(metadata or {})}).encode()
     table = table.replace_schema_metadata(meta)
     return _atomic_write(path, "wb", lambda handle: pq.write_table(table, handle))
+
+
+def _plain_lists(pandas_meta: bytes) -> bytes:
+    """pandas' metadata with Arrow-backed list columns (``mean``, ``cov``) recorded as object
+    columns: readers then get arrays per row, where ``list<...>[pyarrow]`` is a dtype that
+    pandas cannot read back (pyarrow 2x, pandas 2.x)."""
+    info = json.loads(pandas_meta)
+    for column in info.get("columns", []):
+        if str(column.get("numpy_type", "")).startswith("list<"):
+            column["numpy_type"] = "object"
+    return json.dumps(info).encode()
+
+
+def arrow_lists(dtype: pa.DataType) -> pd.ArrowDtype | None:
+    """``types_mapper`` for ``to_pandas``: list columns stay in Arrow (no object per row)."""
+    return pd.ArrowDtype(dtype) if pa.types.is_list(dtype) or pa.types.is_large_list(dtype) else None
 
 
 def write_text(text: str, path: str | Path) -> Path:

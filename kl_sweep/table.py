@@ -14,14 +14,19 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
+from torch import Tensor
 
 from kl_sweep.config import ROW_KEYS, config_values, split_values  # noqa: F401  (re-exported)
+from kl_sweep.core import reduction
 from kl_sweep.core.divergences import DIVERGENCES, divergence_exact, kl_pair_exact
 from kl_sweep.core.estimators import make_estimator
 from kl_sweep.core.fit import Problem, Result, Settings, Status, fit_stream
+from kl_sweep.core.gaussians import Family
 from kl_sweep.core.mixture import Mixture
 from kl_sweep.core.optim import make_optimizer
+from kl_sweep.core.reduction import SharedPair
 from kl_sweep.rows import config_hashes, rows_frame  # noqa: F401  (re-exported)
 from kl_sweep.version import numerics_version
 
@@ -36,10 +41,20 @@ COLUMNS = [
     "weight",
     "center",
     "component_var",
+    "dim",
+    "correlation",
+    "direction",
+    "q_family",
+    "target_file",
     "init_mu",
     "init_sigma2",
     "mu",
     "sigma2",
+    "mean",
+    "cov",
+    "log_det_cov",
+    "var_ratio",
+    "entropy_gap",
     "loss",
     "kl_forward",
     "kl_reverse",
@@ -79,10 +94,23 @@ def settings_from(shared: Mapping[str, Any]) -> Settings:
 
 
 def problem_from(rows: pd.DataFrame, shared: Mapping[str, Any]) -> tuple[pd.DataFrame, Problem]:
-    """The typed rows (index 0..n-1) and the batched fit problem they describe."""
+    """The typed rows (index 0..n-1) and the batched fit problem they describe.
+
+    In d > 1 the problem carries the target in R^d and Q's family (``dim``, ``correlation``,
+    ``direction``, ``q_family``); its ``mixture`` is then the target's 1-D line mixture.
+    """
     rows = rows_frame(rows, len(rows)).reset_index(drop=True)
     col = {k: torch.tensor(rows[k].to_numpy(dtype="float64")) for k in ROW_KEYS}
-    mixture = Mixture.two_component(col["separation"], col["weight"], col["center"], col["component_var"])
+    target = family = None
+    dim = int(shared.get("dim", 1))
+    if dim > 1:
+        rho = torch.full_like(col["separation"], float(shared.get("correlation", 0.0)))
+        keys = (col["separation"], col["weight"], col["center"], col["component_var"], rho)
+        target = SharedPair(*keys, dim=dim, direction=str(shared.get("direction", "axis")))
+        family = Family(str(shared.get("q_family", "full")), dim)
+        mixture = target.line()
+    else:
+        mixture = Mixture.two_component(col["separation"], col["weight"], col["center"], col["component_var"])
     problem = Problem(
         mixture=mixture,
         init_mu=col["init_mu"],
@@ -91,6 +119,8 @@ def problem_from(rows: pd.DataFrame, shared: Mapping[str, Any]) -> tuple[pd.Data
         max_steps=torch.tensor(rows["optimizer.max_steps"].to_numpy(dtype="int64")),
         tol=col["optimizer.tol"],
         alpha=col["divergence.alpha"] if DIVERGENCES[shared["divergence.name"]].parameter else None,
+        target=target,
+        family=family,
     )
     return rows, problem
 
@@ -134,13 +164,20 @@ def result_frame(
     log_sigma = 0.5 * torch.log(result.sigma2)
     name = shared["divergence.name"]
     with torch.no_grad():  # both KLs for every row, and the fitted divergence if it is another
-        kl = dict(
-            zip(("forward", "reverse"), (k.numpy() for k in kl_pair_exact(mixture, result.mu, log_sigma)))
-        )
-        if name not in kl:
+        if problem.family is None:
+            pair = kl_pair_exact(mixture, result.mu, log_sigma)
+        else:
+            pair = reduction.kl_pair(problem.target, problem.family, result.theta)
+        kl = dict(zip(("forward", "reverse"), (k.numpy() for k in pair)))
+        if name not in kl and problem.family is None:
             kl[name] = divergence_exact(
                 DIVERGENCES[name], mixture, result.mu, log_sigma, alpha=problem.alpha
             ).numpy()
+        elif name not in kl:
+            kl[name] = reduction.exact_value(
+                DIVERGENCES[name], problem.target, problem.family, result.theta, problem.alpha
+            ).numpy()
+        shape = q_shape(problem, result)
     # A row that starts where the divergence is infinite reports +inf, as the fit does.
     kl[name] = np.where(status == Status.INFINITE, np.inf, kl[name])
     on_boundary = np.zeros(len(rows), bool) if result.on_boundary is None else result.on_boundary.numpy()
@@ -157,10 +194,16 @@ def result_frame(
             "weight": rows["weight"],
             "center": rows["center"],
             "component_var": rows["component_var"],
+            "dim": np.int64(problem.dim),
+            "correlation": float(shared.get("correlation", 0.0)) if problem.dim > 1 else 0.0,
+            "direction": str(shared.get("direction", "axis")),
+            "q_family": str(shared.get("q_family", "full")),
+            "target_file": shared.get("target.file"),
             "init_mu": rows["init_mu"],
             "init_sigma2": rows["init_sigma2"],
             "mu": result.mu.numpy(),
             "sigma2": result.sigma2.numpy(),
+            **shape,
             "loss": kl[shared["divergence.name"]],
             "kl_forward": kl["forward"],
             "kl_reverse": kl["reverse"],
@@ -177,3 +220,40 @@ def result_frame(
         }
     )
     return out[COLUMNS]
+
+
+def _lists(values: Tensor, width: int) -> pd.arrays.ArrowExtensionArray:
+    """Rows of ``values`` [B, width] as one Arrow list column (built from the flat values: no
+    per-row Python objects, so a million 1-D rows cost milliseconds)."""
+    flat = pa.array(values.reshape(-1).numpy())
+    offsets = pa.array(np.arange(0, values.shape[0] * width + 1, width, dtype=np.int32))
+    return pd.arrays.ArrowExtensionArray(pa.ListArray.from_arrays(offsets, flat))
+
+
+def q_shape(problem: Problem, result: Result) -> dict[str, Any]:
+    r"""Q's shape columns: ``mean`` (d), ``cov`` (S's lower triangle, row-major), ``log_det_cov``,
+    ``var_ratio`` (the mean over i of :math:`S_{ii}` over P's marginal variance) and
+    ``entropy_gap`` (:math:`H(P) - H(Q)` in nats where P is a single Gaussian, NaN elsewhere)."""
+    if problem.family is None:
+        mixture = problem.mixture
+        mean, cov = result.mu.unsqueeze(-1), result.sigma2.unsqueeze(-1)
+        log_det = torch.log(result.sigma2)
+        var_ratio = result.sigma2 / mixture.variance()
+        gaussian = mixture.means[:, 0] == mixture.means[:, 1]
+        log_det_p = torch.log(mixture.variances[:, 0])
+    else:
+        family, target, d = problem.family, problem.target, problem.dim
+        mean, S = family.covariance(result.theta)
+        rows, cols = torch.tril_indices(d, d)
+        cov = S[:, rows, cols]
+        log_det = family.log_det(result.theta)
+        var_ratio = (torch.diagonal(S, dim1=-2, dim2=-1) / target.marginal_variances()).mean(-1)
+        gaussian, log_det_p = target.is_gaussian(), target.log_det_cov()
+    gap = torch.where(gaussian, 0.5 * (log_det_p - log_det), torch.nan)
+    return {
+        "mean": _lists(mean, mean.shape[-1]),
+        "cov": _lists(cov, cov.shape[-1]),
+        "log_det_cov": log_det.numpy(),
+        "var_ratio": var_ratio.numpy(),
+        "entropy_gap": gap.numpy(),
+    }

@@ -64,9 +64,19 @@ def make_optimizer(name: str, **options) -> FirstOrder:
 def newton(grad: Tensor, hess: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     r"""Newton step :math:`-H^{-1}g`, decrement :math:`g^T H^{-1} g` and positive-definiteness.
 
-    ``grad`` is [B, 2] and ``hess`` [B, 2, 2]; the 2x2 systems are solved in closed form. Rows
-    whose Hessian is not positive definite get ``pd = False`` (their step is meaningless).
+    ``grad`` is [B, P] and ``hess`` [B, P, P]; 2x2 systems (the 1-D fits) are solved in closed
+    form, larger ones by a batched Cholesky factorisation. Rows whose Hessian is not positive
+    definite get ``pd = False`` (their step is meaningless).
     """
+    if grad.shape[-1] != 2:
+        sym = 0.5 * (hess + hess.transpose(-1, -2))
+        chol, info = torch.linalg.cholesky_ex(sym)
+        pd = (info == 0) & torch.isfinite(sym).all(-1).all(-1)
+        eye = torch.eye(grad.shape[-1], dtype=grad.dtype)
+        safe = torch.where(pd[:, None, None], chol, eye)
+        step = -torch.cholesky_solve(torch.where(pd[:, None], grad, 0.0).unsqueeze(-1), safe).squeeze(-1)
+        decrement = -(step * grad).sum(-1)
+        return step, decrement, pd
     a, b, d = hess[:, 0, 0], 0.5 * (hess[:, 0, 1] + hess[:, 1, 0]), hess[:, 1, 1]
     det = a * d - b * b
     pd = (a > 0) & (det > 0) & torch.isfinite(det)
