@@ -241,7 +241,7 @@ def _forward_value(target: SharedPair, family: Family, theta: Tensor, entropy: T
 
 
 def line_entropy(line: Mixture, nodes_per_panel: int = 12) -> Tensor:
-    r""":math:`H(p_1)` [B] in nats: :math:`\tfrac12\log(2\pi e V) - \mathrm{KL}(p_1\Vert\mathcal N(E p_1, V))`,
+    r""":math:`H(p_1)` [B], nats: :math:`\tfrac12\log(2\pi e V) - \mathrm{KL}(p_1\Vert\mathcal N(E p_1, V))`,
     V the variance of :math:`p_1`."""
     var = line.variance()
     kl = divergence_exact(DIVERGENCES["forward"], line, line.mean(), 0.5 * torch.log(var), nodes_per_panel)
@@ -321,6 +321,8 @@ class ReducedObjective:
     #: H(P) per row, for the forward KL.
     entropy: Tensor | None = None
     trusted: Tensor | None = None
+    #: The line mixture p_1 per row (its switch points computed once per fit, not per step).
+    line: Mixture | None = None
 
     @classmethod
     def build(
@@ -334,7 +336,7 @@ class ReducedObjective:
         if divergence.name not in REDUCIBLE:
             raise ValueError(f"divergence {divergence.name!r} has no 1-D reduction in d > 1")
         entropy = target_entropy(target) if divergence.name == "forward" else None
-        return cls(divergence, estimator, target, family, alpha, entropy)
+        return cls(divergence, estimator, target, family, alpha, entropy, line=target.line())
 
     def subset(self, keep: Tensor) -> ReducedObjective:
         if keep.dtype == torch.bool:
@@ -344,6 +346,7 @@ class ReducedObjective:
             target=self.target[keep],
             alpha=None if self.alpha is None else self.alpha[keep],
             entropy=None if self.entropy is None else self.entropy[keep],
+            line=self.line[keep],
         )
 
     @staticmethod
@@ -356,6 +359,7 @@ class ReducedObjective:
             target=SharedPair.cat([a.target, b.target]),
             alpha=cat(a.alpha, b.alpha),
             entropy=cat(a.entropy, b.entropy),
+            line=Mixture.cat([a.line, b.line]),
         )
 
     #: No edge optima in d > 1: the finite region of the alpha family is a matrix inequality, and
@@ -394,14 +398,93 @@ class ReducedObjective:
             return _autograd(lambda t: _forward_value(self.target, self.family, t, entropy), theta, hessian)
         a = self.orders(theta.shape[0], theta.dtype)
         if name == "reverse" or (a is not None and bool((a == 0).all())):
-            return self._through_line(theta, hessian, "reverse")
+            return self._reverse_derivatives(theta, hessian)
         return self._through_line(theta, hessian, name, a)
 
-    def _line_objective(self, name: str, theta1: Tensor):
-        from kl_sweep.core.objective import Objective
+    def _reverse_derivatives(self, theta: Tensor, hessian: bool) -> tuple[Tensor, Tensor, Tensor | None]:
+        r"""The reverse KL's loss, gradient and Hessian in closed form, O(d^2) a row for ``full``.
 
-        alpha = self.alpha if self.divergence.parameter else None
-        return Objective.build(DIVERGENCES[name], self.estimator, self.target.line(), theta1, alpha)
+        With :math:`s = \tfrac12\log C` the loss is :math:`\hat F(m, s) + \tfrac12\tilde\mu^T\Sigma^{-1}
+        \tilde\mu + \tfrac12\mathrm{tr}(\Sigma^{-1}S) - \tfrac12\log\det S` + const, where
+        :math:`\hat F = F + s - m^2/2 - e^{2s}/2` and F is the 1-D reverse KL (value, gradient and
+        Hessian from the 1-D objective, the native kernel where available). m is linear in the
+        mean; C and the trace are quadratic in the entries of L, each diagonal entry held as its
+        log: the chain rule below is written once for all three families (``diag`` is ``full``
+        with its diagonal entries only, ``iso`` ties those to one parameter). The same values as
+        autograd on :func:`_reverse_parts` (a test checks it), without a graph.
+        """
+        target, family = self.target, self.family
+        d, B = family.dim, theta.shape[0]
+        centred = theta[:, :d] - target.centre()
+        b = target.projection()
+        alpha, beta = target.precision_parts()
+        rows, cols = _entries(family)
+        on_diag = rows == cols
+        psi = theta[:, d:] if family.name != "iso" else theta[:, d:].expand(-1, d)
+        vals = torch.where(on_diag, torch.exp(psi), psi)
+        r = theta.new_zeros((B, d)).index_add_(1, cols, b[:, rows] * vals)  # L^T b
+        C = (r * r).sum(-1)
+        m = (b * centred).sum(-1)
+        s = 0.5 * torch.log(C)
+        f, g, H = _line_objective(self, "reverse", torch.stack([m, s], -1)).derivatives(
+            torch.stack([m, s], -1), hessian
+        )
+        col_sum = theta.new_zeros((B, d)).index_add_(1, cols, vals)
+        prec_l = alpha.unsqueeze(-1) * vals + beta.unsqueeze(-1) * col_sum[:, cols]  # (Sigma^-1 L)_k
+        total = centred.sum(-1)
+        prec_mean = alpha.unsqueeze(-1) * centred + (beta * total).unsqueeze(-1)
+        n_diag = on_diag.to(theta.dtype)
+        log_det_s = 2.0 * (torch.where(on_diag, psi, 0.0)).sum(-1)
+        loss = (
+            f
+            + s
+            - 0.5 * m * m
+            - 0.5 * C
+            + 0.5 * (centred * prec_mean).sum(-1)
+            + 0.5 * (vals * prec_l).sum(-1)
+            - 0.5 * log_det_s
+            + 0.5 * target.log_det_cov()
+            - 0.5 * (d - 1)
+        )
+        f_m, f_s = g[:, 0] - m, g[:, 1] + 1.0 - C
+        jac = torch.where(on_diag, vals, 1.0)
+        dc_l = 2.0 * b[:, rows] * r[:, cols]
+        dc = dc_l * jac
+        ds = dc / (2.0 * C).unsqueeze(-1)
+        dt = prec_l * jac - n_diag
+        grad_scale = f_s.unsqueeze(-1) * ds + dt
+        grad_mean = f_m.unsqueeze(-1) * b + prec_mean
+        if family.name == "iso":
+            grad_scale = grad_scale.sum(-1, keepdim=True)
+        grad = torch.cat([grad_mean, grad_scale], -1)
+        if not hessian:
+            return loss, grad, None
+        f_mm, f_ms, f_ss = H[:, 0, 0] - 1.0, H[:, 0, 1], H[:, 1, 1] - 2.0 * C
+        same_col = (cols.unsqueeze(-1) == cols.unsqueeze(0)).to(theta.dtype)
+        same_row = (rows.unsqueeze(-1) == rows.unsqueeze(0)).to(theta.dtype)
+        outer_jac = jac.unsqueeze(-1) * jac.unsqueeze(-2)
+        br = b[:, rows]
+        d2c = 2.0 * br.unsqueeze(-1) * br.unsqueeze(-2) * same_col * outer_jac
+        d2c = d2c + torch.diag_embed(n_diag * vals * dc_l)
+        d2s = (
+            d2c / (2.0 * C)[:, None, None]
+            - dc.unsqueeze(-1) * dc.unsqueeze(-2) / (2.0 * C * C)[:, None, None]
+        )
+        prec_entries = alpha[:, None, None] * same_row + beta[:, None, None]
+        d2t = prec_entries * same_col * outer_jac + torch.diag_embed(n_diag * vals * prec_l)
+        h_ss = f_ss[:, None, None] * ds.unsqueeze(-1) * ds.unsqueeze(-2) + f_s[:, None, None] * d2s + d2t
+        h_ms = f_ms[:, None, None] * b.unsqueeze(-1) * ds.unsqueeze(-2)
+        eye = torch.eye(d, dtype=theta.dtype)
+        h_mm = f_mm[:, None, None] * b.unsqueeze(-1) * b.unsqueeze(-2) + alpha[:, None, None] * eye
+        h_mm = h_mm + beta[:, None, None]
+        if family.name == "iso":
+            h_ss = h_ss.sum((-1, -2), keepdim=True)
+            h_ms = h_ms.sum(-1, keepdim=True)
+        hess = torch.cat([torch.cat([h_mm, h_ms], -1), torch.cat([h_ms.transpose(-1, -2), h_ss], -1)], -2)
+        return loss, grad, hess
+
+    def _line_objective(self, name: str, theta1: Tensor):
+        return _line_objective(self, name, theta1)
 
     def _through_line(
         self, theta: Tensor, hessian: bool, name: str, a: Tensor | None = None
@@ -440,6 +523,25 @@ class ReducedObjective:
         loss, grad, hess = _autograd(value, theta, hessian)
         loss = torch.where(ok, loss, torch.inf)
         return loss, grad, hess
+
+
+def _entries(family: Family) -> tuple[Tensor, Tensor]:
+    """(rows, cols) of the entries of L the family's scale parameters set (``iso``: the diagonal,
+    tied to one parameter)."""
+    d = family.dim
+    if family.name == "full":
+        rows, cols = torch.tril_indices(d, d)
+        return rows, cols
+    index = torch.arange(d)
+    return index, index
+
+
+def _line_objective(objective: ReducedObjective, name: str, theta1: Tensor):
+    """The 1-D objective of the line mixture p_1 at theta1 = (m, log sd) [B, 2]."""
+    from kl_sweep.core.objective import Objective
+
+    alpha = objective.alpha if objective.divergence.parameter else None
+    return Objective.build(DIVERGENCES[name], objective.estimator, objective.line, theta1, alpha)
 
 
 def _autograd(fn, theta: Tensor, hessian: bool) -> tuple[Tensor, Tensor, Tensor | None]:
