@@ -18,8 +18,9 @@ kernel (:mod:`kl_sweep.core.native`).
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import replace
+from dataclasses import fields, replace
 
 import torch
 
@@ -61,8 +62,14 @@ def fit_stream(
     :func:`_stepwise`, which ``capacity`` is for.
     """
     if not fused(settings):
-        yield from _stepwise(problems, settings, capacity)
-        return
+        counts: deque[int] = deque()
+        results = _stepwise(_pieces(problems, counts), settings, capacity)
+        while True:
+            first = next(results, None)
+            if first is None:
+                return
+            parts = [first] + [next(results) for _ in range(counts.popleft() - 1)]
+            yield parts[0] if len(parts) == 1 else _joined(parts)
     for problem in problems:
         if problem.family is not None or (
             settings.divergence.native == "reverse_kl" and problem.mixture.means.shape[-1] != 2
@@ -70,6 +77,51 @@ def fit_stream(
             yield from _stepwise([problem], settings, capacity)
         else:
             yield _fused_fit(problem, settings)
+
+
+#: Rows of a d > 1 problem at work at once: at most this many Hessian entries (2.4 GB of float64
+#: in all) among them, so that a full Q in d = 20 (P = 230) runs 750 rows at a time.
+HESSIAN_BUDGET = 300_000_000
+
+
+def _pieces(problems: Iterable[Problem], counts: deque[int]) -> Iterator[Problem]:
+    """Each problem, cut into row blocks where its Hessians would exceed :data:`HESSIAN_BUDGET`;
+    ``counts`` gets the number of blocks of each problem, in order."""
+    for problem in problems:
+        B = problem.init_mu.shape[0]
+        P = 2 if problem.family is None else problem.family.n_params
+        size = max(1, HESSIAN_BUDGET // (P * P))
+        blocks = [torch.arange(i, min(i + size, B)) for i in range(0, B, size)] if B > size else []
+        counts.append(max(1, len(blocks)))
+        if not blocks:
+            yield problem
+        for index in blocks:  # over blocks of rows, each fitted as a batch
+            yield _rows_of(problem, index)
+
+
+def _rows_of(problem: Problem, index: torch.Tensor) -> Problem:
+    def take(x):
+        return None if x is None else x[index]
+
+    return replace(
+        problem,
+        mixture=problem.mixture[index],
+        init_mu=problem.init_mu[index],
+        init_sigma2=problem.init_sigma2[index],
+        lr=problem.lr[index],
+        max_steps=problem.max_steps[index],
+        tol=problem.tol[index],
+        alpha=take(problem.alpha),
+        target=take(problem.target),
+    )
+
+
+def _joined(parts: list[Result]) -> Result:
+    def cat(name):
+        values = [getattr(p, name) for p in parts]
+        return None if values[0] is None else torch.cat(values)
+
+    return Result(*(cat(f.name) for f in fields(Result)))
 
 
 def fused(settings: Settings) -> bool:

@@ -53,6 +53,8 @@ from kl_sweep.core.estimators import Estimator
 from kl_sweep.core.gaussians import LOG_2PI, Family
 from kl_sweep.core.mixture import Mixture
 
+#: Entries of a [b, P, P] Hessian formed at once (32 MB of float64 per temporary).
+HESSIAN_ENTRIES = 4_000_000
 #: The divergences this reduction serves (Jensen-Shannon does not reduce to 1-D).
 REDUCIBLE = ("forward", "reverse", "alpha", "hellinger", "chi2", "renyi")
 DIRECTIONS = ("axis", "diagonal")
@@ -391,7 +393,19 @@ class ReducedObjective:
         return self.derivatives(theta, hessian=False)[0]
 
     def derivatives(self, theta: Tensor, hessian: bool) -> tuple[Tensor, Tensor, Tensor | None]:
-        """Loss [b], gradient [b, P] and, if asked, Hessian [b, P, P] in the family's parameters."""
+        """Loss [b], gradient [b, P] and, if asked, Hessian [b, P, P] in the family's parameters.
+
+        Hessians are formed a block of rows at a time (at most :data:`HESSIAN_ENTRIES` entries
+        in each of their temporaries), so memory stays bounded however large P and the batch.
+        """
+        B, P = theta.shape
+        rows = max(1, HESSIAN_ENTRIES // (P * P))
+        if hessian and B > rows:
+            parts = [
+                self.subset(torch.arange(i, min(i + rows, B))).derivatives(theta[i : i + rows], True)
+                for i in range(0, B, rows)  # over blocks of rows, each a batch of its own
+            ]
+            return tuple(torch.cat(part) for part in zip(*parts))
         name = self.divergence.name
         if name == "forward":
             entropy = self.entropy
