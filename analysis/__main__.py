@@ -19,7 +19,7 @@ matplotlib.use("Agg")
 
 from analysis.alpha import alpha_notes, analyse_alpha, split_family  # noqa: E402 (after the backend)
 from analysis.classify import DEFAULT_TOL  # noqa: E402
-from analysis.data import load_sweep  # noqa: E402
+from analysis.data import load_sweep, split_dimensions  # noqa: E402
 from analysis.pipeline import DEFAULT_WEIGHT, analyse  # noqa: E402
 from analysis.report import write_report  # noqa: E402
 from kl_sweep.allocator import keep_freed_memory, small_pages  # noqa: E402
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         message = message if str(args.sweep_dir) in message else f"{args.sweep_dir}: {message}"
         print(f"analysis: {message}", file=sys.stderr)
         return 2
+    table, higher = split_dimensions(table)
     family, rest = split_family(table)
     result = analyse(rest, tol=args.tol) if len(rest) else None
     alpha = analyse_alpha(family, tol=args.tol) if len(family) else None
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}")
     for note in alpha_notes(alpha) if alpha is not None else []:
         print(f"note: {note}")
+    if len(higher):
+        dims = ", ".join(str(d) for d in sorted(higher["dim"].unique()))
+        print(f"note: {len(higher)} rows with dim {dims} are left out of these 1-D figures and tables")
     return 0
 
 

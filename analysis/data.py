@@ -103,3 +103,12 @@ def nearest_value(values: pd.Series | np.ndarray, target: float) -> float:
     """The value in ``values`` closest to ``target`` (the smaller on a tie)."""
     unique = np.unique(np.asarray(values, dtype=float))
     return float(unique[np.argmin(np.abs(unique - target))])
+
+
+def split_dimensions(table: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the 1-D rows, the rows with ``dim`` > 1): the phase analysis here is of the line; a table
+    from before ``dim`` existed is all 1-D."""
+    if "dim" not in table.columns:
+        return table, table.iloc[:0]
+    higher = table["dim"].fillna(1).astype(int).to_numpy() > 1
+    return table[~higher].reset_index(drop=True), table[higher].reset_index(drop=True)
