@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 from analysis.alpha import alpha_notes, analyse_alpha, split_family  # noqa: E402 (after the backend)
 from analysis.classify import DEFAULT_TOL  # noqa: E402
 from analysis.data import load_sweep, split_dimensions  # noqa: E402
+from analysis.dims import write_dims_figures  # noqa: E402
 from analysis.pipeline import DEFAULT_WEIGHT, analyse  # noqa: E402
 from analysis.report import write_report  # noqa: E402
 from kl_sweep.allocator import keep_freed_memory, small_pages  # noqa: E402
@@ -71,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     family, rest = split_family(table)
     result = analyse(rest, tol=args.tol) if len(rest) else None
     alpha = analyse_alpha(family, tol=args.tol) if len(family) else None
-    written = write_report(result, args.sweep_dir, weight=args.weight, alpha=alpha)
-    for folder, kind in (("tables", "table"), ("figures", "figure")):
+    written = write_report(result, args.sweep_dir, weight=args.weight, alpha=alpha) if len(table) else []
+    for folder, kind in (("tables", "table"), ("figures", "figure")) if len(table) else ():
         files = [p for p in written if p.parent.name == folder]
         print(f"wrote {len(files)} {kind} files to {args.sweep_dir / folder}")
     for note in result.notes if result is not None else []:  # what the exact structure could not do
@@ -81,7 +82,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}")
     if len(higher):
         dims = ", ".join(str(d) for d in sorted(higher["dim"].unique()))
-        print(f"note: {len(higher)} rows with dim {dims} are left out of these 1-D figures and tables")
+        print(f"note: {len(higher)} rows with dim {dims} are left out of the 1-D figures and tables")
+        drawn, skipped = write_dims_figures(higher, args.sweep_dir / "figures")
+        print(f"wrote {len(drawn)} figure files of the d > 1 rows to {args.sweep_dir / 'figures'}")
+        for note in skipped:
+            print(f"note: {note}")
     return 0
 
 

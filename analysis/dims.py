@@ -1,0 +1,286 @@
+r"""Figures of d-dimensional sweeps (``dim`` > 1): Bishop's figures 10.2 and 10.3 and the
+shrinkage-delinkage trade-off of a mean-field Q.
+
+Each figure is drawn from the sweep's rows (``mean``, ``cov`` and the keys). A sweep that lacks the
+rows a figure needs gets a one-line note instead of the figure. The closed forms drawn through the
+points are written out here from their textbook formulas, independently of the core:
+
+- Bishop fig. 10.2: P = N(c, v R) in 2-D with correlation rho. A diagonal Q under the reverse KL
+  has variances :math:`v/(R^{-1})_{ii} = v(1 - \rho^2)`, and under the forward KL it has v.
+- Margossian and Saul (UAI 2023): for P = N(0, R) equicorrelated in d dimensions, the diagonal
+  reverse-KL fit has :math:`S_{ii} = 1/(R^{-1})_{ii} = (1-\rho)(1 + (d-1)\rho)/(1 + (d-2)\rho)`.
+  Its variance ratio is that value (P's marginal variances are 1). Its entropy gap
+  :math:`H(P) - H(Q) = \tfrac12[\log\det R - d\log S_{ii}]` is never negative: the fit reports
+  too little uncertainty.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Ellipse
+
+from analysis.figures import DIVERGENCE_COLOURS, PALETTE, save, style
+
+
+def higher_rows(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows with ``dim`` > 1 that converged."""
+    if "dim" not in table.columns:
+        return table.iloc[:0]
+    rows = table[(table["dim"].fillna(1).astype(int) > 1) & table["converged"].astype(bool)]
+    return rows.reset_index(drop=True)
+
+
+def direction_vector(direction: str, dim: int) -> np.ndarray:
+    return np.eye(dim)[0] if direction == "axis" else np.ones(dim) / math.sqrt(dim)
+
+
+def target_moments(row: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(m_1, m_2, Sigma, w) of a row's two-component target."""
+    d, rho = int(row["dim"]), float(row["correlation"])
+    u = direction_vector(str(row["direction"]), d)
+    R = (1 - rho) * np.eye(d) + rho * np.ones((d, d))
+    c = float(row["center"]) * np.ones(d)
+    half = 0.5 * float(row["separation"]) * u
+    return c - half, c + half, float(row["component_var"]) * R, float(row["weight"])
+
+
+def q_moments(row: pd.Series) -> tuple[np.ndarray, np.ndarray]:
+    """(mean, S) of a row's fitted Q, from its ``mean`` and ``cov`` (lower triangle) columns."""
+    d = int(row["dim"])
+    S = np.zeros((d, d))
+    S[np.tril_indices(d)] = np.asarray(row["cov"], dtype=float)
+    return np.asarray(row["mean"], dtype=float), S + np.tril(S, -1).T
+
+
+def ellipse(mean: np.ndarray, cov: np.ndarray, sds: float, **style_) -> Ellipse:
+    """The contour of N(mean, cov) in 2-D at ``sds`` Mahalanobis units."""
+    values, vectors = np.linalg.eigh(cov)
+    angle = math.degrees(math.atan2(vectors[1, 1], vectors[0, 1]))
+    width, height = 2 * sds * np.sqrt(values[::-1])
+    return Ellipse(tuple(mean), width, height, angle=angle, fill=False, **style_)
+
+
+def mixture_log_density(x: np.ndarray, y: np.ndarray, row: pd.Series) -> np.ndarray:
+    """log p on a 2-D grid for a row's target (``dim`` = 2)."""
+    m1, m2, cov, w = target_moments(row)
+    points = np.stack([x, y], -1)
+    inv, (_, log_det) = np.linalg.inv(cov), np.linalg.slogdet(cov)
+
+    def log_n(m):
+        diff = points - m
+        return -0.5 * (np.einsum("...i,ij,...j->...", diff, inv, diff) + log_det + 2 * math.log(2 * math.pi))
+
+    return np.logaddexp(math.log(w) + log_n(m1), math.log1p(-w) + log_n(m2))
+
+
+def _pick(rows: pd.DataFrame, **equal) -> pd.DataFrame:
+    mask = np.ones(len(rows), dtype=bool)
+    for key, value in equal.items():
+        column = rows[key]
+        mask &= np.isclose(column.astype(float), value) if isinstance(value, float) else (column == value)
+    return rows[mask]
+
+
+# --- Bishop fig. 10.2 ---------------------------------------------------------------------------
+
+
+def bishop_10_2(rows: pd.DataFrame) -> Figure | str:
+    """P = N(c, v R) in 2-D (separation 0) with a diagonal Q by the forward and the reverse KL."""
+    cells = _pick(rows, dim=2, separation=0.0, q_family="diag")
+    cells = cells[cells["divergence"].isin(["forward", "reverse"])]
+    if cells.empty or set(cells["divergence"]) != {"forward", "reverse"}:
+        return "Bishop fig. 10.2 needs dim=2, separation=0, q_family=diag rows of both KLs"
+    rho = float(cells["correlation"].max())
+    cells = _pick(cells, correlation=rho)
+    with style():
+        fig = Figure(figsize=(9.0, 4.6), layout="constrained")
+        axes = fig.subplots(1, 2, sharex=True, sharey=True)
+        for ax, name, letter in zip(axes, ("forward", "reverse"), "ab"):
+            row = cells[cells["divergence"] == name].iloc[0]
+            m1, _, cov, _ = target_moments(row)
+            for k, sds in enumerate((1, 2, 3)):
+                ax.add_patch(ellipse(m1, cov, sds, color=PALETTE[2], lw=1.6, alpha=1.0 - 0.25 * k))
+            mean, S = q_moments(row)
+            ax.add_patch(ellipse(mean, S, 1, color=DIVERGENCE_COLOURS[name], lw=2.4))
+            ax.add_patch(ellipse(mean, S, 2, color=DIVERGENCE_COLOURS[name], lw=1.4, ls="--"))
+            ax.set_aspect("equal")
+            lim = 3.4 * math.sqrt(float(row["component_var"]))
+            ax.set_xlim(-lim, lim)
+            ax.set_ylim(-lim, lim)
+            ax.set_xlabel("$x_1$ (component sd)")
+            what = "KL(P‖Q): covers" if name == "forward" else "KL(Q‖P): shrinks"
+            var = np.diag(S)
+            ax.set_title(f"({letter}) {name} {what}\nQ variances {var[0]:.3f}, {var[1]:.3f}", fontsize=11)
+        axes[0].set_ylabel("$x_2$ (component sd)")
+        handles = [
+            Line2D([], [], color=PALETTE[2], lw=1.6, label="P = N(0, R): 1, 2, 3 sd"),
+            Line2D([], [], color=DIVERGENCE_COLOURS["forward"], lw=2.4, label="diag Q, forward KL: 1, 2 sd"),
+            Line2D([], [], color=DIVERGENCE_COLOURS["reverse"], lw=2.4, label="diag Q, reverse KL: 1, 2 sd"),
+        ]
+        fig.legend(handles=handles, loc="outside lower center", ncols=3, frameon=False, fontsize=9)
+        fig.suptitle(f"Bishop fig. 10.2: a factorised Q fitted to a correlated Gaussian (rho = {rho:g})")
+    return fig
+
+
+# --- Bishop fig. 10.3 ---------------------------------------------------------------------------
+
+
+def bishop_10_3(rows: pd.DataFrame) -> Figure | str:
+    """A 2-D two-component mixture: the forward KL covers it, the reverse KL locks onto either mode."""
+    cells = _pick(rows, dim=2)
+    cells = cells[(cells["separation"] > 0) & (cells["q_family"] == "full")]
+    if cells.empty or set(cells["divergence"]) < {"forward", "reverse"}:
+        return "Bishop fig. 10.3 needs dim=2, separation > 0, q_family=full rows of both KLs"
+    separation = float(cells["separation"].max())
+    cells = _pick(cells, separation=separation)
+    cells = _pick(cells, correlation=float(cells["correlation"].min()))
+    reverse = cells[cells["divergence"] == "reverse"]
+    modes = reverse.assign(side=np.sign(reverse["mu"].round(6))).drop_duplicates("side")
+    modes = modes.sort_values("mu")
+    if len(modes) < 2:
+        return f"Bishop fig. 10.3: the reverse KL found one mode at separation {separation:g}; it needs two"
+    panels = [cells[cells["divergence"] == "forward"].iloc[0], modes.iloc[0], modes.iloc[-1]]
+    first = panels[0]
+    m1, m2, cov, _ = target_moments(first)
+    centre = 0.5 * (m1 + m2)
+    reach = 0.5 * np.abs(m2 - m1).max() + 3.2 * math.sqrt(float(first["component_var"]))
+    grid = np.linspace(-reach, reach, 241)
+    x, y = np.meshgrid(centre[0] + grid, centre[1] + grid)
+    density = np.exp(mixture_log_density(x, y, first))
+    with style():
+        fig = Figure(figsize=(12.0, 4.5), layout="constrained")
+        axes = fig.subplots(1, 3, sharex=True, sharey=True)
+        titles = [
+            "(a) forward KL(P‖Q): covers both",
+            "(b) reverse KL(Q‖P) from one start",
+            "(c) … from another",
+        ]
+        for ax, row, title in zip(axes, panels, titles):
+            ax.contour(x, y, density, levels=6, colors=[PALETTE[2]], linewidths=1.1)
+            mean, S = q_moments(row)
+            name = str(row["divergence"])
+            for sds, lw in ((1, 2.4), (2, 1.4)):
+                ax.add_patch(
+                    ellipse(mean, S, sds, color=DIVERGENCE_COLOURS[name], lw=lw, ls="-" if sds == 1 else "--")
+                )
+            start = float(row["init_mu"]) * direction_vector(str(row["direction"]), 2)
+            ax.plot(*start, marker="x", color="black", ms=8, mew=2)
+            ax.set_aspect("equal")
+            ax.set_title(f"{title}\nloss {row['loss']:.3f} nats", fontsize=11)
+            ax.set_xlabel("$x_1$ (component sd)")
+        axes[0].set_ylabel("$x_2$ (component sd)")
+        handles = [
+            Line2D([], [], color=PALETTE[2], lw=1.1, label="P: density contours"),
+            Line2D([], [], color=DIVERGENCE_COLOURS["forward"], lw=2.4, label="Q, forward KL: 1, 2 sd"),
+            Line2D([], [], color=DIVERGENCE_COLOURS["reverse"], lw=2.4, label="Q, reverse KL: 1, 2 sd"),
+            Line2D([], [], color="black", marker="x", ls="none", mew=2, label="start of the fit"),
+        ]
+        fig.legend(handles=handles, loc="outside lower center", ncols=4, frameon=False, fontsize=9)
+        rho = float(first["correlation"])
+        fig.suptitle(
+            f"Bishop fig. 10.3: a full Gaussian Q fitted to a two-component mixture "
+            f"(separation {separation:g}, weight {float(first['weight']):g}, correlation {rho:g})"
+        )
+    return fig
+
+
+# --- the shrinkage-delinkage trade-off ------------------------------------------------------------
+
+
+def diag_reverse_variance(dim: np.ndarray, rho: np.ndarray) -> np.ndarray:
+    r""":math:`1/(R^{-1})_{ii}` for the equicorrelated R: the diag reverse-KL variance (Margossian, Saul)."""
+    return (1 - rho) * (1 + (dim - 1) * rho) / (1 + (dim - 2) * rho)
+
+
+def diag_reverse_entropy_gap(dim: np.ndarray, rho: np.ndarray) -> np.ndarray:
+    r""":math:`\tfrac12[\log\det R - d\log S_{ii}]`, with
+    :math:`\log\det R = (d-1)\log(1-\rho) + \log(1+(d-1)\rho)`."""
+    log_det = (dim - 1) * np.log1p(-rho) + np.log1p((dim - 1) * rho)
+    return 0.5 * (log_det - dim * np.log(diag_reverse_variance(dim, rho)))
+
+
+def shrinkage(rows: pd.DataFrame) -> Figure | str:
+    """Variance ratio and entropy gap of the diag fit against d and rho (P a single Gaussian), with
+    the reverse KL's closed forms drawn through the points and the other divergences beside."""
+    cells = _pick(rows, separation=0.0, q_family="diag")
+    cells = cells[cells["component_var"].astype(float) == 1.0]
+    if cells.empty or "reverse" not in set(cells["divergence"]):
+        return (
+            "the shrinkage figure needs separation=0, q_family=diag, component_var=1 rows of the reverse KL"
+        )
+    label = cells["divergence"].astype(str)
+    if "alpha" in cells.columns:
+        label = label.where(cells["alpha"].isna(), label + " a=" + cells["alpha"].astype(str))
+    cells = cells.assign(member=label)
+    members = sorted(cells["member"].unique(), key=lambda m: (m != "reverse", m))
+    rhos = sorted(cells["correlation"].astype(float).unique())
+    colours = dict(zip(rhos, sns.color_palette("viridis", len(rhos))))
+    markers = dict(zip(members, "osD^v<>ph*"))
+    with style():
+        fig = Figure(figsize=(11.0, 4.6), layout="constrained")
+        axes = fig.subplots(1, 2, sharex=True)
+        dims = np.arange(2, max(3, int(cells["dim"].max())) + 1)
+        for rho in rhos:
+            ok = 1 + (dims - 1) * rho > 0
+            axes[0].plot(dims[ok], diag_reverse_variance(dims[ok], rho), color=colours[rho], lw=1.3)
+            axes[1].plot(dims[ok], diag_reverse_entropy_gap(dims[ok], rho), color=colours[rho], lw=1.3)
+        for (member, rho), part in cells.groupby(["member", cells["correlation"].astype(float)]):
+            part = part.sort_values("dim")
+            for ax, column in zip(axes, ("var_ratio", "entropy_gap")):
+                ax.plot(
+                    part["dim"],
+                    part[column],
+                    ls="none",
+                    marker=markers[member],
+                    ms=7,
+                    mfc=colours[rho] if member == "reverse" else "white",
+                    mec=colours[rho],
+                    mew=1.6,
+                )
+        axes[0].set_ylabel("variance ratio: mean of $S_{ii}$ / marginal variance")
+        axes[1].set_ylabel("entropy gap H(P) − H(Q) (nats)")
+        for ax in axes:
+            ax.set_xlabel("dimension d")
+            ax.set_xscale("log")
+            ax.set_xticks(sorted(cells["dim"].unique()), [str(d) for d in sorted(cells["dim"].unique())])
+        handles = [Line2D([], [], color=colours[r], lw=1.3, label=f"rho = {r:g}: closed form") for r in rhos]
+        handles += [
+            Line2D(
+                [],
+                [],
+                ls="none",
+                marker=markers[m],
+                mfc="grey" if m == "reverse" else "white",
+                mec="grey",
+                label=f"fits: {m}",
+            )
+            for m in members
+        ]
+        fig.legend(handles=handles, loc="outside right center", frameon=False, fontsize=9)
+        fig.suptitle("Shrinkage-delinkage: a mean-field Q fitted to P = N(0, R), R equicorrelated")
+    return fig
+
+
+FIGURES = {"bishop_10_2": bishop_10_2, "bishop_10_3": bishop_10_3, "shrinkage": shrinkage}
+
+
+def write_dims_figures(table: pd.DataFrame, directory: Path) -> tuple[list[Path], list[str]]:
+    """Every figure of :data:`FIGURES` the sweep's d > 1 rows allow: (paths written, notes for the rest)."""
+    rows = higher_rows(table)
+    written, notes = [], []
+    if rows.empty:
+        return written, notes
+    for name, make in FIGURES.items():
+        fig = make(rows)
+        if isinstance(fig, str):
+            notes.append(fig)
+        else:
+            written += save(fig, directory, name)
+    return written, notes
