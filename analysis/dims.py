@@ -25,6 +25,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Ellipse
+from matplotlib.ticker import NullFormatter
 
 from analysis.figures import DIVERGENCE_COLOURS, PALETTE, save, style
 
@@ -229,8 +230,13 @@ def shrinkage(rows: pd.DataFrame) -> Figure | str:
         dims = np.arange(2, max(3, int(cells["dim"].max())) + 1)
         for rho in rhos:
             ok = 1 + (dims - 1) * rho > 0
-            axes[0].plot(dims[ok], diag_reverse_variance(dims[ok], rho), color=colours[rho], lw=1.3)
-            axes[1].plot(dims[ok], diag_reverse_entropy_gap(dims[ok], rho), color=colours[rho], lw=1.3)
+            d = dims[ok]
+            axes[0].plot(d, diag_reverse_variance(d, rho), color=colours[rho], lw=1.3)
+            axes[1].plot(d, diag_reverse_entropy_gap(d, rho), color=colours[rho], lw=1.3)
+            if "forward" in members:  # the forward KL keeps the marginals: ratio 1, gap log det R / 2
+                log_det = (d - 1) * np.log1p(-rho) + np.log1p((d - 1) * rho)
+                axes[0].plot(d, np.ones(len(d)), color=colours[rho], lw=1.0, ls="--")
+                axes[1].plot(d, 0.5 * log_det, color=colours[rho], lw=1.0, ls="--")
         for (member, rho), part in cells.groupby(["member", cells["correlation"].astype(float)]):
             part = part.sort_values("dim")
             for ax, column in zip(axes, ("var_ratio", "entropy_gap")):
@@ -250,7 +256,11 @@ def shrinkage(rows: pd.DataFrame) -> Figure | str:
             ax.set_xlabel("dimension d")
             ax.set_xscale("log")
             ax.set_xticks(sorted(cells["dim"].unique()), [str(d) for d in sorted(cells["dim"].unique())])
-        handles = [Line2D([], [], color=colours[r], lw=1.3, label=f"rho = {r:g}: closed form") for r in rhos]
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        handles = [Line2D([], [], color=colours[r], lw=1.3, label=f"rho = {r:g}") for r in rhos]
+        handles += [Line2D([], [], color="grey", lw=1.3, label="closed form, reverse KL")]
+        if "forward" in members:
+            handles += [Line2D([], [], color="grey", lw=1.0, ls="--", label="closed form, forward KL")]
         handles += [
             Line2D(
                 [],
