@@ -112,9 +112,24 @@ def unknown_key_message(ex: BaseException) -> str | None:
     schema = getattr(cause, "object_type", None)
     if dataclasses.is_dataclass(schema):
         prefix = str(full).rsplit(".", 1)[0] + "." if "." in str(full) else ""
-        keys = ", ".join(f"{prefix}{f.name}" for f in dataclasses.fields(schema) if f.name != "shard")
+        keys = ", ".join(f"{prefix}{name}" for name in _field_names(schema))
         return f"kl_sweep: unknown key {full}: allowed keys here are {keys}"
     return f"kl_sweep: unknown key {full}: allowed keys are {', '.join(KNOWN_KEYS)}"
+
+
+def _field_names(schema: type) -> list[str]:
+    """A schema's keys, a nested schema's as dotted names (``target.file``, not ``target``): the
+    keys a user can set. ``shard`` is the sweeper's own and not listed."""
+    names = []
+    for f in dataclasses.fields(schema):
+        nested = f.default_factory if f.default_factory is not dataclasses.MISSING else None
+        if f.name == "shard":
+            continue
+        if nested is not None and dataclasses.is_dataclass(nested):
+            names.extend(f"{f.name}.{name}" for name in _field_names(nested))
+        else:
+            names.append(f.name)
+    return names
 
 
 def _first_line(ex: BaseException) -> str:

@@ -113,8 +113,15 @@ def read_sweep(sweep_dir: str | Path) -> pd.DataFrame:
 
     Raises :class:`DamagedFileError` (one line: the file, what is wrong, what to do) when any
     results file is damaged or foreign: a table without that file's rows would look complete.
+    List columns (``mean``, ``cov``) hold an array per row, as ``pandas.read_parquet`` gives them;
+    the assembly itself keeps them in Arrow.
     """
-    return _read_sweep(Path(sweep_dir))[0]
+    frame = _read_sweep(Path(sweep_dir))[0]
+    for name, dtype in frame.dtypes.items():
+        if isinstance(dtype, pd.ArrowDtype):
+            arrays = frame[name].array.__arrow_array__().to_numpy(zero_copy_only=False)
+            frame[name] = pd.Series(arrays, dtype=object, index=frame.index)
+    return frame
 
 
 def _read_sweep(sweep_dir: Path) -> tuple[pd.DataFrame, list[Path]]:

@@ -7,7 +7,7 @@ rejects ``separation=abc`` while composing. Ranges are checked in :mod:`kl_sweep
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,23 @@ DIVERGENCE_NAMES = ("forward", "reverse", "hellinger", "alpha", "chi2", "renyi",
 ALPHA_DIVERGENCES = ("alpha", "renyi")
 ESTIMATOR_NAMES = ("quadrature", "grid", "mc")
 OPTIMIZER_NAMES = ("adam", "sgd")
+#: The largest ``dim``. The issue's benchmarks go to d = 50; at d = 64 a full-covariance Q already
+#: has d + d(d+1)/2 = 2,144 parameters a row and its Newton polish a Hessian of 4.6 million entries.
+DIM_MAX = 64
+#: The direction u of the separation: ``axis`` is e_1, ``diagonal`` is the ones vector / sqrt(d).
+DIRECTIONS = ("axis", "diagonal")
+#: The families of Q. Kept equal to :data:`kl_sweep.core.gaussians.FAMILY_NAMES` by a test: the
+#: config must not import the core (torch) just to list three names.
+Q_FAMILIES = ("full", "diag", "iso")
+#: The keys of issue 21 (d dimensions) with their defaults. A key at its default is left out of a
+#: row's ``config_hash`` (:func:`kl_sweep.rows.config_hash_values`): 1-D sweeps keep their hashes.
+NEW_KEY_DEFAULTS: dict[str, Any] = {
+    "dim": 1,
+    "correlation": 0.0,
+    "direction": "axis",
+    "q_family": "full",
+    "target.file": None,
+}
 
 
 @dataclass
@@ -73,14 +90,27 @@ class SGDConf(FirstOrderConf):
 
 
 @dataclass
+class TargetConf:
+    """A general mixture P from a file. When ``file`` is set its target is P: separation, weight,
+    center, component_var, correlation and direction are then ignored, and ``dim`` must be its d."""
+
+    file: str | None = None  # YAML of weights (K), means (K x d), covs (K x d x d): conf/targets/example.yaml
+
+
+@dataclass
 class KLSweepConfig:
-    separation: float = 3.0  # distance between P's two means
-    weight: float = 0.75  # weight of the component at center - separation/2
-    center: float = 0.0  # midpoint of P's means
-    component_var: float = 1.0  # variance of each component of P
-    init_mu: float = 1.0  # starting mean of Q
-    init_sigma2: float = 1.0  # starting variance of Q
+    separation: float = 3.0  # distance between P's two means (along direction u)
+    weight: float = 0.75  # weight of the component at center - separation/2 (times u)
+    center: float = 0.0  # midpoint of P's means (center times the ones vector)
+    component_var: float = 1.0  # variance of each component of P (times R in d dimensions)
+    init_mu: float = 1.0  # starting mean of Q (init_mu times u)
+    init_sigma2: float = 1.0  # starting variance of Q (init_sigma2 times I)
     polish: bool = True  # Newton polish once the optimiser has chosen its basin
+    dim: int = 1  # the dimension d of P and Q, 1 to DIM_MAX
+    correlation: float = 0.0  # rho of each component's covariance component_var * ((1 - rho) I + rho 1 1^T)
+    direction: str = "axis"  # u, along which the means lie: axis (e_1) or diagonal (1 / sqrt(d) each)
+    q_family: str = "full"  # Q's covariance: full (L L^T), diag (mean-field) or iso (sigma^2 I)
+    target: TargetConf = field(default_factory=TargetConf)  # a general mixture P from a file
     shard: str | None = None  # set by the kl_sweep sweeper: fit the rows of this shard file
     divergence: Any = MISSING
     estimator: Any = MISSING
@@ -88,7 +118,8 @@ class KLSweepConfig:
 
 
 #: The keys that may differ from row to row inside one batched fit, with their types. Any other
-#: key (group choices, estimator and optimiser hyperparameters) is shared by a whole batch.
+#: key (group choices, estimator and optimiser hyperparameters, the keys of
+#: :data:`NEW_KEY_DEFAULTS`) is shared by a whole batch: a sweep composes once per combination.
 ROW_KEYS: dict[str, type] = {
     "divergence.alpha": float,
     "separation": float,

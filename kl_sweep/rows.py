@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kl_sweep.config import ROW_KEYS
+from kl_sweep.config import NEW_KEY_DEFAULTS, ROW_KEYS
 
 _DTYPES = {float: "float64", int: "int64"}
 
@@ -34,14 +34,42 @@ def config_hash_values(rows: pd.DataFrame, shared: Mapping[str, Any]) -> np.ndar
     The row keys are hashed as typed columns and the shared settings as one canonical JSON string,
     with pandas' fixed-key hashing: the same configuration gets the same hash in any run, batch
     or process, which is what resuming a sweep matches on. :func:`config_hashes` writes it as text.
+    The settings are those of :func:`hashed_settings`: a sweep from before ``dim`` existed keeps
+    its hashes, and so resumes.
     """
     frame = rows_frame(rows, len(rows)).reset_index(drop=True)
-    text = json.dumps(dict(sorted(shared.items())), sort_keys=True, default=str)
+    text = json.dumps(dict(sorted(hashed_settings(shared).items())), sort_keys=True, default=str)
     # Every row has the same settings: as a categorical of one category, the string is hashed
     # once and its hash taken by code (pandas hashes a categorical as its values, so the hashes
     # are those of a plain string column; a million copies of the string cost 0.3 s).
     frame["__shared__"] = pd.Categorical.from_codes(np.zeros(len(frame), np.int8), [text])
     return pd.util.hash_pandas_object(frame, index=False).to_numpy()
+
+
+def hashed_settings(shared: Mapping[str, Any]) -> dict[str, Any]:
+    """The shared settings a hash covers: each key of :data:`~kl_sweep.config.NEW_KEY_DEFAULTS` is
+    left out at its default (today's configurations, hashed before those keys existed, keep their
+    hashes bit for bit) and kept otherwise.
+
+    A target file stands in as the SHA-256 of its numbers (:attr:`kl_sweep.target.Target.digest`),
+    not its path: the result depends on what the file says, so an edited file is fitted again on
+    resume, and the same file named from another directory is the same configuration.
+    """
+    settings = {k: v for k, v in shared.items() if not _at_default(k, v)}
+    if settings.get("target.file") is not None:
+        from kl_sweep.target import load_target
+
+        settings["target.file"] = "sha256:" + load_target(settings["target.file"]).digest
+    return settings
+
+
+def _at_default(key: str, value: Any) -> bool:
+    if key not in NEW_KEY_DEFAULTS:
+        return False
+    default = NEW_KEY_DEFAULTS[key]
+    if default is None or value is None:
+        return value is default
+    return type(value) is not bool and value == default
 
 
 def config_hashes(rows: pd.DataFrame, shared: Mapping[str, Any]) -> np.ndarray:

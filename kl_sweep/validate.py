@@ -1,7 +1,9 @@
 """Every allowed range, in one place, checked on whole columns at once.
 
 A single run checks its one value per key; a sweep checks each key's full column before any fit
-starts, so one bad value among thousands stops everything with a message naming it.
+starts, so one bad value among thousands stops everything with a message naming it. Some checks
+span keys (``divergence.alpha`` against the divergence, ``correlation`` against ``dim``); a target
+file's contents are checked by :func:`kl_sweep.target.load_target`, called from here.
 """
 
 from __future__ import annotations
@@ -13,21 +15,31 @@ from typing import Any
 import numpy as np
 from hydra.errors import CompactHydraException
 
-from kl_sweep.config import ALPHA_DIVERGENCES, DIVERGENCE_NAMES, ESTIMATOR_NAMES, OPTIMIZER_NAMES, ROW_KEYS
+from kl_sweep.config import (
+    ALPHA_DIVERGENCES,
+    DIM_MAX,
+    DIRECTIONS,
+    DIVERGENCE_NAMES,
+    ESTIMATOR_NAMES,
+    NEW_KEY_DEFAULTS,
+    OPTIMIZER_NAMES,
+    Q_FAMILIES,
+    ROW_KEYS,
+)
 
 
 class ConfigError(CompactHydraException, ValueError):
     """A value outside what kl-sweep allows. Hydra prints its one-line message, no traceback."""
 
     def __init__(self, key: str, value: Any, allowed: str, context: str = ""):
-        self.key, self.value, self.allowed = key, value, allowed
+        self.key, self.value, self.allowed, self.context = key, value, allowed, context
         where = f" ({context})" if context else ""
         super().__init__(f"kl_sweep: invalid {key}={_show(value)}{where}: allowed is {allowed}")
 
 
 class UnknownKeyError(ConfigError):
     def __init__(self, key: str, value: Any):
-        self.key, self.value, self.allowed = key, value, ", ".join(KNOWN_KEYS)
+        self.key, self.value, self.allowed, self.context = key, value, ", ".join(KNOWN_KEYS), ""
         CompactHydraException.__init__(
             self, f"kl_sweep: unknown key {key} (set to {_show(value)}): allowed keys are {self.allowed}"
         )
@@ -85,6 +97,11 @@ def _choice(options: tuple[str, ...]) -> Rule:
     return Rule("one of " + ", ".join(options), lambda v: np.isin(np.asarray(v, dtype=object), options))
 
 
+def _path_or_null(v: np.ndarray) -> np.ndarray:
+    """null, or text that is not blank (whether a file is there is :func:`_check_target`'s)."""
+    return np.array([x is None or (isinstance(x, str) and bool(x.strip())) for x in v], dtype=bool)
+
+
 RULES: dict[str, Rule] = {
     "separation": Rule("a finite number >= 0", _finite(0.0)),
     "weight": Rule("a number strictly between 0 and 1", _finite(0.0, 1.0, lo_open=True, hi_open=True)),
@@ -92,6 +109,11 @@ RULES: dict[str, Rule] = {
     "component_var": Rule("a finite number > 0", _finite(0.0, lo_open=True)),
     "init_mu": Rule("a finite number", _finite()),
     "init_sigma2": Rule("a finite number > 0", _finite(0.0, lo_open=True)),
+    "dim": Rule(f"an integer from 1 to {DIM_MAX}", _integer(1, DIM_MAX)),
+    # correlation: its range depends on dim (_check_correlation)
+    "direction": _choice(DIRECTIONS),
+    "q_family": _choice(Q_FAMILIES),
+    "target.file": Rule("null or the path of a YAML target file", _path_or_null),
     "divergence.name": _choice(DIVERGENCE_NAMES),
     "estimator.name": _choice(ESTIMATOR_NAMES),
     "estimator.nodes_per_panel": Rule("an integer from 2 to 64", _integer(2, 64)),
@@ -110,9 +132,16 @@ RULES: dict[str, Rule] = {
 
 
 #: The keys every configuration needs (``~separation`` would delete one).
-REQUIRED_KEYS = (*ROW_KEYS, "polish", "divergence.name", "estimator.name", "optimizer.name")
+REQUIRED_KEYS = (
+    *ROW_KEYS,
+    "polish",
+    "divergence.name",
+    "estimator.name",
+    "optimizer.name",
+    *NEW_KEY_DEFAULTS,
+)
 #: Every key a configuration may have (flattened); anything else, such as ``+colour=red``, is refused.
-KNOWN_KEYS = tuple(sorted({*RULES, "polish", "divergence.alpha"}))
+KNOWN_KEYS = tuple(sorted({*RULES, "polish", "divergence.alpha", "correlation"}))
 #: ``divergence.alpha`` per divergence that takes one (checked in :func:`_check_alpha`).
 ALPHA_RULES: dict[str, Rule] = {
     "alpha": Rule("a finite number (any real order; 0 and 1 are the KL limits)", _finite()),
@@ -146,6 +175,8 @@ def validate(values: Mapping[str, Any], context: Callable[[str, Any], str] | Non
             bad = column[int(np.argmin(good))]
             raise ConfigError(key, bad, rule.allowed, context(key, bad) if context else "")
     _check_alpha(values, context)
+    _check_correlation(values, context)
+    _check_target(values, context)
 
 
 def _check_alpha(values: Mapping[str, Any], context: Callable[[str, Any], str] | None) -> None:
@@ -168,6 +199,56 @@ def _check_alpha(values: Mapping[str, Any], context: Callable[[str, Any], str] |
             raise ConfigError(
                 "divergence.alpha", bad, allowed, context("divergence.alpha", bad) if context else ""
             )
+
+
+def _check_correlation(values: Mapping[str, Any], context: Callable[[str, Any], str] | None) -> None:
+    """``correlation`` rho against ``dim`` d (already checked): R = (1 - rho) I + rho 1 1^T is positive
+    definite, its eigenvalues 1 - rho and 1 + (d - 1) rho both > 0, for -1/(d - 1) < rho < 1."""
+    if "correlation" not in values:
+        return
+    rho = np.atleast_1d(np.asarray(values["correlation"], dtype=object))
+    dims = np.atleast_1d(np.asarray(values.get("dim", 1), dtype=object))
+    rho, dims = np.broadcast_arrays(rho, dims)  # shared keys: one value each, or columns of a batch
+    try:
+        x, d = _numeric(rho), _numeric(dims)
+    except (TypeError, ValueError):  # text where a number belongs: judge value by value
+        x = np.array([_float_or_nan(v) for v in rho])
+        d = _numeric(dims)
+    lower = np.where(d > 1, -1.0 / np.maximum(d - 1.0, 1.0), -np.inf)
+    good = np.isfinite(x) & (x < 1.0) & (x > lower)
+    if not good.all():
+        i = int(np.argmin(good))
+        bad, dim = rho[i], int(dims[i])
+        lowest = "-1" if dim == 2 else f"-1/{dim - 1}"
+        interval = "a finite number < 1" if dim == 1 else f"a number in the open interval ({lowest}, 1)"
+        allowed = f"{interval} for dim={dim} (R = (1 - rho) I + rho 1 1^T must be positive definite)"
+        raise ConfigError("correlation", bad, allowed, context("correlation", bad) if context else "")
+
+
+def _check_target(values: Mapping[str, Any], context: Callable[[str, Any], str] | None) -> None:
+    """Read and check every target file named (once per file and dim; a sweep's groups share one)."""
+    from kl_sweep.target import load_target  # here: kl_sweep.target raises this module's ConfigError
+
+    files = np.atleast_1d(np.asarray(values.get("target.file"), dtype=object))
+    dims = np.atleast_1d(np.asarray(values.get("dim", 1), dtype=object))
+    files, dims = np.broadcast_arrays(files, dims)
+    for file, dim in dict.fromkeys(zip(files.tolist(), dims.tolist())):
+        if file is None:
+            continue
+        try:
+            load_target(file, int(dim))
+        except ConfigError as ex:
+            if not context:
+                raise
+            where = "; ".join(c for c in (ex.context, context("target.file", file)) if c)
+            raise ConfigError(ex.key, ex.value, ex.allowed, where) from None
+
+
+def _float_or_nan(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def _scalar_ok(rule: Rule, value: Any) -> bool:
