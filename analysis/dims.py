@@ -278,7 +278,74 @@ def shrinkage(rows: pd.DataFrame) -> Figure | str:
     return fig
 
 
-FIGURES = {"bishop_10_2": bishop_10_2, "bishop_10_3": bishop_10_3, "shrinkage": shrinkage}
+# --- where multistability begins, as the sweep found it ----------------------------------------
+
+#: Two minima of a cell are distinct when their means along u differ by more than this.
+DISTINCT_MU = 1e-4
+ONSET_KEYS = ["divergence", "direction", "dim", "q_family", "correlation", "weight"]
+
+
+def minima_found(rows: pd.DataFrame) -> pd.DataFrame:
+    """The number of distinct minima the sweep's starts reached in each cell (its keys and separation)."""
+    keys = [*ONSET_KEYS, "separation"]
+
+    def count(mu: pd.Series) -> int:
+        values = np.sort(mu.to_numpy(dtype=float))
+        return 1 + int((np.diff(values) > DISTINCT_MU).sum()) if len(values) else 0
+
+    return rows.groupby(keys, dropna=False)["mu"].apply(count).rename("minima").reset_index()
+
+
+def multistability_onsets(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (divergence, direction, dim, family, correlation, weight): the smallest swept separation
+    where the starts reached two or more minima (NaN: none in the swept range), and the largest
+    swept separation. A sweep-based figure: it is as fine as the separation grid and the starts."""
+    found = minima_found(rows)
+    onset = found[found["minima"] >= 2].groupby(ONSET_KEYS, dropna=False)["separation"].min()
+    largest = found.groupby(ONSET_KEYS, dropna=False)["separation"].max().rename("largest_separation")
+    return pd.concat([onset.rename("onset_separation"), largest], axis=1).reset_index()
+
+
+def onset_figure(rows: pd.DataFrame) -> Figure | str:
+    """Onset of multistability against correlation, per family (colour), direction (panel) and d."""
+    cells = rows[rows["divergence"] == "reverse"]
+    if cells.empty or cells["correlation"].nunique() < 2 or cells["separation"].nunique() < 3:
+        return "the onset figure needs reverse-KL rows over several correlations and separations"
+    onsets = multistability_onsets(cells)
+    weight = float(onsets["weight"].mode().iloc[0])
+    onsets = onsets[np.isclose(onsets["weight"], weight)]
+    families = [f for f in ("full", "diag", "iso") if f in set(onsets["q_family"])]
+    colours = dict(zip(("full", "diag", "iso"), (PALETTE[0], PALETTE[3], PALETTE[2])))
+    dims = sorted(onsets["dim"].unique())
+    styles = dict(zip(dims, ("-", "--", ":", "-.")))
+    directions = [d for d in ("axis", "diagonal") if d in set(onsets["direction"])]
+    with style():
+        fig = Figure(figsize=(5.2 * len(directions) + 2.0, 4.6), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(1, len(directions), sharey=True))
+        top = float(onsets["largest_separation"].max())
+        for ax, direction in zip(axes, directions):
+            for (family, dim), part in onsets[onsets["direction"] == direction].groupby(["q_family", "dim"]):
+                part = part.sort_values("correlation")
+                y = part["onset_separation"].fillna(top + 0.5)  # none found: drawn above the range
+                ax.plot(part["correlation"], y, color=colours[family], ls=styles[dim], marker="o", ms=5)
+            ax.axhline(top, color="grey", lw=0.8)
+            ax.text(ax.get_xlim()[0], top + 0.5, " none found in the swept range", va="center", fontsize=8)
+            ax.set_title(f"modes along the {direction} ({'e_1' if direction == 'axis' else '1/sqrt(d)'})")
+            ax.set_xlabel("correlation rho inside each component")
+        axes[0].set_ylabel("smallest separation with two minima (component sd)")
+        handles = [Line2D([], [], color=colours[f], lw=2, label=f"{f} Q") for f in families]
+        handles += [Line2D([], [], color="grey", ls=styles[d], label=f"d = {d}") for d in dims]
+        fig.legend(handles=handles, loc="outside right center", frameon=False, fontsize=9)
+        fig.suptitle(f"Reverse KL: where the sweep's starts first reach two minima (weight {weight:g})")
+    return fig
+
+
+FIGURES = {
+    "bishop_10_2": bishop_10_2,
+    "bishop_10_3": bishop_10_3,
+    "shrinkage": shrinkage,
+    "multistability_onset": onset_figure,
+}
 
 
 def write_dims_figures(table: pd.DataFrame, directory: Path) -> tuple[list[Path], list[str]]:
@@ -293,4 +360,8 @@ def write_dims_figures(table: pd.DataFrame, directory: Path) -> tuple[list[Path]
             notes.append(fig)
         else:
             written += save(fig, directory, name)
+    tables = directory.parent / "tables"
+    tables.mkdir(parents=True, exist_ok=True)
+    multistability_onsets(rows).to_csv(tables / "dims_onsets.csv", index=False)
+    written.append(tables / "dims_onsets.csv")
     return written, notes

@@ -25,6 +25,9 @@ OPTIMIZER_NAMES = ("adam", "sgd")
 #: The largest ``dim``. The issue's benchmarks go to d = 50; at d = 64 a full-covariance Q already
 #: has d + d(d+1)/2 = 2,144 parameters a row and its Newton polish a Hessian of 4.6 million entries.
 DIM_MAX = 64
+#: The largest ``dim`` for ``q_family=full``: its Newton polish solves a P x P system a row, P =
+#: d + d(d+1)/2 (230 at d = 20), so its cost grows like d^6; d = 20 fits a few configurations a second.
+FULL_DIM_MAX = 20
 #: The direction u of the separation: ``axis`` is e_1, ``diagonal`` is the ones vector / sqrt(d).
 DIRECTIONS = ("axis", "diagonal")
 #: The families of Q. Kept equal to :data:`kl_sweep.core.gaussians.FAMILY_NAMES` by a test: the

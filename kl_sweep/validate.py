@@ -21,6 +21,7 @@ from kl_sweep.config import (
     DIRECTIONS,
     DIVERGENCE_NAMES,
     ESTIMATOR_NAMES,
+    FULL_DIM_MAX,
     NEW_KEY_DEFAULTS,
     OPTIMIZER_NAMES,
     Q_FAMILIES,
@@ -176,6 +177,7 @@ def validate(values: Mapping[str, Any], context: Callable[[str, Any], str] | Non
             raise ConfigError(key, bad, rule.allowed, context(key, bad) if context else "")
     _check_alpha(values, context)
     _check_correlation(values, context)
+    _check_full_dim(values, context)
     _check_target(values, context)
 
 
@@ -223,6 +225,18 @@ def _check_correlation(values: Mapping[str, Any], context: Callable[[str, Any], 
         interval = "a finite number < 1" if dim == 1 else f"a number in the open interval ({lowest}, 1)"
         allowed = f"{interval} for dim={dim} (R = (1 - rho) I + rho 1 1^T must be positive definite)"
         raise ConfigError("correlation", bad, allowed, context("correlation", bad) if context else "")
+
+
+def _check_full_dim(values: Mapping[str, Any], context: Callable[[str, Any], str] | None) -> None:
+    """``dim`` at most :data:`~kl_sweep.config.FULL_DIM_MAX` with ``q_family=full``."""
+    dims = np.atleast_1d(np.asarray(values.get("dim", 1), dtype=object))
+    families = np.atleast_1d(np.asarray(values.get("q_family", "full"), dtype=object))
+    dims, families = np.broadcast_arrays(dims, families)
+    bad = (families == "full") & (_numeric(dims) > FULL_DIM_MAX)
+    if bad.any():
+        value = dims[int(np.argmax(bad))]
+        allowed = f"an integer from 1 to {FULL_DIM_MAX} with q_family=full (diag and iso go to {DIM_MAX})"
+        raise ConfigError("dim", value, allowed, context("dim", value) if context else "")
 
 
 def _check_target(values: Mapping[str, Any], context: Callable[[str, Any], str] | None) -> None:

@@ -508,7 +508,7 @@ def test_the_example_is_a_2d_target_of_three_unequal_components():
     [(1, -1e300), (1, 0.999999), (2, -0.999999), (3, -0.4999), (64, -1 / 63 + 1e-9), (64, 0.99)],
 )
 def test_correlations_inside_the_positive_definite_range_validate(dim, rho):
-    validate({**values_of(), "dim": dim, "correlation": rho})
+    validate({**values_of(), "dim": dim, "correlation": rho, "q_family": "diag"})
     eig = np.linalg.eigvalsh((1 - rho) * np.eye(dim) + rho * np.ones((dim, dim)))
     assert eig.min() > 0 or dim == 1  # the rule is the definition (in 1-D R is 1 whatever rho)
 
@@ -518,8 +518,20 @@ def test_correlations_inside_the_positive_definite_range_validate(dim, rho):
 )
 def test_correlations_on_or_past_the_edge_are_refused(dim, rho):
     with pytest.raises(ConfigError, match=r"invalid correlation=.*open interval|finite number < 1") as info:
-        validate({**values_of(), "dim": dim, "correlation": rho})
+        validate({**values_of(), "dim": dim, "correlation": rho, "q_family": "iso"})
     assert info.value.key == "correlation" and f"for dim={dim}" in str(info.value)
+
+
+@pytest.mark.parametrize("family, dim, ok", [("full", 20, True), ("full", 21, False), ("diag", 64, True)])
+def test_a_full_q_goes_to_dim_20(family, dim, ok):
+    values = {**values_of(), "dim": dim, "q_family": family}
+    if ok:
+        validate(values)
+        return
+    with pytest.raises(
+        ConfigError, match=r"invalid dim=21: allowed is an integer from 1 to 20 with q_family=full"
+    ):
+        validate(values)
 
 
 def test_columns_of_dims_and_correlations_are_checked_whole():
@@ -529,7 +541,7 @@ def test_columns_of_dims_and_correlations_are_checked_whole():
     with pytest.raises(ConfigError, match=r"correlation=-0\.6.*\(-1/2, 1\) for dim=3"):
         validate({**base, "dim": np.array([2, 3]), "correlation": np.array([-0.6, -0.6])})
     with pytest.raises(ConfigError, match=r"invalid dim=65"):
-        validate({**base, "dim": np.array([1, 65])})
+        validate({**base, "dim": np.array([1, 65]), "q_family": "diag"})
 
 
 @pytest.mark.parametrize(
