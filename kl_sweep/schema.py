@@ -69,13 +69,17 @@ COLUMN_DOCS: dict[str, tuple[str, str]] = {
     ),
     "numerics_version": (
         NO_UNIT,
-        "<kl_sweep version>+<hash> of the code that fitted the row and the torch version",
+        "VERSION+HASH: kl_sweep's version, and a hash of the code that fits rows, torch's version and "
+        "whether the C kernels ran",
     ),
     "max_steps": ("steps", "the step budget, polish included (`optimizer.max_steps`)"),
     "tol": ("as grad_norm", "converged needs grad_norm <= tol (`optimizer.tol`)"),
     "fit_seconds": ("s", "the wall time of the row's chunk shared out over its rows: the only timing column"),
-    "sweep_id": (NO_UNIT, "the sweep's identifier (added by sweeps, and when a sweep directory is read)"),
-    "job_num": (NO_UNIT, "the configuration's position in the sweep (added by sweeps)"),
+    "sweep_id": (
+        NO_UNIT,
+        "the sweep: a hash of its overrides (kl_sweep's sweeper), else its directory's name",
+    ),
+    "job_num": (NO_UNIT, "the configuration's position in the sweep, or its job folder (other sweepers)"),
 }
 
 #: Columns a sweep adds after :data:`kl_sweep.table.COLUMNS`.
