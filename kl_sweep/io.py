@@ -13,6 +13,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from kl_sweep.schema import annotate
+
 
 def versions() -> dict[str, str]:
     """The versions of kl_sweep and the libraries behind a file, for its metadata."""
@@ -53,10 +55,13 @@ def write_parquet(frame: pd.DataFrame, path: str | Path, metadata: dict[str, str
     """Write ``frame`` to ``path`` atomically: a temporary file in the same folder, then a rename.
 
     A reader (or a rerun after a kill) sees either the old file or the whole new one, never a part.
+    Each column of the results table carries its unit and meaning in its field metadata
+    (:func:`kl_sweep.schema.annotate`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(frame, preserve_index=False)
+    table = pa.Table.from_arrays(table.columns, schema=annotate(table.schema))  # each column's unit, meaning
     meta = dict(table.schema.metadata or {})
     if b"pandas" in meta:
         meta[b"pandas"] = _plain_lists(meta[b"pandas"])
