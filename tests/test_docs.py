@@ -40,6 +40,7 @@ PAGES = [
     "README.md",
     "docs/README.md",
     "docs/model-and-divergences.md",
+    "docs/dimensions.md",
     "docs/running-sweeps.md",
     "docs/results-table.md",
     "docs/analysis-and-figures.md",
