@@ -42,7 +42,9 @@ def run(cfg: DictConfig, output_dir: str | Path) -> float:
     in_nats = is_kl or r.divergence in ("renyi", "jensen_shannon")  # D_a, H^2 and chi2 have no unit
     name = f"{r.divergence}{' KL' if is_kl else ''}{'' if pd.isna(r.alpha) else f'(alpha={r.alpha:g})'}"
     edge = " (on the edge of the finite region)" if r.on_boundary else ""
-    if r.dim > 1:  # Q along u, and its shape
+    if r.target_file is not None:  # mu and sigma2 along e_1
+        name = f"{name} in d={r.dim} ({r.q_family} Q, target {r.target_file}, along e_1)"
+    elif r.dim > 1:  # Q along u, and its shape
         name = f"{name} in d={r.dim} ({r.q_family} Q, direction {r.direction}, correlation {r.correlation:g})"
     log.info(
         f"{name}: mu={r.mu:.6g} sigma2={r.sigma2:.6g}{edge} "

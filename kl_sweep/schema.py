@@ -63,6 +63,11 @@ COLUMN_DOCS: dict[str, tuple[str, str]] = {
         "the fitted divergence at the final Q by accurate quadrature, whatever the estimator; inf where "
         "it is infinite",
     ),
+    "loss_error": (
+        "the loss's units",
+        "the standard error of `loss` where it is estimated by randomised QMC (a general target in "
+        "d > 3); 0 for the deterministic rules",
+    ),
     "kl_forward": ("nats", "KL(P‖Q) at the final Q, whatever was fitted"),
     "kl_reverse": ("nats", "KL(Q‖P) at the final Q, whatever was fitted"),
     "grad_norm": (

@@ -20,10 +20,11 @@ from torch import Tensor
 
 from kl_sweep.config import ROW_KEYS, config_values, split_values  # noqa: F401  (re-exported)
 from kl_sweep.core import reduction
+from kl_sweep.core.cubature import divergence_nd
 from kl_sweep.core.divergences import DIVERGENCES, divergence_exact, kl_pair_exact
 from kl_sweep.core.estimators import make_estimator
 from kl_sweep.core.fit import Problem, Result, Settings, Status, fit_stream
-from kl_sweep.core.gaussians import Family
+from kl_sweep.core.gaussians import Family, MixtureND
 from kl_sweep.core.mixture import Mixture
 from kl_sweep.core.optim import make_optimizer
 from kl_sweep.core.reduction import SharedPair
@@ -56,6 +57,7 @@ COLUMNS = [
     "var_ratio",
     "entropy_gap",
     "loss",
+    "loss_error",
     "kl_forward",
     "kl_reverse",
     "grad_norm",
@@ -103,7 +105,12 @@ def problem_from(rows: pd.DataFrame, shared: Mapping[str, Any]) -> tuple[pd.Data
     col = {k: torch.tensor(rows[k].to_numpy(dtype="float64")) for k in ROW_KEYS}
     target = family = None
     dim = int(shared.get("dim", 1))
-    if dim > 1:
+    if shared.get("target.file") is not None:  # a general target: the file's, on every row
+        target = general_target(shared["target.file"], dim, len(rows))
+        family = Family(str(shared.get("q_family", "full")), dim) if dim > 1 else None
+        mixture = target.line()
+        target = target if dim > 1 else None
+    elif dim > 1:
         rho = torch.full_like(col["separation"], float(shared.get("correlation", 0.0)))
         keys = (col["separation"], col["weight"], col["center"], col["component_var"], rho)
         target = SharedPair(*keys, dim=dim, direction=str(shared.get("direction", "axis")))
@@ -163,20 +170,18 @@ def result_frame(
     status = result.status.numpy()
     log_sigma = 0.5 * torch.log(result.sigma2)
     name = shared["divergence.name"]
+    error = np.zeros(len(rows))
     with torch.no_grad():  # both KLs for every row, and the fitted divergence if it is another
-        if problem.family is None:
+        if problem.family is None:  # both KLs from one set of nodes a row
             pair = kl_pair_exact(mixture, result.mu, log_sigma)
+            kl = dict(zip(("forward", "reverse"), (k.numpy() for k in pair)))
         else:
-            pair = reduction.kl_pair(problem.target, problem.family, result.theta)
-        kl = dict(zip(("forward", "reverse"), (k.numpy() for k in pair)))
-        if name not in kl and problem.family is None:
-            kl[name] = divergence_exact(
-                DIVERGENCES[name], mixture, result.mu, log_sigma, alpha=problem.alpha
-            ).numpy()
-        elif name not in kl:
-            kl[name] = reduction.exact_value(
-                DIVERGENCES[name], problem.target, problem.family, result.theta, problem.alpha
-            ).numpy()
+            kl = {}
+        for which in dict.fromkeys(("forward", "reverse", name)):
+            if which not in kl:
+                value, err = exact_divergence(DIVERGENCES[which], problem, result)
+                kl[which] = value.numpy()
+                error = err.numpy() if which == name else error
         shape = q_shape(problem, result)
     # A row that starts where the divergence is infinite reports +inf, as the fit does.
     kl[name] = np.where(status == Status.INFINITE, np.inf, kl[name])
@@ -205,6 +210,7 @@ def result_frame(
             "sigma2": result.sigma2.numpy(),
             **shape,
             "loss": kl[shared["divergence.name"]],
+            "loss_error": error,
             "kl_forward": kl["forward"],
             "kl_reverse": kl["reverse"],
             "grad_norm": result.grad_norm.numpy(),
@@ -220,6 +226,34 @@ def result_frame(
         }
     )
     return out[COLUMNS]
+
+
+def general_target(path: str, dim: int, rows: int) -> MixtureND:
+    """The target of ``target.file`` as a batch of ``rows`` identical mixtures in R^dim."""
+    from kl_sweep.target import load_target
+
+    target = load_target(path, dim)
+    L = np.linalg.cholesky(target.covs)
+    parts = (np.log(target.weights), target.means, L)
+    return MixtureND(*(torch.tensor(x, dtype=torch.float64).expand(rows, *x.shape).clone() for x in parts))
+
+
+def exact_divergence(divergence, problem: Problem, result: Result) -> tuple[Tensor, Tensor]:
+    """(value, error) [B] of ``divergence`` at each row's fitted Q, to near rounding level where the
+    problem reduces to 1-D (error 0), by the R^d rule of :mod:`kl_sweep.core.cubature` otherwise
+    (error: the QMC standard error above d = 3, else 0)."""
+    alpha = problem.alpha if divergence.parameter else None
+    target, family = problem.target, problem.family
+    if family is None:
+        log_sigma = 0.5 * torch.log(result.sigma2)
+        value = divergence_exact(divergence, problem.mixture, result.mu, log_sigma, alpha=problem.alpha)
+        return value, torch.zeros_like(value)
+    if isinstance(target, SharedPair) and divergence.name in reduction.REDUCIBLE:
+        value = reduction.exact_value(divergence, target, family, result.theta, alpha)
+        return value, torch.zeros_like(value)
+    mixture = target.as_mixture() if isinstance(target, SharedPair) else target
+    mean, L = family.scale_tril(result.theta)
+    return divergence_nd(divergence, mixture, mean, L, alpha)
 
 
 def _lists(values: Tensor, width: int) -> pd.arrays.ArrowExtensionArray:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kl_sweep.core.mixture import Mixture
+
 LOG_2PI = math.log(2.0 * math.pi)
 #: The families of Q, by their config name (``q_family``).
 FAMILY_NAMES = ("full", "diag", "iso")
@@ -147,6 +149,30 @@ class MixtureND:
         return cls(
             *(torch.cat([getattr(p, f) for p in parts]) for f in ("log_weights", "means", "scale_trils"))
         )
+
+    @property
+    def u(self) -> Tensor:
+        """The direction the table's ``mu`` and ``sigma2`` are taken along: e_1."""
+        u = torch.zeros(self.dim, dtype=self.means.dtype)
+        u[0] = 1.0
+        return u
+
+    def marginal_variances(self) -> Tensor:
+        """P's variance along each axis [B, d]."""
+        return torch.diagonal(self.covariance(), dim1=-2, dim2=-1)
+
+    def is_gaussian(self) -> Tensor:
+        """True [B] where P has one component."""
+        return torch.full((self.means.shape[0],), self.means.shape[1] == 1)
+
+    def log_det_cov(self) -> Tensor:
+        """log det of the first component's covariance [B] (P's own where it is one Gaussian)."""
+        return 2.0 * torch.log(torch.diagonal(self.scale_trils[:, 0], dim1=-2, dim2=-1)).sum(-1)
+
+    def line(self) -> Mixture:
+        """The 1-D mixture of x_1 (P's marginal along e_1)."""
+        variances = self.covariances()[:, :, 0, 0]
+        return Mixture(self.means[..., 0], variances, self.log_weights)
 
     def covariances(self) -> Tensor:
         L = self.scale_trils

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kl_sweep.core.general import GeneralObjective
 from kl_sweep.core.mixture import gaussian_sigma2
 from kl_sweep.core.objective import Objective
 from kl_sweep.core.polish import _keep_finite, _newton, _newton_step, _projected_norm, _pushed_to_edge
 from kl_sweep.core.problem import Problem, Result, Settings, Status, healthy, status_codes
-from kl_sweep.core.reduction import ReducedObjective
+from kl_sweep.core.reduction import REDUCIBLE, ReducedObjective, SharedPair
 
 
 @torch.no_grad()  # every derivative is in closed form, or taken by autograd explicitly
@@ -102,7 +103,9 @@ def _start(problem: Problem, settings: Settings, out: _Outputs, first_row: int) 
     return block, rows
 
 
-def _initial(problem: Problem, settings: Settings) -> tuple[Tensor, Objective | ReducedObjective]:
+def _initial(
+    problem: Problem, settings: Settings
+) -> tuple[Tensor, Objective | ReducedObjective | GeneralObjective]:
     """theta0 [B, P] and the objective: (mu, log sigma) in 1-D, the family's parameters of
     N(init_mu u, init_sigma2 I) in d > 1."""
     if problem.family is None:
@@ -113,8 +116,12 @@ def _initial(problem: Problem, settings: Settings) -> tuple[Tensor, Objective | 
         return theta0, objective
     target, family = problem.target, problem.family
     theta0 = family.initial(problem.init_mu.unsqueeze(-1) * target.u, problem.init_sigma2)
-    objective = ReducedObjective.build(settings.divergence, settings.estimator, target, family, problem.alpha)
-    return theta0, objective
+    if isinstance(target, SharedPair) and settings.divergence.name in REDUCIBLE:
+        make = ReducedObjective.build
+    else:  # a general target, or Jensen-Shannon: integrated in R^d
+        make = GeneralObjective.build
+        target = target.as_mixture() if isinstance(target, SharedPair) else target
+    return theta0, make(settings.divergence, settings.estimator, target, family, problem.alpha)
 
 
 def _first_order_step(

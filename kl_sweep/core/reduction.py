@@ -50,7 +50,7 @@ from torch import Tensor
 
 from kl_sweep.core.divergences import DIVERGENCES, Divergence, divergence_exact
 from kl_sweep.core.estimators import Estimator
-from kl_sweep.core.gaussians import LOG_2PI, Family
+from kl_sweep.core.gaussians import LOG_2PI, Family, MixtureND
 from kl_sweep.core.mixture import Mixture
 
 #: Entries of a [b, P, P] Hessian formed at once (32 MB of float64 per temporary).
@@ -161,6 +161,17 @@ class SharedPair:
     def is_gaussian(self) -> Tensor:
         """True [B] where P is a single Gaussian (no separation)."""
         return self.separation == 0
+
+    def as_mixture(self) -> MixtureND:
+        """The same target as a general mixture (for what does not reduce: Jensen-Shannon)."""
+        d, rho = self.dim, self.correlation
+        eye = torch.eye(d, dtype=rho.dtype)
+        R = (1.0 - rho)[:, None, None] * eye + rho[:, None, None]
+        L = torch.linalg.cholesky(self.component_var[:, None, None] * R)
+        half = (0.5 * self.separation).unsqueeze(-1) * self.u
+        means = torch.stack([self.centre() - half, self.centre() + half], 1)
+        log_w = torch.stack([torch.log(self.weight), torch.log1p(-self.weight)], -1)
+        return MixtureND(log_w, means, torch.stack([L, L], 1))
 
 
 # --- the family's covariance in the products the reduction needs --------------------------------
