@@ -318,6 +318,8 @@ def onset_figure(rows: pd.DataFrame) -> Figure | str:
     colours = dict(zip(("full", "diag", "iso"), (PALETTE[0], PALETTE[3], PALETTE[2])))
     dims = sorted(onsets["dim"].unique())
     styles = dict(zip(dims, ("-", "--", ":", "-.")))
+    markers = {"full": "o", "diag": "s", "iso": "^"}
+    shift = {"full": -0.012, "diag": 0.0, "iso": 0.012}  # families that coincide stay visible
     directions = [d for d in ("axis", "diagonal") if d in set(onsets["direction"])]
     with style():
         fig = Figure(figsize=(5.2 * len(directions) + 2.0, 4.6), layout="constrained")
@@ -327,13 +329,19 @@ def onset_figure(rows: pd.DataFrame) -> Figure | str:
             for (family, dim), part in onsets[onsets["direction"] == direction].groupby(["q_family", "dim"]):
                 part = part.sort_values("correlation")
                 y = part["onset_separation"].fillna(top + 0.5)  # none found: drawn above the range
-                ax.plot(part["correlation"], y, color=colours[family], ls=styles[dim], marker="o", ms=5)
+                x = part["correlation"] + shift[family]
+                ax.plot(
+                    x, y, color=colours[family], ls=styles[dim], marker=markers[family], ms=5, mfc="white"
+                )
             ax.axhline(top, color="grey", lw=0.8)
             ax.text(ax.get_xlim()[0], top + 0.5, " none found in the swept range", va="center", fontsize=8)
             ax.set_title(f"modes along the {direction} ({'e_1' if direction == 'axis' else '1/sqrt(d)'})")
             ax.set_xlabel("correlation rho inside each component")
         axes[0].set_ylabel("smallest separation with two minima (component sd)")
-        handles = [Line2D([], [], color=colours[f], lw=2, label=f"{f} Q") for f in families]
+        handles = [
+            Line2D([], [], color=colours[f], lw=2, marker=markers[f], mfc="white", label=f"{f} Q")
+            for f in families
+        ]
         handles += [Line2D([], [], color="grey", ls=styles[d], label=f"d = {d}") for d in dims]
         fig.legend(handles=handles, loc="outside right center", frameon=False, fontsize=9)
         fig.suptitle(f"Reverse KL: where the sweep's starts first reach two minima (weight {weight:g})")
