@@ -60,9 +60,13 @@ def test_bishop_rows_are_fig_10_2_and_readable_by_pandas(bishop):
 
 def test_analysis_draws_bishop_figures_from_the_rows(bishop):
     out, _, stdout = bishop
-    for name in FIGURES:
+    for name in ("bishop_10_2", "bishop_10_3", "shrinkage"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 10_000
     assert "rows with dim 2 are left out of the 1-D figures" in stdout
+    assert "the onset figure needs" in stdout  # two separations only: a note, not a failure
+    onsets = pd.read_csv(out / "tables" / "dims_onsets.csv")
+    reverse = onsets[(onsets["divergence"] == "reverse") & (onsets["q_family"] == "full")]
+    assert (reverse.loc[reverse["correlation"] == 0, "onset_separation"] == 6.0).all()  # bistable at 6
 
 
 def test_a_figure_without_its_rows_is_a_note(tmp_path):
@@ -70,7 +74,8 @@ def test_a_figure_without_its_rows_is_a_note(tmp_path):
         {
             **{"dim": [2], "converged": [True], "separation": [1.0], "q_family": ["iso"]},
             **{"divergence": ["reverse"], "component_var": [1.0], "correlation": [0.0], "weight": [0.5]},
+            **{"direction": ["axis"], "mu": [0.0]},
         }
     )
-    written, notes = write_dims_figures(table, tmp_path)
-    assert written == [] and len(notes) == len(FIGURES)
+    written, notes = write_dims_figures(table, tmp_path / "figures")
+    assert [p.name for p in written] == ["dims_onsets.csv"] and len(notes) == len(FIGURES)
