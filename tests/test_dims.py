@@ -315,9 +315,8 @@ def test_a_general_target_of_two_shared_components_fits_as_the_reduction_does(tm
 
     m1, m2, cov, _ = numpy_target(3.0, 0.7, 0.2, 1.1, 0.5, 2, "diagonal")
     path = tmp_path / "pair.yaml"
-    path.write_text(
-        f"weights: [0.7, 0.3]\nmeans: [{m1.tolist()}, {m2.tolist()}]\ncovs: [{cov.tolist()}, {cov.tolist()}]\n"
-    )
+    covs = [cov.tolist(), cov.tolist()]
+    path.write_text(f"weights: [0.7, 0.3]\nmeans: [{m1.tolist()}, {m2.tolist()}]\ncovs: {covs}\n")
     base = {
         **{"estimator.name": "quadrature", "estimator.nodes_per_panel": 6, "optimizer.name": "adam"},
         **{"optimizer.beta1": 0.9, "optimizer.beta2": 0.999, "optimizer.eps": 1e-8, "polish": True},
