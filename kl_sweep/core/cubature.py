@@ -141,8 +141,9 @@ _PER_ROW_ORDER = ("alpha", "renyi")
 class Panels:
     """Nested composite Gauss-Legendre, for d <= 3 (see the module docstring).
 
-    ``order`` nodes per panel; ``panels`` per level (an int for every level, or one per level), or
-    None for :func:`default_panels`. Nodes per row: (panels * order) ** d.
+    ``order`` Gauss-Legendre nodes per panel and ``panels`` per level (one int for every level, or
+    one per level); None takes :func:`default_order` and :func:`default_panels`. Nodes per row:
+    the product over the levels of panels * order.
     """
 
     order: int | None = None
@@ -180,17 +181,27 @@ def default_order(dim: int) -> int:
 
 
 def default_panels(dim: int, n_sources: int, n_pairs: int) -> int:
-    """Panels per level for ``n_sources`` source slots and ``n_pairs`` switching pairs.
-
-    Calibrated in ``benchmarks/cubature_accuracy.py``: about 1e-8 relative or better in 2-D. In
-    3-D the count is lower (the nodes grow as its cube) and so is the accuracy (see there).
-    """
+    """Panels per level for ``n_sources`` source slots and ``n_pairs`` switching pairs (see
+    :func:`structure`); calibrated in ``benchmarks/cubature_accuracy.py``. The count depends on the
+    divergence, K and d only, never on a row's values, so a row's nodes are its own."""
     if dim <= 2:
         return 8 + 3 * n_sources + 2 * n_pairs
     return 4 + 2 * n_sources + n_pairs
 
 
-# --- sources -----------------------------------------------------------------------------------
+def structure(divergence: Divergence, n_components: int) -> tuple[int, int]:
+    """(source slots, switching pairs) of a divergence on a K-component target.
+
+    Slots: the K components and Q; for the alpha family K tilted Gaussians too, and for the members
+    whose order is set per row (``alpha``, ``renyi``, which may be negative) the envelope. Pairs:
+    those of P's components, and for Jensen-Shannon also each component with Q.
+    """
+    K = n_components
+    sources = K + 1
+    if divergence.alpha_of is not None:
+        sources += K + (1 if divergence.name in _PER_ROW_ORDER else 0)
+    pairs = K * (K - 1) // 2 + (K if divergence.name == "jensen_shannon" else 0)
+    return sources, pairs
 
 
 @dataclass(frozen=True)
@@ -203,28 +214,676 @@ class _Sources:
     valid: Tensor
 
 
+# --- linear algebra ----------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=16)
+def _legendre(order: int) -> tuple[Tensor, Tensor]:
+    t, w = np.polynomial.legendre.leggauss(order)
+    return torch.as_tensor(t, dtype=torch.float64), torch.as_tensor(w, dtype=torch.float64)
+
+
 def _triangular_inverse(tril: Tensor) -> Tensor:
-    """L^-1 [..., d, d] for lower-triangular L (differentiable, twice)."""
+    """:math:`L^{-1}` [..., d, d] of lower-triangular L (differentiable, twice)."""
     eye = torch.eye(tril.shape[-1], dtype=tril.dtype).expand_as(tril)
     return torch.linalg.solve_triangular(tril, eye, upper=False)
 
 
-def _tilted(mixture: MixtureND, centre: Tensor, q_whiten: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
-    r"""Precisions :math:`\Lambda_k = a\Sigma_k^{-1} + (1-a)S^{-1}` [B, K, d, d] and the linear terms
-    :math:`a\Sigma_k^{-1}(m_k - o) + (1-a)S^{-1}(\mu - o)` [B, K, d] of :math:`(w_k\mathcal N_k)^a q^{1-a}`.
-
-    ``centre`` is :math:`\mu - o`, ``q_whiten`` is :math:`L^{-1}` (so :math:`S^{-1} = L^{-T}L^{-1}`).
-    """
-    comp_whiten = _triangular_inverse(mixture.scale_trils)
+def _tilted(
+    comp_centres: Tensor, comp_whiten: Tensor, q_centre: Tensor, q_whiten: Tensor, a: Tensor
+) -> tuple[Tensor, Tensor]:
+    r"""Precisions :math:`\Lambda_k = a\Sigma_k^{-1} + (1-a)S^{-1}` [B, K, d, d] and linear terms
+    :math:`\eta_k = a\Sigma_k^{-1}m_k + (1-a)S^{-1}\mu` [B, K, d] of :math:`(w_k\mathcal N_k)^a q^{1-a}`
+    (its log is :math:`-\tfrac12 x^T\Lambda_k x + \eta_k^T x` + const), with means given as offsets
+    from the origin and the whitening maps :math:`L^{-1}` of the components and of Q."""
     sigma_inv = comp_whiten.transpose(-1, -2) @ comp_whiten
     s_inv = q_whiten.transpose(-1, -2) @ q_whiten
     ak = a[:, None, None, None]
     prec = ak * sigma_inv + (1.0 - ak) * s_inv.unsqueeze(1)
-    offsets = mixture.means - (centre.detach() * 0.0 + _origin_of(centre)).unsqueeze(1)
-    lin = ak[..., 0] * (sigma_inv @ offsets.unsqueeze(-1)).squeeze(-1)
-    lin = lin + (1.0 - ak[..., 0]) * (s_inv @ centre.unsqueeze(-1)).squeeze(-1).unsqueeze(1)
+    lin = a[:, None, None] * (sigma_inv @ comp_centres.unsqueeze(-1)).squeeze(-1)
+    lin = lin + (1.0 - a[:, None, None]) * (s_inv @ q_centre.unsqueeze(-1)).squeeze(-1).unsqueeze(1)
     return prec, lin
 
 
-def _origin_of(centre: Tensor) -> Tensor:  # placeholder replaced below
-    raise NotImplementedError
+def _positive_definite(prec: Tensor) -> Tensor:
+    """True [...] where the symmetric matrices [..., d, d] have a Cholesky factor."""
+    factor, info = torch.linalg.cholesky_ex(prec)
+    return (info == 0) & torch.isfinite(factor).all(-1).all(-1)
+
+
+def _lowest(prec: Tensor) -> Tensor:
+    """The smallest eigenvalue [...] of symmetric [..., d, d]."""
+    return torch.linalg.eigvalsh(prec)[..., 0]
+
+
+def _best_combination(prec: Tensor) -> tuple[Tensor, Tensor]:
+    r""":math:`\tau` [B, K] in the simplex making :math:`\lambda_{\min}(\sum_k\tau_k\Lambda_k)` as large as
+    the search finds, and that value [B] (a concave function of :math:`\tau`).
+
+    K = 1: :math:`\tau = 1`. K = 2: golden-section search over :math:`[0, 1]` (to rounding). K >= 3:
+    exponentiated supergradient ascent (the supergradient is :math:`v^T\Lambda_k v`, v the lowest
+    eigenvector), keeping the best point seen: a lower bound on the maximum.
+    """
+    B, K = prec.shape[:2]
+    if K == 1:
+        return torch.ones(B, 1, dtype=prec.dtype), _lowest(prec[:, 0])
+    scale = prec.flatten(-2).abs().amax(-1).amax(-1).clamp_min(torch.finfo(prec.dtype).tiny)
+    prec = prec / scale[:, None, None, None]
+    if K == 2:
+
+        def value(t: Tensor) -> Tensor:
+            return _lowest((1.0 - t)[:, None, None] * prec[:, 0] + t[:, None, None] * prec[:, 1])
+
+        ratio = (math.sqrt(5.0) - 1.0) / 2.0
+        lo, hi = torch.zeros(B, dtype=prec.dtype), torch.ones(B, dtype=prec.dtype)
+        x1, x2 = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+        f1, f2 = value(x1), value(x2)
+        for _ in range(90):  # the interval shrinks to 0.618^90 ~ 1e-19
+            left = f1 < f2  # the maximum lies in [x1, hi]
+            lo, hi = torch.where(left, x1, lo), torch.where(left, hi, x2)
+            x1n = torch.where(left, x2, hi - ratio * (hi - lo))
+            x2n = torch.where(left, lo + ratio * (hi - lo), x1)
+            f1n = torch.where(left, f2, value(x1n))
+            f2n = torch.where(left, value(x2n), f1)
+            x1, x2, f1, f2 = x1n, x2n, f1n, f2n
+        candidates = torch.stack([torch.zeros_like(lo), torch.ones_like(lo), x1, x2], -1)
+        values = torch.stack([value(candidates[:, i]) for i in range(4)], -1)
+        best, pick = values.max(-1)
+        t = candidates.gather(-1, pick[:, None])[:, 0]
+        return torch.stack([1.0 - t, t], -1), best * scale
+    tau = torch.full((B, K), 1.0 / K, dtype=prec.dtype)
+    best_tau, best = tau, torch.full((B,), -math.inf, dtype=prec.dtype)
+    for step in range(300):
+        combined = (tau[:, :, None, None] * prec).sum(1)
+        eigenvalues, vectors = torch.linalg.eigh(combined)
+        v = vectors[..., 0]
+        better = eigenvalues[:, 0] > best
+        best = torch.where(better, eigenvalues[:, 0], best)
+        best_tau = torch.where(better[:, None], tau, best_tau)
+        g = torch.einsum("bi,bkij,bj->bk", v, prec, v)
+        tau = tau * torch.exp(g * (2.0 / math.sqrt(step + 1.0)))
+        tau = tau / tau.sum(-1, keepdim=True)
+    return best_tau, best * scale
+
+
+def _envelope_minimum_2d(prec: Tensor) -> Tensor:
+    r""":math:`\min_{|u|=1}\max_k u^T\Lambda_k u` [B] for 2 x 2 precisions [B, K, 2, 2], exactly.
+
+    With :math:`u = (\cos\phi, \sin\phi)` and :math:`\theta = 2\phi`, each form is a sinusoid
+    :math:`A_k + B_k\cos\theta + C_k\sin\theta`; the minimum of their upper envelope lies at the
+    minimum of one of them or where two cross, all in closed form.
+    """
+    A = 0.5 * (prec[..., 0, 0] + prec[..., 1, 1])
+    Bc = 0.5 * (prec[..., 0, 0] - prec[..., 1, 1])
+    C = 0.5 * (prec[..., 0, 1] + prec[..., 1, 0])
+    thetas = [torch.atan2(-C, -Bc)]  # each sinusoid's minimum, [B, K]
+    valid = [torch.ones_like(A, dtype=torch.bool)]
+    K = prec.shape[1]
+    for j in range(K):
+        for k in range(j + 1, K):
+            dA, dB, dC = A[:, j] - A[:, k], Bc[:, j] - Bc[:, k], C[:, j] - C[:, k]
+            radius = torch.hypot(dB, dC)
+            ok = (radius > 0) & (dA.abs() <= radius)
+            phase = torch.atan2(dC, dB)
+            half = torch.acos((-dA / torch.where(radius > 0, radius, 1.0)).clamp(-1.0, 1.0))
+            thetas.append(torch.stack([phase + half, phase - half], -1))
+            valid.append(torch.stack([ok, ok], -1))
+    theta, ok = torch.cat(thetas, -1), torch.cat(valid, -1)  # [B, M]
+    forms = (
+        A[:, :, None] + Bc[:, :, None] * torch.cos(theta)[:, None] + C[:, :, None] * torch.sin(theta)[:, None]
+    )
+    envelope = forms.max(1).values
+    return torch.where(ok, envelope, math.inf).min(-1).values
+
+
+def _orders_finite(prec: Tensor, a: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Whether :math:`\int p^a q^{1-a}` is finite [B], and the envelope's :math:`\tau` [B, K] (a < 0).
+
+    See the module docstring for the rule and where it is exact.
+    """
+    B, K, d = prec.shape[:3]
+    finite = torch.ones(B, dtype=torch.bool)
+    tau = torch.full((B, K), 1.0 / K, dtype=prec.dtype)
+    over = a > 1.0
+    if over.any():
+        finite[over] = _positive_definite(prec[over]).all(-1)
+    under = a < 0.0
+    if under.any():
+        part = prec[under]
+        t, lowest = _best_combination(part)
+        tau[under] = t
+        if d == 1:
+            ok = part[..., 0, 0].amax(-1) > 0
+        elif d == 2:
+            ok = _envelope_minimum_2d(part) > 0
+        else:  # exact for K <= 2 (Yuan's lemma), a sufficient condition for K >= 3
+            ok = lowest > 0
+        finite[under] = ok
+    return finite, tau
+
+
+def _q_parts(mean: Tensor, scale_tril: Tensor, mixture: MixtureND):
+    """Offsets from the origin (Q's mean, without a graph): components' centres [B, K, d], Q's
+    centre [B, d] (0, with the graph of ``mean``), and the whitening maps of both."""
+    origin = mean.detach()
+    comp_centres = mixture.means - origin.unsqueeze(1)
+    return (
+        comp_centres,
+        mean - origin,
+        _triangular_inverse(mixture.scale_trils),
+        _triangular_inverse(scale_tril),
+    )
+
+
+def alpha_finite(mixture: MixtureND, mean: Tensor, scale_tril: Tensor, a: Tensor) -> Tensor:
+    r"""True [B] where :math:`D_a(P\Vert Q)` (equivalently :math:`\int p^a q^{1-a}\,dx`) is finite, for
+    the order ``a`` [B] of each row; decided analytically (module docstring: exact except for
+    a < 0 with K >= 3 in d >= 3, where finiteness is certified by a sufficient condition)."""
+    with torch.no_grad():
+        comp_centres, q_centre, comp_whiten, q_whiten = _q_parts(mean.detach(), scale_tril.detach(), mixture)
+        prec, _ = _tilted(comp_centres, comp_whiten, q_centre, q_whiten, a.to(mean.dtype))
+        return _orders_finite(prec, a)[0]
+
+
+def finite_nd(
+    divergence: Divergence | str,
+    mixture: MixtureND,
+    mean: Tensor,
+    scale_tril: Tensor,
+    alpha: Tensor | float | None = None,
+) -> Tensor:
+    """True [B] where the divergence is finite at Q = N(mean, scale_tril scale_tril^T)."""
+    divergence = get_divergence(divergence) if isinstance(divergence, str) else divergence
+    a = divergence.orders(alpha, mean.shape[0], mean.dtype)
+    if a is None:
+        return torch.ones(mean.shape[0], dtype=torch.bool)
+    return alpha_finite(mixture, mean, scale_tril, a)
+
+
+# --- where the integrand has mass --------------------------------------------------------------
+
+
+def _safe_precision(prec: Tensor, fallback: Tensor) -> tuple[Tensor, Tensor]:
+    """(prec where positive definite else ``fallback``, and where it was), deciding without a graph."""
+    ok = _positive_definite(prec.detach())
+    return torch.where(ok[..., None, None], prec, fallback), ok
+
+
+def _tilted_sources(
+    divergence: Divergence, mixture: MixtureND, parts, a: Tensor, tau: Tensor, finite: Tensor
+) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]:
+    """The alpha family's extra sources as (centres, precision factors U, valid) lists, one entry per
+    slot: K tilted Gaussians and, for the per-row orders, the envelope (valid only for a < 0).
+
+    Precision :math:`\\Lambda = UU^T` (U lower); an invalid slot stands in as the first component."""
+    comp_centres, q_centre, comp_whiten, q_whiten = parts
+    prec, lin = _tilted(comp_centres, comp_whiten, q_centre, q_whiten, a)
+    comp_prec = comp_whiten.transpose(-1, -2) @ comp_whiten
+    safe, ok = _safe_precision(prec, comp_prec)
+    slots = [(safe[:, k], lin[:, k], ok[:, k] & finite) for k in range(prec.shape[1])]
+    if divergence.name in _PER_ROW_ORDER:
+        t = tau.to(prec.dtype)
+        env_prec = (t[:, :, None, None] * prec).sum(1)
+        env_lin = (t[:, :, None] * lin).sum(1)
+        env_safe, env_ok = _safe_precision(env_prec, comp_prec[:, 0])
+        slots.append((env_safe, env_lin, env_ok & finite & (a < 0.0)))
+    centres, factors, valid = [], [], []
+    for p, eta, v in slots:
+        U = torch.linalg.cholesky(p)
+        centres.append(
+            torch.where(
+                v[:, None], torch.cholesky_solve(eta.unsqueeze(-1), U).squeeze(-1), comp_centres[:, 0]
+            )
+        )
+        factors.append(U)
+        valid.append(v)
+    return centres, factors, valid
+
+
+# --- d <= 3: nested panels ---------------------------------------------------------------------
+
+
+def _lift(x: Tensor, extra: int) -> Tensor:
+    """x with ``extra`` trailing unit axes (to broadcast an outer level against the inner ones)."""
+    return x.reshape(*x.shape, *([1] * extra))
+
+
+def _row(x: Tensor, ndim: int) -> Tensor:
+    """A per-row [B] tensor shaped to broadcast against [B, ...] of ``ndim`` dims."""
+    return x.reshape(x.shape[0], *([1] * (ndim - 1)))
+
+
+def _real_roots(A: Tensor, Bq: Tensor, C: Tensor) -> list[tuple[Tensor, Tensor]]:
+    """The real roots of A t^2 + Bq t + C elementwise, each with a flag (a linear one has one root)."""
+    tiny = torch.finfo(A.dtype).tiny
+    linear = A.abs() <= 1e-12 * Bq.abs()
+    disc = Bq * Bq - 4.0 * A * C
+    root = torch.sqrt(disc.clamp_min(0.0))
+    q = -0.5 * (Bq + torch.where(Bq >= 0, root, -root))
+    r1 = torch.where(linear, -C / torch.where(Bq == 0, 1.0, Bq), q / torch.where(linear, 1.0, A))
+    r2 = C / torch.where(q == 0, tiny, q)
+    ok1 = torch.where(linear, Bq != 0, disc >= 0) & torch.isfinite(r1)
+    ok2 = ~linear & (disc >= 0) & (q != 0) & torch.isfinite(r2)
+    return [(torch.where(ok1, r1, 0.0), ok1), (torch.where(ok2, r2, 0.0), ok2)]
+
+
+def _switch(r: Tensor, slope: Tensor, on: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """A switch at r with width 1/slope, kept where ``on`` and inside (lo, hi): (where, width, kept)."""
+    on = on & (r > lo) & (r < hi) & (slope > 0) & torch.isfinite(slope)
+    return torch.where(on, r, lo), 1.0 / torch.where(on, slope, 1.0), on
+
+
+def _member_forms(
+    src: _Sources, members: list[int], member_log_weights: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Each member's log density (weighted, less the common :math:`\tfrac d2\log 2\pi`) as the quadratic
+    :math:`-\tfrac12 x^T\Lambda x + \eta^T x + \kappa` of the offsets x: (:math:`\Lambda` [B, M, d, d],
+    :math:`\eta` [B, M, d], :math:`\kappa` [B, M])."""
+    tril = src.trils[:, members]
+    centre = src.centres[:, members]
+    whiten = _triangular_inverse(tril)
+    prec = whiten.transpose(-1, -2) @ whiten
+    eta = (prec @ centre.unsqueeze(-1)).squeeze(-1)
+    log_det = torch.log(torch.diagonal(tril, dim1=-2, dim2=-1)).sum(-1)
+    return prec, eta, member_log_weights - 0.5 * (centre * eta).sum(-1) - log_det
+
+
+def _folds(
+    forms: tuple[Tensor, Tensor, Tensor], j: int, k: int, level: int, line: list[Tensor]
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    r"""Where, on each line of ``level`` (0-based; the outer coordinates ``line`` [B, M] each), the surface
+    :math:`g = \ell_j - \ell_k = 0` folds over the inner coordinates y (those after ``level``):
+    the roots in :math:`t = x_{level}` of g at its critical point in y,
+    :math:`\partial_y g = 0`. Inner integrals over y then change form there, and the outer integrand
+    has a singularity smoothed over the switch width :math:`1/|\partial_t g|`. Each root comes
+    with that slope and whether j and k are the top two members at the fold point.
+
+    With :math:`g = -\tfrac12 x^TAx + b^Tx + c` the critical point is :math:`y^* = A_{yy}^{-1}(b_y -
+    A_{ys}x_s)` and g there the Schur-complement quadratic in the outer coordinates s.
+    """
+    prec, eta, kappa = forms
+    A = prec[:, j] - prec[:, k]
+    b = eta[:, j] - eta[:, k]
+    c = kappa[:, j] - kappa[:, k]
+    d = A.shape[-1]
+    o, y = slice(0, level + 1), slice(level + 1, d)
+    Ayy = A[:, y, y]
+    inverse, info = torch.linalg.inv_ex(Ayy)
+    scale = A.flatten(-2).abs().amax(-1).clamp_min(torch.finfo(A.dtype).tiny)
+    regular = (info == 0) & (torch.linalg.det(Ayy).abs() > 1e-10 * scale ** (d - level - 1))
+    inverse = torch.where(regular[:, None, None], inverse, 0.0)
+    G = A[:, o, y] @ inverse
+    At = A[:, o, o] - G @ A[:, y, o]
+    bt = b[:, o] - (G @ b[:, y, None])[..., 0]
+    ct = c + 0.5 * (b[:, y] * (inverse @ b[:, y, None])[..., 0]).sum(-1)
+    M = line[0].shape[1] if line else 1
+    alpha = (-0.5 * At[:, level, level])[:, None].expand(-1, M)
+    beta = bt[:, level, None].expand(-1, M)
+    gamma = ct[:, None].expand(-1, M)
+    for i, x in enumerate(line):
+        beta = beta - At[:, level, i, None] * x
+        gamma = gamma + bt[:, i, None] * x
+        for i2, x2 in enumerate(line):
+            gamma = gamma - 0.5 * At[:, i, i2, None] * x * x2
+    out = []
+    for r, ok in _real_roots(alpha, beta, gamma):
+        outer = torch.stack([*line, r], -1) if line else r[..., None]  # [B, M, level + 1]
+        rhs = b[:, None, y] - (A[:, None, y, o] @ outer[..., None])[..., 0]
+        inner = (inverse[:, None] @ rhs[..., None])[..., 0]
+        point = torch.cat([outer, inner], -1)  # [B, M, d]
+        ells = (
+            kappa[:, None]
+            + (eta[:, None] * point[:, :, None]).sum(-1)
+            - 0.5 * (point[:, :, None, None, :] @ prec[:, None] @ point[:, :, None, :, None])[..., 0, 0]
+        )
+        tops = ells.max(-1).values
+        on = ok & regular[:, None] & (ells[..., j] >= tops - 1e-9 * (1.0 + tops.abs()))
+        out.append((r, (2.0 * alpha * r + beta).abs(), on))
+    return out
+
+
+def _panel_rule(
+    src: _Sources, members: list[int], member_log_weights: Tensor, panels: tuple[int, ...], order: int
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Nodes and weights of the nested rule: per level l, coordinates u_l and weights w_l, each of
+    shape [B, N_1, ..., N_{l+1}] (nested: u_l varies with the outer levels' nodes); the weight of a
+    node is the product of its levels' weights. Built without a graph.
+
+    ``members``: the source slots whose log densities switch (with ``member_log_weights`` [B, M]).
+    """
+    B, S, d = src.centres.shape
+    t_gl, w_gl = _legendre(order)
+    diag = torch.diagonal(src.trils, dim1=-2, dim2=-1)  # [B, S, d]
+    log_diag = torch.log(diag)
+    source_anchor = torch.as_tensor(_SOURCE_ANCHORS, dtype=src.centres.dtype)
+    switch_anchor = torch.as_tensor(_SWITCH_ANCHORS, dtype=src.centres.dtype)
+    a_s, b_s = SOURCE_WIDTH
+    a_r, b_r = SWITCH_WIDTH
+    prefix: list[Tensor] = []  # z_{s, i} of the outer nodes, [B, M, S] each
+    line: list[Tensor] = []  # x_i of the outer nodes, [B, M] each
+    forms = _member_forms(src, members, member_log_weights) if d > 1 else None
+    quad = torch.zeros(B, 1, S, dtype=src.centres.dtype)
+    shape = [B]
+    coords, weights = [], []
+    for level in range(d):
+        M = quad.shape[1]
+        h = diag[:, None, :, level]  # [B, 1, S]
+        c = src.centres[:, None, :, level].expand(B, M, S)
+        for i, z in enumerate(prefix):
+            c = c + src.trils[:, None, :, level, i] * z
+        nearest = torch.where(src.valid[:, None], quad, math.inf).min(-1, keepdim=True).values
+        rel = src.valid[:, None] & (quad <= nearest.clamp_min(RELEVANT * RELEVANT))
+        lo = torch.where(rel, c - REACH * h, math.inf).min(-1).values  # [B, M]
+        hi = torch.where(rel, c + REACH * h, -math.inf).max(-1).values
+        # switches: roots of the difference of two members' marginal log densities on the line
+        log_det = log_diag[:, :, : level + 1].sum(-1)  # [B, S]
+
+        def ell(j: int, t: Tensor, c=c, h=h, log_det=log_det, quad=quad) -> Tensor:
+            s = members[j]
+            e = (t - c[..., s]) / h[..., s]
+            return member_log_weights[:, j, None] - 0.5 * quad[..., s] - log_det[:, s, None] - 0.5 * e * e
+
+        switches = []
+        for j in range(len(members)):
+            for k in range(j + 1, len(members)):
+                sj, sk = members[j], members[k]
+                ij, ik = 1.0 / (h[..., sj] * h[..., sj]), 1.0 / (h[..., sk] * h[..., sk])
+                A = 0.5 * (ik - ij)
+                Bq = c[..., sj] * ij - c[..., sk] * ik
+                C = ell(j, torch.zeros_like(lo)) - ell(k, torch.zeros_like(lo))
+                for r, ok in _real_roots(A.expand_as(Bq), Bq, C):
+                    tops = torch.stack([ell(m, r) for m in range(len(members))], -1).max(-1).values
+                    on = ok & (ell(j, r) >= tops - 1e-9 * (1.0 + tops.abs()))
+                    switches.append(_switch(r, (2.0 * A * r + Bq).abs(), on, lo, hi))
+                if level < d - 1:  # where the switch surface folds over the inner coordinates
+                    for r, slope, on in _folds(forms, j, k, level, line):
+                        switches.append(_switch(r, slope, on, lo, hi))
+        anchors = [
+            torch.where(rel[..., None], c[..., None] + h[..., None] * source_anchor, lo[..., None, None])
+        ]
+        anchors = [anchors[0].flatten(-2)]
+        for r, width, on in switches:
+            anchors.append(
+                torch.where(on[..., None], r[..., None] + width[..., None] * switch_anchor, lo[..., None])
+            )
+        anchors += [lo[..., None], hi[..., None]]
+        cand = torch.cat(anchors, -1)
+        cand = torch.sort(torch.minimum(torch.maximum(cand, lo[..., None]), hi[..., None]), -1).values
+        mid = 0.5 * (cand[..., 1:] + cand[..., :-1])
+        floor = 1.0 / (hi - lo)[..., None]
+
+        def density(x: Tensor, c=c, h=h, rel=rel, switches=switches, floor=floor) -> Tensor:
+            rho = torch.zeros_like(x)
+            for s in range(S):
+                z = (x - c[..., s, None]) / h[..., s, None]
+                rho = torch.maximum(
+                    rho, torch.where(rel[..., s, None], 1.0 / (h[..., s, None] * (a_s + b_s * z.abs())), 0.0)
+                )
+            for r, width, on in switches:
+                t = (x - r[..., None]) / width[..., None]
+                rho = torch.maximum(
+                    rho, torch.where(on[..., None], 1.0 / (width[..., None] * (a_r + b_r * t.abs())), 0.0)
+                )
+            return rho + floor
+
+        at_cand = density(cand)
+        steps = (
+            (cand[..., 1:] - cand[..., :-1])
+            * (at_cand[..., 1:] + 4.0 * density(mid) + at_cand[..., :-1])
+            / 6.0
+        )
+        phi = torch.cat([torch.zeros_like(steps[..., :1]), steps.cumsum(-1)], -1)
+        n_panels = panels[level]
+        targets = phi[..., -1:] * (torch.arange(n_panels + 1, dtype=phi.dtype) / n_panels)
+        idx = torch.searchsorted(phi, targets, right=True).clamp(1, cand.shape[-1] - 1)
+        p0, p1 = phi.gather(-1, idx - 1), phi.gather(-1, idx)
+        x0, x1 = cand.gather(-1, idx - 1), cand.gather(-1, idx)
+        frac = torch.where(p1 > p0, (targets - p0) / torch.where(p1 > p0, p1 - p0, 1.0), 0.0).clamp(0.0, 1.0)
+        edges = torch.cat([lo[..., None], (x0 + frac * (x1 - x0))[..., 1:-1], hi[..., None]], -1)
+        edges = torch.cummax(edges, -1).values  # monotone to rounding
+        half = 0.5 * (edges[..., 1:] - edges[..., :-1])
+        t = (edges[..., :-1, None] + half[..., None] * (t_gl + 1.0)).flatten(-2)  # [B, M, P n]
+        w = (half[..., None] * w_gl).flatten(-2)
+        n = t.shape[-1]
+        shape = shape + [n]
+        coords.append(t.reshape(shape))
+        weights.append(w.reshape(shape))
+        if level < d - 1:  # the next level's prefix, in every source's whitened coordinates
+            z_new = (t[..., None] - c[:, :, None, :]) / h[:, :, None, :]  # [B, M, n, S]
+            prefix = [z[:, :, None, :].expand(B, M, n, S).reshape(B, M * n, S) for z in prefix]
+            line = [x[:, :, None].expand(B, M, n).reshape(B, M * n) for x in line] + [t.reshape(B, M * n)]
+            prefix.append(z_new.reshape(B, M * n, S))
+            quad = (quad[:, :, None, :] + z_new * z_new).reshape(B, M * n, S)
+    return coords, weights
+
+
+def _log_normal_nested(coords: list[Tensor], centre: Tensor, tril: Tensor) -> Tensor:
+    r"""Log density of :math:`\mathcal N(\text{centre}, LL^T)` at the nested nodes: [B, N_1, ..., N_d].
+
+    Forward substitution level by level, each level's terms on its own (smaller) nested shape;
+    differentiable (twice) in ``centre`` [B, d] and ``tril`` [B, d, d]."""
+    d = len(coords)
+    zs: list[Tensor] = []
+    quad = None
+    for j in range(d):
+        nd = coords[j].dim()
+        v = coords[j] - _row(centre[:, j], nd)
+        for i in range(j):
+            v = v - _row(tril[:, j, i], nd) * _lift(zs[i], j - i)
+        z = v / _row(tril[:, j, j], nd)
+        zs.append(z)
+        quad = z * z if quad is None else _lift(quad, 1) + z * z
+    log_det = torch.log(torch.diagonal(tril, dim1=-2, dim2=-1)).sum(-1)
+    return -0.5 * quad - _row(log_det + 0.5 * d * LOG_2PI, quad.dim())
+
+
+def _nested_sum(x: Tensor, levels: int) -> Tensor:
+    """Sum over the trailing ``levels`` axes one at a time: every reduction is shorter than torch's
+    parallel grain, so a row's bits do not depend on how many rows share the batch."""
+    for _ in range(levels):
+        x = x.sum(-1)
+    return x
+
+
+def _nested_logsumexp(x: Tensor, levels: int) -> Tensor:
+    for _ in range(levels):
+        x = torch.logsumexp(x, -1)
+    return x
+
+
+# --- d > 3: randomised quasi-Monte Carlo --------------------------------------------------------
+
+
+@lru_cache(maxsize=64)
+def _sobol_normals(dim: int, points: int, seed: int, randomisation: int) -> Tensor:
+    """``points`` scrambled Sobol points in [0, 1]^d mapped to N(0, I): [points, dim], a function of
+    its arguments only (the scrambling's seed is derived from ``seed`` and ``randomisation``)."""
+    derived = int(np.random.SeedSequence([seed, randomisation]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    engine = torch.quasirandom.SobolEngine(dim, scramble=True, seed=derived)
+    u = engine.draw(points, dtype=torch.float64)
+    eps = 2.0**-53
+    return torch.special.ndtri(u.clamp(eps, 1.0 - eps))
+
+
+def _qmc_integrals(
+    divergence: Divergence,
+    mixture: MixtureND,
+    mean: Tensor,
+    scale_tril: Tensor,
+    a: Tensor | None,
+    tau: Tensor | None,
+    finite: Tensor | None,
+    rule: QuasiMonteCarlo,
+) -> tuple[Tensor, Tensor | None]:
+    """Each randomisation's integral of the pointwise density, [R, B], and for Renyi its log
+    :math:`\\int p^a q^{1-a}` [R, B]: the defensive-mixture estimate of the module docstring."""
+    B, K, d = mixture.means.shape
+    dtype = mean.dtype
+    parts = _q_parts(mean, scale_tril, mixture)
+    comp_centres, q_centre, comp_whiten, q_whiten = parts
+    # each source: x = centre + root z, z = whiten (x - centre), log N = -|z|^2/2 + log det whiten - ...
+    centres = [comp_centres[:, k] for k in range(K)] + [q_centre]
+    roots = [mixture.scale_trils[:, k] for k in range(K)] + [scale_tril]
+    whiten = [comp_whiten[:, k] for k in range(K)] + [q_whiten]
+    valid = [torch.ones(B, dtype=torch.bool)] * (K + 1)
+    if divergence.alpha_of is not None:
+        for c, U, v in zip(*_tilted_sources(divergence, mixture, parts, a, tau, finite)):
+            centres.append(c)
+            whiten.append(U.transpose(-1, -2))
+            roots.append(_triangular_inverse(U).transpose(-1, -2))
+            valid.append(v)
+    log_det = [torch.log(torch.diagonal(W, dim1=-2, dim2=-1)).sum(-1) - 0.5 * d * LOG_2PI for W in whiten]
+    valid = torch.stack(valid, -1)
+    log_beta = torch.where(valid, -torch.log(valid.sum(-1, keepdim=True).to(dtype)), -math.inf)  # [B, S]
+    log_rule_base = log_beta[:, :, None] - math.log(rule.points)
+    integrals, log_integrals = [], []
+    for r in range(rule.randomisations):  # over randomisations, not rows
+        z = _sobol_normals(d, rule.points, rule.seed, r).to(dtype)
+        x = torch.stack([c[:, None, :] + z @ A.transpose(-1, -2) for c, A in zip(centres, roots)], 1)
+        log_g = []
+        for c, W, ld in zip(centres, whiten, log_det):
+            y = (x - c[:, None, None, :]) @ W.transpose(-1, -2).unsqueeze(1)  # [B, S, n, d]
+            log_g.append(-0.5 * (y * y).sum(-1) + ld[:, None, None])
+        log_h = torch.logsumexp(
+            torch.stack([g + log_beta[:, t, None, None] for t, g in enumerate(log_g)], -1), -1
+        )
+        log_q = log_g[K]
+        log_p = None
+        for k in range(K):  # over components
+            term = log_g[k] + mixture.log_weights[:, k, None, None]
+            log_p = term if log_p is None else logaddexp(log_p, term)
+        rule_r = torch.exp(log_rule_base - log_h)  # [B, S, n]: weight of each point for integrals dx
+        integral, log_integral = _integrate(divergence, rule_r, log_p, log_q, a, levels=2)
+        integrals.append(integral)
+        if log_integral is not None:
+            log_integrals.append(log_integral)
+    return torch.stack(integrals), (torch.stack(log_integrals) if log_integrals else None)
+
+
+# --- the divergence ----------------------------------------------------------------------------
+
+
+def _integrate(
+    divergence: Divergence, rule: Tensor, log_p: Tensor, log_q: Tensor, a: Tensor | None, levels: int
+) -> tuple[Tensor, Tensor | None]:
+    """The integral [B] of the divergence's pointwise density (the registry's ``exact_term`` or
+    ``density``) over nodes with weights ``rule`` (all [B, ...] with ``levels`` node axes), and for
+    Renyi :math:`\\log\\int p^a q^{1-a}` [B] (:func:`kl_sweep.core.alpha.log_renyi_integral`)."""
+    if divergence.exact_term is not None:
+        term = divergence.exact_term(log_p, log_q)
+    else:
+        term = divergence.density(log_p, log_q, None if a is None else _row(a, log_p.dim()))
+    integral = _nested_sum(family.integral_over_nodes(rule, term), levels - 1)
+    log_integral = None
+    if divergence.transform is not None:
+        order = _row(1.0 - a, log_p.dim())  # Renyi's own order: log int q^order p^(1 - order)
+        log_integral = _nested_logsumexp(family.log_renyi_integral(rule, log_p, log_q, order), levels - 1)
+    return integral, log_integral
+
+
+def _panel_integrals(
+    divergence: Divergence,
+    mixture: MixtureND,
+    mean: Tensor,
+    scale_tril: Tensor,
+    a: Tensor | None,
+    tau: Tensor | None,
+    finite: Tensor | None,
+    rule: Panels,
+) -> tuple[Tensor, Tensor | None]:
+    """The integral [B] (and Renyi's log integral) on the nested panel rule (module docstring)."""
+    B, K, d = mixture.means.shape
+    n_sources, n_pairs = structure(divergence, K)
+    order = rule.order or default_order(d)
+    panels = rule.panels or default_panels(d, n_sources, n_pairs)
+    panels = (panels,) * d if isinstance(panels, int) else tuple(panels)
+    if len(panels) != d:
+        raise ValueError(f"panels: one count per level ({d}), got {panels}")
+    with torch.no_grad():
+        parts = _q_parts(mean.detach(), scale_tril.detach(), mixture)
+        comp_centres, q_centre, _, _ = parts
+        centres = [comp_centres[:, k] for k in range(K)] + [q_centre]
+        trils = [mixture.scale_trils[:, k] for k in range(K)] + [scale_tril.detach()]
+        valid = [torch.ones(B, dtype=torch.bool)] * (K + 1)
+        if divergence.alpha_of is not None:
+            for c, U, v in zip(*_tilted_sources(divergence, mixture, parts, a, tau, finite)):
+                centres.append(c)
+                trils.append(torch.linalg.cholesky(torch.cholesky_inverse(U)))
+                valid.append(v)
+        src = _Sources(torch.stack(centres, 1), torch.stack(trils, 1), torch.stack(valid, 1))
+        members = list(range(K))
+        member_log_weights = mixture.log_weights
+        if divergence.name == "jensen_shannon":  # log(p + q): Q switches with the components too
+            members.append(K)
+            member_log_weights = torch.cat(
+                [member_log_weights, torch.zeros_like(member_log_weights[:, :1])], 1
+            )
+        coords, weights = _panel_rule(src, members, member_log_weights, panels, order)
+    origin = mean.detach()
+    log_q = _log_normal_nested(coords, mean - origin, scale_tril)
+    log_p = None
+    for k in range(K):  # over components
+        term = _log_normal_nested(coords, mixture.means[:, k] - origin, mixture.scale_trils[:, k])
+        term = term + _row(mixture.log_weights[:, k], term.dim())
+        log_p = term if log_p is None else logaddexp(log_p, term)
+    w = weights[0]
+    for level in range(1, d):
+        w = _lift(w, 1) * weights[level]
+    return _integrate(divergence, w, log_p, log_q, a, levels=d)
+
+
+def divergence_nd(
+    divergence: Divergence | str,
+    mixture: MixtureND,
+    mean: Tensor,
+    scale_tril: Tensor,
+    alpha: Tensor | float | None = None,
+    *,
+    rule: Panels | QuasiMonteCarlo | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""The divergence between P = ``mixture`` and Q = N(``mean``, ``scale_tril`` ``scale_tril``:sup:`T`)
+    for every row: (value [B], error [B]).
+
+    ``divergence``: a registry member or its name; ``alpha``: its parameter (float or [B]) for
+    ``alpha`` and ``renyi``. ``mean`` [B, d] and ``scale_tril`` [B, d, d] (lower triangular, positive
+    diagonal). ``rule``: :class:`Panels` (default for d <= 3) or :class:`QuasiMonteCarlo` (default
+    above). The value is in the divergence's own units (module docstring), +inf where it is
+    infinite (:func:`finite_nd`), and differentiable twice by autograd in ``mean`` and
+    ``scale_tril``. ``error`` is 0 for the panels (a deterministic rule) and the standard error of
+    the randomised QMC estimate otherwise (0 where the value is +inf).
+    """
+    divergence = get_divergence(divergence) if isinstance(divergence, str) else divergence
+    B, K, d = mixture.means.shape
+    if mean.shape != (B, d) or scale_tril.shape != (B, d, d):
+        raise ValueError(
+            f"mean {tuple(mean.shape)} and scale_tril {tuple(scale_tril.shape)} for B={B}, d={d}"
+        )
+    rule = default_rule(d) if rule is None else rule
+    a = divergence.orders(alpha, B, mean.dtype)
+    finite = tau = None
+    if a is not None:
+        with torch.no_grad():
+            parts = _q_parts(mean.detach(), scale_tril.detach(), mixture)
+            prec, _ = _tilted(parts[0], parts[2], parts[1], parts[3], a)
+            finite, tau = _orders_finite(prec, a)
+    if isinstance(rule, QuasiMonteCarlo):
+        integrals, log_integrals = _qmc_integrals(divergence, mixture, mean, scale_tril, a, tau, finite, rule)
+        R = integrals.shape[0]
+        integral = integrals.sum(0) / R
+        spread = torch.sqrt(((integrals - integral) ** 2).sum(0) / (R - 1) / R).detach()
+        log_integral = None
+        if log_integrals is not None:
+            log_integral = torch.logsumexp(log_integrals, 0) - math.log(R)
+        value = _finish(divergence, integral, alpha, finite, log_integral)
+        error = divergence.scale * spread
+        if log_integral is not None:  # Renyi: |dR/dD| = order / int q^order p^(1 - order)
+            order = torch.as_tensor(alpha, dtype=mean.dtype).expand(B)
+            error = (order.abs() * error / torch.exp(log_integral)).detach()
+        if finite is not None:
+            error = torch.where(finite, error, 0.0)
+        return value, error
+    if d > 3:
+        raise ValueError(f"the panel rule is for d <= 3 (nodes grow as the d-th power); d = {d}: use QMC")
+    integral, log_integral = _panel_integrals(divergence, mixture, mean, scale_tril, a, tau, finite, rule)
+    value = _finish(divergence, integral, alpha, finite, log_integral)
+    return value, torch.zeros_like(value.detach())
