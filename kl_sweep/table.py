@@ -155,11 +155,20 @@ def run_chunks(
             yield ready[-1][1]
 
     tic = time.perf_counter()
-    for result in fit_stream(problems(), settings_from(shared), capacity):
-        rows, problem = ready.popleft()
-        table = result_frame(rows, shared, problem, result, tic)
-        tic = time.perf_counter()
-        yield table
+    threads = torch.get_num_threads()
+    if int(shared.get("dim", 1)) > 1:
+        # d > 1 steps are many small torch operations: on shared cores extra intra-op threads
+        # wait on each other (a 2-thread d = 2 sweep ran 5-10x slower under load, and no faster
+        # alone). They fit on one thread; cores are used through shards (hydra/launcher=joblib).
+        torch.set_num_threads(1)
+    try:
+        for result in fit_stream(problems(), settings_from(shared), capacity):
+            rows, problem = ready.popleft()
+            table = result_frame(rows, shared, problem, result, tic)
+            tic = time.perf_counter()
+            yield table
+    finally:
+        torch.set_num_threads(threads)
 
 
 def result_frame(

@@ -339,3 +339,37 @@ def test_a_general_target_of_two_shared_components_fits_as_the_reduction_does(tm
     for column in ("loss", "kl_forward", "kl_reverse"):
         assert general[column].iloc[0] == pytest.approx(keys[column].iloc[0], rel=1e-7)
     assert isinstance(general, pd.DataFrame) and general["loss_error"].iloc[0] == 0.0
+
+
+def test_d_dimensional_rows_run_in_blocks_within_the_hessian_budget(monkeypatch):
+    """With a budget of 10 rows' Hessians, at most 1.5 blocks are at work whenever Hessians are
+    formed, and every row's result is bit for bit the one of an unblocked fit."""
+    import kl_sweep.core.fit as fit_module
+
+    g = torch.Generator().manual_seed(3)
+    B = 60
+    target = SharedPair(
+        6 * torch.rand(B, dtype=F64, generator=g),
+        0.5 + 0.4 * torch.rand(B, dtype=F64, generator=g),
+        torch.zeros(B, dtype=F64),
+        torch.ones(B, dtype=F64),
+        torch.full((B,), 0.5, dtype=F64),
+        2,
+        "axis",
+    )
+    starts = -3 + 6 * torch.rand(B, dtype=F64, generator=g)
+    whole = fit_rows(target, "full", "reverse", starts)
+    seen = []
+    original = ReducedObjective.derivatives
+
+    def counting(self, theta, hessian):
+        if hessian:
+            seen.append(theta.shape[0])
+        return original(self, theta, hessian)
+
+    monkeypatch.setattr(ReducedObjective, "derivatives", counting)
+    monkeypatch.setattr(fit_module, "HESSIAN_BUDGET", 10 * 5 * 5)
+    blocked = fit_rows(target, "full", "reverse", starts)
+    assert max(seen) <= 15
+    for name in ("theta", "loss", "grad_norm", "steps", "status"):
+        assert torch.equal(getattr(blocked, name), getattr(whole, name)), name

@@ -18,6 +18,7 @@ kernel (:mod:`kl_sweep.core.native`).
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import fields, replace
@@ -62,26 +63,42 @@ def fit_stream(
     :func:`_stepwise`, which ``capacity`` is for.
     """
     if not fused(settings):
-        counts: deque[int] = deque()
-        results = _stepwise(_pieces(problems, counts), settings, capacity)
-        while True:
-            first = next(results, None)
-            if first is None:
-                return
-            parts = [first] + [next(results) for _ in range(counts.popleft() - 1)]
-            yield parts[0] if len(parts) == 1 else _joined(parts)
+        yield from _bounded(problems, settings, capacity)
+        return
     for problem in problems:
         if problem.family is not None or (
             settings.divergence.native == "reverse_kl" and problem.mixture.means.shape[-1] != 2
         ):
-            yield from _stepwise([problem], settings, capacity)
+            yield from _bounded([problem], settings, capacity)
         else:
             yield _fused_fit(problem, settings)
 
 
-#: Rows of a d > 1 problem at work at once: at most this many Hessian entries (2.4 GB of float64
-#: in all) among them, so that a full Q in d = 20 (P = 230) runs 750 rows at a time.
-HESSIAN_BUDGET = 300_000_000
+#: Hessian entries of a block of d > 1 rows (240 MB of float64). With the next block joining when
+#: half the rows are done, at most 1.5 blocks are at work, and the Hessians' temporaries (about
+#: five copies at a check) stay near 2 GB: a full Q in d = 20 (P = 230) runs 567 rows a block.
+HESSIAN_BUDGET = 30_000_000
+
+
+def _bounded(problems: Iterable[Problem], settings: Settings, capacity: int | None) -> Iterator[Result]:
+    """:func:`_stepwise` on a stream, d > 1 problems cut into blocks of at most
+    :data:`HESSIAN_BUDGET` Hessian entries, at most 1.5 blocks at work; one result per problem."""
+    problems = iter(problems)
+    first = next(problems, None)
+    if first is None:
+        return
+    if first.family is not None:  # a stream's problems share their family (one sweep group)
+        P = first.family.n_params
+        size = max(1, HESSIAN_BUDGET // (P * P))
+        capacity = size if capacity is None else min(capacity, size)
+    counts: deque[int] = deque()
+    results = _stepwise(_pieces(itertools.chain([first], problems), counts), settings, capacity)
+    while True:
+        head = next(results, None)
+        if head is None:
+            return
+        parts = [head] + [next(results) for _ in range(counts.popleft() - 1)]
+        yield parts[0] if len(parts) == 1 else _joined(parts)
 
 
 def _pieces(problems: Iterable[Problem], counts: deque[int]) -> Iterator[Problem]:
