@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=40)
     parser.add_argument("--max-steps", type=int, default=5000)
     args = parser.parse_args()
+    torch.set_num_threads(1)  # as dims_throughput.py measures it
     grid = list(itertools.product([0.4 * i for i in range(20)], [0.5, 0.7, 0.9], [-3.0, -1.0, 1.0, 3.0]))
     grid = torch.tensor(grid[: args.rows], dtype=f64)
     tic = time.perf_counter()

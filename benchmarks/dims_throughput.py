@@ -166,7 +166,7 @@ def section_a(args, tmp: Path) -> None:
     B = rows.shape[0]
     section(f"a. d = 2, full Q, reverse KL, correlation {RHO}, B = {B:,}, tol 1e-8")
     prob = problem(rows, 2, "full")
-    fit(problem(rows[:200], 2, "full"), SETTINGS)  # warm-up: the native kernel loaded
+    fit(problem(rows[:20], 2, "full"), SETTINGS)  # warm-up: the native kernel loaded
     baseline_every = max(1, B // args.baseline_rows)
     sub = torch.arange(0, B, baseline_every)
     overrides = [
@@ -178,9 +178,16 @@ def section_a(args, tmp: Path) -> None:
     ]
     cores = available_cores()
     joblib = ["hydra/launcher=joblib", f"hydra.sweeper.shards={cores}"]
-    launchers = {"basic": ([], child_env()), f"joblib, {cores} shards": (joblib, child_env())}
-    if not args.quick:  # one shard on one thread: what threads do to the basic launcher
-        launchers["basic, OMP_NUM_THREADS=1"] = ([], {**child_env(), "OMP_NUM_THREADS": "1"})
+    one_thread = {**child_env(), "OMP_NUM_THREADS": "1"}
+    # Basic: one shard with every core's threads (the default); joblib: a shard a core; and one
+    # shard on one thread, to see what threads do to the basic launcher (quick: that one alone).
+    launchers = {"basic, OMP_NUM_THREADS=1": ([], one_thread)}
+    if not args.quick:
+        launchers = {
+            "basic": ([], child_env()),
+            f"joblib, {cores} shards": (joblib, child_env()),
+            **launchers,
+        }
     core_t: list[float] = []
     cli_t: dict[str, list[tuple[float, float]]] = {name: [] for name in launchers}
     cli_conv: dict[str, float] = {}
@@ -468,11 +475,11 @@ def main() -> None:
     args.repeats = args.repeats or (1 if quick else 3)
     args.grid = (10, 5) if quick else (80, 25)  # separations x init_mu (x 5 weights)
     args.baseline_rows = 10 if quick else 1000
-    args.point_seconds = 0.3 if quick else 4.0
+    args.point_seconds = 0.2 if quick else 4.0
     args.min_rows, args.max_rows = (32, 128) if quick else (64, 8192)
     args.max_dim = 5 if quick else 50
     args.step_rows, args.step_rows_full = (64, 64) if quick else (1024, 256)
-    args.call_seconds = 0.05 if quick else 0.5
+    args.call_seconds = 0.02 if quick else 0.5
     torch.set_num_threads(1)
     print(f"dims_throughput: python {sys.version.split()[0]}, torch {torch.__version__}, {load()}")
     skip = set(args.skip.split(","))
