@@ -130,6 +130,10 @@ SWITCH_REACH = 40.0
 #: Where the mesh density is sampled (before equidistribution), in sd of a source / widths of a switch.
 _SOURCE_ANCHORS = (-9.0, -5.0, -2.5, -1.0, 0.0, 1.0, 2.5, 5.0, 9.0)
 _SWITCH_ANCHORS = (-40.0, -10.0, -3.0, 0.0, 3.0, 10.0, 40.0)
+#: Golden-section steps of the K = 2 search (the bracket shrinks to 0.618^48 ~ 1e-10).
+GOLDEN_STEPS = 48
+#: Exponentiated supergradient steps of the K >= 3 search.
+MIRROR_STEPS = 200
 #: Members of the alpha family whose order is set per row (their rules have the envelope slot).
 _PER_ROW_ORDER = ("alpha", "renyi")
 
@@ -176,17 +180,25 @@ def default_rule(dim: int) -> Panels | QuasiMonteCarlo:
 
 
 def default_order(dim: int) -> int:
-    """Gauss-Legendre nodes per panel: 8 up to d = 2, 6 in d = 3 (finer panels for fewer nodes)."""
-    return 8 if dim <= 2 else 6
+    """Gauss-Legendre nodes per panel: 8 (at equal nodes per level, 8 beats 6 in 2-D and 3-D)."""
+    return 8
 
 
-def default_panels(dim: int, n_sources: int, n_pairs: int) -> int:
-    """Panels per level for ``n_sources`` source slots and ``n_pairs`` switching pairs (see
-    :func:`structure`); calibrated in ``benchmarks/cubature_accuracy.py``. The count depends on the
-    divergence, K and d only, never on a row's values, so a row's nodes are its own."""
-    if dim <= 2:
-        return 8 + 3 * n_sources + 2 * n_pairs
-    return 4 + 2 * n_sources + n_pairs
+#: The panel count per level is capped at this in 3-D, where the nodes grow as its cube.
+MAX_PANELS_3D = 14
+
+
+def default_panels(dim: int, n_components: int, n_sources: int, n_pairs: int) -> int:
+    """Panels per level for a K-component target with ``n_sources`` source slots and ``n_pairs``
+    switching pairs (:func:`structure`): 6 per component and for Q, 2 per further source slot and
+    per pair, plus 4 (K = 2, KL: 24 panels, 192 nodes per level), calibrated in
+    ``benchmarks/cubature_accuracy.py``. In 3-D it is capped at :data:`MAX_PANELS_3D` (1.4 million
+    nodes per row): enough for about 1e-8 with K = 1, not for larger K (see the module docstring).
+    The count depends on the divergence, K and d only, never on a row's values, so a row's nodes
+    are its own whatever the batch."""
+    K = n_components
+    panels = 4 + 6 * (K + 1) + 2 * (n_sources - K - 1) + 2 * n_pairs
+    return panels if dim <= 2 else min(panels, MAX_PANELS_3D)
 
 
 def structure(divergence: Divergence, n_components: int) -> tuple[int, int]:
@@ -223,10 +235,87 @@ def _legendre(order: int) -> tuple[Tensor, Tensor]:
     return torch.as_tensor(t, dtype=torch.float64), torch.as_tensor(w, dtype=torch.float64)
 
 
+# Small dense linear algebra by elementwise operations, looping over the matrix indices: LAPACK and
+# batched matmul are not used on anything that reaches a value, because their last bits can depend on
+# the batch (MKL's kernels depend on memory alignment; a batch of one may be folded into another
+# BLAS call). Elementwise arithmetic rounds the same wherever a row sits. All are differentiable.
+
+
+def _mv(A: Tensor, x: Tensor) -> Tensor:
+    """A x for matrices [..., m, n] and vectors [..., n]: [..., m]."""
+    out = A[..., 0] * x[..., 0, None]
+    for k in range(1, A.shape[-1]):
+        out = out + A[..., k] * x[..., k, None]
+    return out
+
+
+def _mm(A: Tensor, B: Tensor) -> Tensor:
+    """A B for matrices [..., m, k] and [..., k, n]: [..., m, n]."""
+    out = A[..., :, 0, None] * B[..., 0, None, :]
+    for k in range(1, A.shape[-1]):
+        out = out + A[..., :, k, None] * B[..., k, None, :]
+    return out
+
+
+def _gram(W: Tensor) -> Tensor:
+    """W^T W [..., d, d] (a precision from a whitening map)."""
+    return _mm(W.transpose(-1, -2), W)
+
+
+def _cholesky(A: Tensor) -> tuple[Tensor, Tensor]:
+    """(L, ok): the lower Cholesky factor of symmetric A [..., d, d] and whether A is positive
+    definite [...]; where it is not, L is finite but meaningless."""
+    d = A.shape[-1]
+    L = [[None] * d for _ in range(d)]
+    ok = torch.ones(A.shape[:-2], dtype=torch.bool)
+    zero = torch.zeros_like(A[..., 0, 0])
+    for j in range(d):
+        pivot = A[..., j, j]
+        for k in range(j):
+            pivot = pivot - L[j][k] * L[j][k]
+        ok = ok & (pivot > 0) & torch.isfinite(pivot)
+        L[j][j] = torch.sqrt(torch.where(pivot > 0, pivot, 1.0))
+        for i in range(j + 1, d):
+            v = A[..., i, j]
+            for k in range(j):
+                v = v - L[i][k] * L[j][k]
+            L[i][j] = v / L[j][j]
+    rows = [torch.stack([L[i][j] if j <= i else zero for j in range(d)], -1) for i in range(d)]
+    return torch.stack(rows, -2), ok
+
+
 def _triangular_inverse(tril: Tensor) -> Tensor:
-    """:math:`L^{-1}` [..., d, d] of lower-triangular L (differentiable, twice)."""
-    eye = torch.eye(tril.shape[-1], dtype=tril.dtype).expand_as(tril)
-    return torch.linalg.solve_triangular(tril, eye, upper=False)
+    """:math:`L^{-1}` [..., d, d] of lower-triangular L, by forward substitution."""
+    d = tril.shape[-1]
+    X = [[None] * d for _ in range(d)]
+    zero = torch.zeros_like(tril[..., 0, 0])
+    for i in range(d):
+        X[i][i] = 1.0 / tril[..., i, i]
+        for j in range(i):
+            v = tril[..., i, j] * X[j][j]
+            for k in range(j + 1, i):
+                v = v + tril[..., i, k] * X[k][j]
+            X[i][j] = -v / tril[..., i, i]
+    rows = [torch.stack([X[i][j] if j <= i else zero for j in range(d)], -1) for i in range(d)]
+    return torch.stack(rows, -2)
+
+
+def _cholesky_solve(b: Tensor, U: Tensor) -> Tensor:
+    """:math:`(UU^T)^{-1} b` for lower-triangular U [..., d, d] and b [..., d]."""
+    X = _triangular_inverse(U)
+    return _mv(X.transpose(-1, -2), _mv(X, b))
+
+
+def _small_inverse(A: Tensor) -> tuple[Tensor, Tensor]:
+    """(inverse, determinant) of 1 x 1 or 2 x 2 matrices [..., n, n], in closed form."""
+    if A.shape[-1] == 1:
+        det = A[..., 0, 0]
+        return (1.0 / torch.where(det != 0, det, 1.0))[..., None, None], det
+    a, b, c, e = A[..., 0, 0], A[..., 0, 1], A[..., 1, 0], A[..., 1, 1]
+    det = a * e - b * c
+    safe = torch.where(det != 0, det, 1.0)
+    inverse = torch.stack([torch.stack([e, -b], -1), torch.stack([-c, a], -1)], -2) / safe[..., None, None]
+    return inverse, det
 
 
 def _tilted(
@@ -236,24 +325,72 @@ def _tilted(
     :math:`\eta_k = a\Sigma_k^{-1}m_k + (1-a)S^{-1}\mu` [B, K, d] of :math:`(w_k\mathcal N_k)^a q^{1-a}`
     (its log is :math:`-\tfrac12 x^T\Lambda_k x + \eta_k^T x` + const), with means given as offsets
     from the origin and the whitening maps :math:`L^{-1}` of the components and of Q."""
-    sigma_inv = comp_whiten.transpose(-1, -2) @ comp_whiten
-    s_inv = q_whiten.transpose(-1, -2) @ q_whiten
+    sigma_inv = _gram(comp_whiten)
+    s_inv = _gram(q_whiten)
     ak = a[:, None, None, None]
     prec = ak * sigma_inv + (1.0 - ak) * s_inv.unsqueeze(1)
-    lin = a[:, None, None] * (sigma_inv @ comp_centres.unsqueeze(-1)).squeeze(-1)
-    lin = lin + (1.0 - a[:, None, None]) * (s_inv @ q_centre.unsqueeze(-1)).squeeze(-1).unsqueeze(1)
+    lin = a[:, None, None] * _mv(sigma_inv, comp_centres)
+    lin = lin + (1.0 - a[:, None, None]) * _mv(s_inv, q_centre).unsqueeze(1)
     return prec, lin
 
 
 def _positive_definite(prec: Tensor) -> Tensor:
     """True [...] where the symmetric matrices [..., d, d] have a Cholesky factor."""
-    factor, info = torch.linalg.cholesky_ex(prec)
-    return (info == 0) & torch.isfinite(factor).all(-1).all(-1)
+    return _cholesky(prec)[1]
 
 
-def _lowest(prec: Tensor) -> Tensor:
-    """The smallest eigenvalue [...] of symmetric [..., d, d]."""
-    return torch.linalg.eigvalsh(prec)[..., 0]
+def _lowest(M: Tensor) -> tuple[Tensor, Tensor]:
+    """The smallest eigenvalue [...] of symmetric M [..., d, d] and a unit eigenvector [..., d].
+
+    In closed form for d <= 3 (elementwise, so a row's bits do not depend on its batch); LAPACK
+    (``eigh``) above, whose last bits may (MKL's results depend on memory alignment).
+    """
+    d = M.shape[-1]
+    if d == 1:
+        return M[..., 0, 0], torch.ones_like(M[..., 0])
+    if d == 2:
+        a, b, c = M[..., 0, 0], 0.5 * (M[..., 0, 1] + M[..., 1, 0]), M[..., 1, 1]
+        half = 0.5 * (a - c)
+        lam = 0.5 * (a + c) - torch.sqrt(half * half + b * b)
+        u, w = torch.stack([b, lam - a], -1), torch.stack([lam - c, b], -1)
+        v = torch.where(((u * u).sum(-1) >= (w * w).sum(-1))[..., None], u, w)
+    elif d == 3:
+        sym = 0.5 * (M + M.transpose(-1, -2))
+        q = torch.diagonal(sym, dim1=-2, dim2=-1).sum(-1) / 3.0
+        shifted = sym - q[..., None, None] * torch.eye(3, dtype=M.dtype)
+        p = torch.sqrt((shifted * shifted).sum((-1, -2)) / 6.0)
+        safe = torch.where(p > 0, p, 1.0)
+        Bm = shifted / safe[..., None, None]
+        det = (
+            Bm[..., 0, 0] * (Bm[..., 1, 1] * Bm[..., 2, 2] - Bm[..., 1, 2] * Bm[..., 2, 1])
+            - Bm[..., 0, 1] * (Bm[..., 1, 0] * Bm[..., 2, 2] - Bm[..., 1, 2] * Bm[..., 2, 0])
+            + Bm[..., 0, 2] * (Bm[..., 1, 0] * Bm[..., 2, 1] - Bm[..., 1, 1] * Bm[..., 2, 0])
+        )
+        phi = torch.acos((0.5 * det).clamp(-1.0, 1.0)) / 3.0
+        lam = q + torch.where(p > 0, 2.0 * p * torch.cos(phi + 2.0 * math.pi / 3.0), 0.0)
+        rows = sym - lam[..., None, None] * torch.eye(3, dtype=M.dtype)
+        r0, r1, r2 = rows[..., 0, :], rows[..., 1, :], rows[..., 2, :]
+
+        def cross(u: Tensor, w: Tensor) -> Tensor:
+            return torch.stack(
+                [
+                    u[..., 1] * w[..., 2] - u[..., 2] * w[..., 1],
+                    u[..., 2] * w[..., 0] - u[..., 0] * w[..., 2],
+                    u[..., 0] * w[..., 1] - u[..., 1] * w[..., 0],
+                ],
+                -1,
+            )
+
+        crosses = torch.stack([cross(r0, r1), cross(r0, r2), cross(r1, r2)], -2)
+        pick = (crosses * crosses).sum(-1).argmax(-1)
+        v = crosses.gather(-2, pick[..., None, None].expand(*pick.shape, 1, 3))[..., 0, :]
+    else:
+        eigenvalues, vectors = torch.linalg.eigh(M)
+        return eigenvalues[..., 0], vectors[..., 0]
+    norm = torch.sqrt((v * v).sum(-1, keepdim=True))
+    fallback = torch.zeros_like(v)
+    fallback[..., 0] = 1.0
+    return lam, torch.where(norm > 0, v / torch.where(norm > 0, norm, 1.0), fallback)
 
 
 def _best_combination(prec: Tensor) -> tuple[Tensor, Tensor]:
@@ -266,41 +403,39 @@ def _best_combination(prec: Tensor) -> tuple[Tensor, Tensor]:
     """
     B, K = prec.shape[:2]
     if K == 1:
-        return torch.ones(B, 1, dtype=prec.dtype), _lowest(prec[:, 0])
+        return torch.ones(B, 1, dtype=prec.dtype), _lowest(prec[:, 0])[0]
     scale = prec.flatten(-2).abs().amax(-1).amax(-1).clamp_min(torch.finfo(prec.dtype).tiny)
     prec = prec / scale[:, None, None, None]
     if K == 2:
 
         def value(t: Tensor) -> Tensor:
-            return _lowest((1.0 - t)[:, None, None] * prec[:, 0] + t[:, None, None] * prec[:, 1])
+            return _lowest((1.0 - t)[:, None, None] * prec[:, 0] + t[:, None, None] * prec[:, 1])[0]
 
         ratio = (math.sqrt(5.0) - 1.0) / 2.0
         lo, hi = torch.zeros(B, dtype=prec.dtype), torch.ones(B, dtype=prec.dtype)
         x1, x2 = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
         f1, f2 = value(x1), value(x2)
-        for _ in range(90):  # the interval shrinks to 0.618^90 ~ 1e-19
-            left = f1 < f2  # the maximum lies in [x1, hi]
+        for _ in range(GOLDEN_STEPS):  # one new point a step, on the side each row keeps
+            left = f1 < f2  # the maximum lies in [x1, hi]: x2 becomes x1
             lo, hi = torch.where(left, x1, lo), torch.where(left, hi, x2)
-            x1n = torch.where(left, x2, hi - ratio * (hi - lo))
-            x2n = torch.where(left, lo + ratio * (hi - lo), x1)
-            f1n = torch.where(left, f2, value(x1n))
-            f2n = torch.where(left, value(x2n), f1)
-            x1, x2, f1, f2 = x1n, x2n, f1n, f2n
+            new = torch.where(left, lo + ratio * (hi - lo), hi - ratio * (hi - lo))
+            f_new = value(new)
+            x1, x2 = torch.where(left, x2, new), torch.where(left, new, x1)
+            f1, f2 = torch.where(left, f2, f_new), torch.where(left, f_new, f1)
         candidates = torch.stack([torch.zeros_like(lo), torch.ones_like(lo), x1, x2], -1)
-        values = torch.stack([value(candidates[:, i]) for i in range(4)], -1)
+        values = torch.stack([value(candidates[:, 0]), value(candidates[:, 1]), f1, f2], -1)
         best, pick = values.max(-1)
         t = candidates.gather(-1, pick[:, None])[:, 0]
         return torch.stack([1.0 - t, t], -1), best * scale
     tau = torch.full((B, K), 1.0 / K, dtype=prec.dtype)
     best_tau, best = tau, torch.full((B,), -math.inf, dtype=prec.dtype)
-    for step in range(300):
+    for step in range(MIRROR_STEPS):
         combined = (tau[:, :, None, None] * prec).sum(1)
-        eigenvalues, vectors = torch.linalg.eigh(combined)
-        v = vectors[..., 0]
-        better = eigenvalues[:, 0] > best
-        best = torch.where(better, eigenvalues[:, 0], best)
+        lowest, v = _lowest(combined)
+        better = lowest > best
+        best = torch.where(better, lowest, best)
         best_tau = torch.where(better[:, None], tau, best_tau)
-        g = torch.einsum("bi,bkij,bj->bk", v, prec, v)
+        g = (v[:, None, :] * _mv(prec, v[:, None, :])).sum(-1)
         tau = tau * torch.exp(g * (2.0 / math.sqrt(step + 1.0)))
         tau = tau / tau.sum(-1, keepdim=True)
     return best_tau, best * scale
@@ -418,23 +553,21 @@ def _tilted_sources(
     Precision :math:`\\Lambda = UU^T` (U lower); an invalid slot stands in as the first component."""
     comp_centres, q_centre, comp_whiten, q_whiten = parts
     prec, lin = _tilted(comp_centres, comp_whiten, q_centre, q_whiten, a)
-    comp_prec = comp_whiten.transpose(-1, -2) @ comp_whiten
+    comp_prec = _gram(comp_whiten)
     safe, ok = _safe_precision(prec, comp_prec)
     slots = [(safe[:, k], lin[:, k], ok[:, k] & finite) for k in range(prec.shape[1])]
     if divergence.name in _PER_ROW_ORDER:
-        t = tau.to(prec.dtype)
+        # Only needed where no tilted Gaussian is proper (one that is bounds p^a q^(1-a) itself, a < 0).
+        # tau is rounded to 1/4096: where LAPACK found it (d >= 4) its last bits may vary with the batch.
+        t = torch.round(tau.to(prec.dtype) * 4096.0) / 4096.0
         env_prec = (t[:, :, None, None] * prec).sum(1)
         env_lin = (t[:, :, None] * lin).sum(1)
         env_safe, env_ok = _safe_precision(env_prec, comp_prec[:, 0])
-        slots.append((env_safe, env_lin, env_ok & finite & (a < 0.0)))
+        slots.append((env_safe, env_lin, env_ok & finite & (a < 0.0) & ~ok.any(-1)))
     centres, factors, valid = [], [], []
     for p, eta, v in slots:
-        U = torch.linalg.cholesky(p)
-        centres.append(
-            torch.where(
-                v[:, None], torch.cholesky_solve(eta.unsqueeze(-1), U).squeeze(-1), comp_centres[:, 0]
-            )
-        )
+        U = _cholesky(p)[0]
+        centres.append(torch.where(v[:, None], _cholesky_solve(eta, U), comp_centres[:, 0]))
         factors.append(U)
         valid.append(v)
     return centres, factors, valid
@@ -482,8 +615,8 @@ def _member_forms(
     tril = src.trils[:, members]
     centre = src.centres[:, members]
     whiten = _triangular_inverse(tril)
-    prec = whiten.transpose(-1, -2) @ whiten
-    eta = (prec @ centre.unsqueeze(-1)).squeeze(-1)
+    prec = _gram(whiten)
+    eta = _mv(prec, centre)
     log_det = torch.log(torch.diagonal(tril, dim1=-2, dim2=-1)).sum(-1)
     return prec, eta, member_log_weights - 0.5 * (centre * eta).sum(-1) - log_det
 
@@ -508,14 +641,14 @@ def _folds(
     d = A.shape[-1]
     o, y = slice(0, level + 1), slice(level + 1, d)
     Ayy = A[:, y, y]
-    inverse, info = torch.linalg.inv_ex(Ayy)
+    inverse, det = _small_inverse(Ayy)
     scale = A.flatten(-2).abs().amax(-1).clamp_min(torch.finfo(A.dtype).tiny)
-    regular = (info == 0) & (torch.linalg.det(Ayy).abs() > 1e-10 * scale ** (d - level - 1))
+    regular = det.abs() > 1e-10 * scale ** (d - level - 1)
     inverse = torch.where(regular[:, None, None], inverse, 0.0)
-    G = A[:, o, y] @ inverse
-    At = A[:, o, o] - G @ A[:, y, o]
-    bt = b[:, o] - (G @ b[:, y, None])[..., 0]
-    ct = c + 0.5 * (b[:, y] * (inverse @ b[:, y, None])[..., 0]).sum(-1)
+    G = _mm(A[:, o, y], inverse)
+    At = A[:, o, o] - _mm(G, A[:, y, o])
+    bt = b[:, o] - _mv(G, b[:, y])
+    ct = c + 0.5 * (b[:, y] * _mv(inverse, b[:, y])).sum(-1)
     M = line[0].shape[1] if line else 1
     alpha = (-0.5 * At[:, level, level])[:, None].expand(-1, M)
     beta = bt[:, level, None].expand(-1, M)
@@ -528,13 +661,13 @@ def _folds(
     out = []
     for r, ok in _real_roots(alpha, beta, gamma):
         outer = torch.stack([*line, r], -1) if line else r[..., None]  # [B, M, level + 1]
-        rhs = b[:, None, y] - (A[:, None, y, o] @ outer[..., None])[..., 0]
-        inner = (inverse[:, None] @ rhs[..., None])[..., 0]
+        rhs = b[:, None, y] - _mv(A[:, None, y, o], outer)
+        inner = _mv(inverse[:, None], rhs)
         point = torch.cat([outer, inner], -1)  # [B, M, d]
         ells = (
             kappa[:, None]
             + (eta[:, None] * point[:, :, None]).sum(-1)
-            - 0.5 * (point[:, :, None, None, :] @ prec[:, None] @ point[:, :, None, :, None])[..., 0, 0]
+            - 0.5 * (point[:, :, None] * _mv(prec[:, None], point[:, :, None])).sum(-1)
         )
         tops = ells.max(-1).values
         on = ok & regular[:, None] & (ells[..., j] >= tops - 1e-9 * (1.0 + tops.abs()))
@@ -660,21 +793,22 @@ def _panel_rule(
 def _log_normal_nested(coords: list[Tensor], centre: Tensor, tril: Tensor) -> Tensor:
     r"""Log density of :math:`\mathcal N(\text{centre}, LL^T)` at the nested nodes: [B, N_1, ..., N_d].
 
-    Forward substitution level by level, each level's terms on its own (smaller) nested shape;
-    differentiable (twice) in ``centre`` [B, d] and ``tril`` [B, d, d]."""
+    Forward substitution level by level: the conditional centre of level j and the log density of
+    the outer levels are formed on the outer levels' (smaller) nested shape, so each level costs
+    four operations on its own shape. Differentiable (twice) in ``centre`` [B, d] and ``tril``."""
     d = len(coords)
+    log_det = torch.log(torch.diagonal(tril, dim1=-2, dim2=-1)).sum(-1)
     zs: list[Tensor] = []
-    quad = None
+    log_density = -(log_det + 0.5 * d * LOG_2PI)  # [B], then the outer levels' shape
     for j in range(d):
         nd = coords[j].dim()
-        v = coords[j] - _row(centre[:, j], nd)
+        shift = _row(centre[:, j], nd - 1)  # the conditional centre on the outer shape
         for i in range(j):
-            v = v - _row(tril[:, j, i], nd) * _lift(zs[i], j - i)
-        z = v / _row(tril[:, j, j], nd)
+            shift = shift + _row(tril[:, j, i], nd - 1) * _lift(zs[i], j - 1 - i)
+        z = (coords[j] - shift.unsqueeze(-1)) * _row(1.0 / tril[:, j, j], nd)
         zs.append(z)
-        quad = z * z if quad is None else _lift(quad, 1) + z * z
-    log_det = torch.log(torch.diagonal(tril, dim1=-2, dim2=-1)).sum(-1)
-    return -0.5 * quad - _row(log_det + 0.5 * d * LOG_2PI, quad.dim())
+        log_density = _lift(log_density, 1) - 0.5 * (z * z)
+    return log_density
 
 
 def _nested_sum(x: Tensor, levels: int) -> Tensor:
@@ -739,10 +873,18 @@ def _qmc_integrals(
     integrals, log_integrals = [], []
     for r in range(rule.randomisations):  # over randomisations, not rows
         z = _sobol_normals(d, rule.points, rule.seed, r).to(dtype)
-        x = torch.stack([c[:, None, :] + z @ A.transpose(-1, -2) for c, A in zip(centres, roots)], 1)
+        zb = z.expand(B, -1, -1)
+        x = torch.stack(
+            [c[:, None, :] + torch.bmm(zb, A.transpose(-1, -2)) for c, A in zip(centres, roots)], 1
+        )
+        S, n = x.shape[1], x.shape[2]
         log_g = []
         for c, W, ld in zip(centres, whiten, log_det):
-            y = (x - c[:, None, None, :]) @ W.transpose(-1, -2).unsqueeze(1)  # [B, S, n, d]
+            # whitened offsets of every point, [B, S, n, d]: one bmm per row (a batch of matrices
+            # [S n, d] x [d, d] rounds the same for a row in any batch; a broadcast matmul does not)
+            y = torch.bmm((x - c[:, None, None, :]).reshape(B, S * n, d), W.transpose(-1, -2)).reshape(
+                B, S, n, d
+            )
             log_g.append(-0.5 * (y * y).sum(-1) + ld[:, None, None])
         log_h = torch.logsumexp(
             torch.stack([g + log_beta[:, t, None, None] for t, g in enumerate(log_g)], -1), -1
@@ -795,7 +937,7 @@ def _panel_integrals(
     B, K, d = mixture.means.shape
     n_sources, n_pairs = structure(divergence, K)
     order = rule.order or default_order(d)
-    panels = rule.panels or default_panels(d, n_sources, n_pairs)
+    panels = rule.panels or default_panels(d, K, n_sources, n_pairs)
     panels = (panels,) * d if isinstance(panels, int) else tuple(panels)
     if len(panels) != d:
         raise ValueError(f"panels: one count per level ({d}), got {panels}")
@@ -808,7 +950,8 @@ def _panel_integrals(
         if divergence.alpha_of is not None:
             for c, U, v in zip(*_tilted_sources(divergence, mixture, parts, a, tau, finite)):
                 centres.append(c)
-                trils.append(torch.linalg.cholesky(torch.cholesky_inverse(U)))
+                whiten = _triangular_inverse(U)  # the covariance is U^-T U^-1
+                trils.append(_cholesky(_mm(whiten.transpose(-1, -2), whiten))[0])
                 valid.append(v)
         src = _Sources(torch.stack(centres, 1), torch.stack(trils, 1), torch.stack(valid, 1))
         members = list(range(K))
