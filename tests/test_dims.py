@@ -373,3 +373,39 @@ def test_d_dimensional_rows_run_in_blocks_within_the_hessian_budget(monkeypatch)
     assert max(seen) <= 15
     for name in ("theta", "loss", "grad_norm", "steps", "status"):
         assert torch.equal(getattr(blocked, name), getattr(whole, name)), name
+
+
+def test_alpha_orders_0_and_1_in_one_batch_are_the_kl_limits():
+    """divergence.alpha over 0, 1/2 and 1 as one batch in d = 2: the order-0 and order-1 rows are
+    the reverse and forward KL fits (their limits), the 1/2 row the Hellinger fit scaled by 4."""
+    target = pair([3.0, 3.0, 3.0], 0.7, 0.0, 1.0, 0.5, 2, "axis")
+    alpha = torch.tensor([0.0, 0.5, 1.0], dtype=F64)
+    B = 3
+    one = torch.ones(B, dtype=F64)
+    problem = Problem(
+        target.line(),
+        one,
+        one,
+        0.05 * one,
+        torch.full((B,), 5000),
+        1e-8 * one,
+        alpha=alpha,
+        target=target,
+        family=Family("full", 2),
+    )
+    mixed = fit(problem, Settings(DIVERGENCES["alpha"], Quadrature(6), Adam()))
+    assert (mixed.status == Status.CONVERGED).all()
+    for row, name in ((0, "reverse"), (1, "hellinger"), (2, "forward")):
+        alone = fit_rows(target[torch.tensor([row])], "full", name, 1.0)
+        torch.testing.assert_close(mixed.theta[row], alone.theta[0], rtol=1e-7, atol=1e-8)
+    exact = exact_value(DIVERGENCES["alpha"], target, Family("full", 2), mixed.theta, alpha)
+    hellinger = exact_value(
+        DIVERGENCES["hellinger"], target[torch.tensor([1])], Family("full", 2), mixed.theta[1:2]
+    )
+    kl = [
+        exact_value(DIVERGENCES[n], target[torch.tensor([r])], Family("full", 2), mixed.theta[r : r + 1])
+        for r, n in ((0, "reverse"), (2, "forward"))
+    ]
+    assert exact[0].item() == pytest.approx(kl[0].item(), rel=1e-12)
+    assert exact[2].item() == pytest.approx(kl[1].item(), rel=1e-12)
+    assert exact[1].item() == pytest.approx(4 * hellinger.item(), rel=1e-10)

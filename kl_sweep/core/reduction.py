@@ -348,7 +348,8 @@ class ReducedObjective:
     ) -> ReducedObjective:
         if divergence.name not in REDUCIBLE:
             raise ValueError(f"divergence {divergence.name!r} has no 1-D reduction in d > 1")
-        entropy = target_entropy(target) if divergence.name == "forward" else None
+        # H(P) for the forward KL, and for alpha rows of order 1 (the forward KL's limit).
+        entropy = target_entropy(target) if divergence.name in ("forward", "alpha") else None
         return cls(divergence, estimator, target, family, alpha, entropy, line=target.line())
 
     def subset(self, keep: Tensor) -> ReducedObjective:
@@ -417,14 +418,33 @@ class ReducedObjective:
                 for i in range(0, B, rows)  # over blocks of rows, each a batch of its own
             ]
             return tuple(torch.cat(part) for part in zip(*parts))
-        name = self.divergence.name
-        if name == "forward":
+        return _per_kind(
+            self.kinds(theta),
+            lambda kind, rows: self._rows(rows)._derivatives_of(kind, _take_rows(theta, rows), hessian),
+        )
+
+    def _rows(self, rows: Tensor | None) -> ReducedObjective:
+        return self if rows is None else self.subset(rows)
+
+    def kinds(self, theta: Tensor) -> Tensor:
+        """Per row [B]: :data:`REVERSE` (the reverse KL, and an alpha order 0: its limit),
+        :data:`FORWARD` (the forward KL, and an order 1) or :data:`LINE` (every other order)."""
+        name, n = self.divergence.name, theta.shape[0]
+        if name in ("reverse", "forward"):
+            return torch.full((n,), REVERSE if name == "reverse" else FORWARD)
+        a = self.orders(n, theta.dtype)
+        return torch.where(a == 0, REVERSE, torch.where(a == 1, FORWARD, LINE))
+
+    def _derivatives_of(
+        self, kind: int, theta: Tensor, hessian: bool
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        if kind == REVERSE:
+            return self._reverse_derivatives(theta, hessian)
+        if kind == FORWARD:
             entropy = self.entropy
             return _autograd(lambda t: _forward_value(self.target, self.family, t, entropy), theta, hessian)
         a = self.orders(theta.shape[0], theta.dtype)
-        if name == "reverse" or (a is not None and bool((a == 0).all())):
-            return self._reverse_derivatives(theta, hessian)
-        return self._through_line(theta, hessian, name, a)
+        return self._through_line(theta, hessian, self.divergence.name, a)
 
     def _reverse_derivatives(self, theta: Tensor, hessian: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         r"""The reverse KL's loss, gradient and Hessian in closed form, O(d^2) a row for ``full``.
@@ -529,8 +549,6 @@ class ReducedObjective:
         f = torch.where(ok, f, 0.0)
         g = torch.where(ok.unsqueeze(-1), g, 0.0)
         H = torch.where(ok[:, None, None], H, 0.0)
-        transform = self.divergence.transform is not None
-        scale = self.divergence.scale
 
         def value(t: Tensor) -> Tensor:
             if a is None:
@@ -539,11 +557,7 @@ class ReducedObjective:
                 phi, kappa, _ = _alpha_parts(target, family, t, a)
             step = phi - phi0
             F = f + (g * step).sum(-1) + 0.5 * (step * (H @ step.unsqueeze(-1)).squeeze(-1)).sum(-1)
-            if a is None:
-                return F + G
-            if transform:  # Renyi: R = R_1 - kappa / a
-                return F - kappa / a
-            return torch.exp(kappa) * F - scale * torch.expm1(kappa) / (a * (1.0 - a))
+            return F + G if a is None else _compose(self.divergence, F, kappa, a)
 
         loss, grad, hess = _autograd(value, theta, hessian)
         loss = torch.where(ok, loss, torch.inf)
@@ -565,7 +579,7 @@ def _line_objective(objective: ReducedObjective, name: str, theta1: Tensor):
     """The 1-D objective of the line mixture p_1 at theta1 = (m, log sd) [B, 2]."""
     from kl_sweep.core.objective import Objective
 
-    alpha = objective.alpha if objective.divergence.parameter else None
+    alpha = objective.alpha if DIVERGENCES[name].parameter else None
     return Objective.build(DIVERGENCES[name], objective.estimator, objective.line, theta1, alpha)
 
 
@@ -594,21 +608,62 @@ def exact_value(
 
     objective = ReducedObjective.build(divergence, Quadrature(12), target, family, alpha)
     with torch.no_grad():
-        if divergence.name == "forward":
-            return _forward_value(target, family, theta, objective.entropy)
-        a = objective.orders(theta.shape[0], theta.dtype)
-        if divergence.name == "reverse" or (a is not None and bool((a == 0).all())):
-            phi, G = _reverse_parts(target, family, theta)
-            line = target.line()
-            return divergence_exact(DIVERGENCES["reverse"], line, phi[:, 0], phi[:, 1], 12) + G
-        phi, kappa, finite = _alpha_parts(target, family, theta, a)
-        phi = torch.where(finite.unsqueeze(-1), phi, 0.0)
-        f = divergence_exact(divergence, target.line(), phi[:, 0], phi[:, 1], 12, alpha=alpha)
-        if divergence.transform is not None:
-            value = f - kappa / a
-        else:
-            value = torch.exp(kappa) * f - divergence.scale * torch.expm1(kappa) / (a * (1.0 - a))
-        return torch.where(finite & torch.isfinite(f), value, torch.inf)
+        return _per_kind(
+            objective.kinds(theta),
+            lambda kind, rows: (_exact_of(kind, objective._rows(rows), _take_rows(theta, rows)),),
+        )[0]
+
+
+def _exact_of(kind: int, objective: ReducedObjective, theta: Tensor) -> Tensor:
+    target, family, divergence = objective.target, objective.family, objective.divergence
+    if kind == FORWARD:
+        return _forward_value(target, family, theta, objective.entropy)
+    if kind == REVERSE:
+        phi, G = _reverse_parts(target, family, theta)
+        return divergence_exact(DIVERGENCES["reverse"], objective.line, phi[:, 0], phi[:, 1], 12) + G
+    a = objective.orders(theta.shape[0], theta.dtype)
+    phi, kappa, finite = _alpha_parts(target, family, theta, a)
+    phi = torch.where(finite.unsqueeze(-1), phi, 0.0)
+    f = divergence_exact(divergence, objective.line, phi[:, 0], phi[:, 1], 12, alpha=objective.alpha)
+    return torch.where(finite & torch.isfinite(f), _compose(divergence, f, kappa, a), torch.inf)
+
+
+def _compose(divergence: Divergence, line_value: Tensor, kappa: Tensor, a: Tensor) -> Tensor:
+    r"""The member in R^d from its 1-D value and :math:`\kappa = \log K - \log K_1`:
+    :math:`R = R^{(1)} - \kappa/a` for Renyi, :math:`e^\kappa D + s(1 - e^\kappa)/(a(1-a))` (scale s)
+    for the others (module docstring)."""
+    if divergence.transform is not None:
+        return line_value - kappa / a
+    return torch.exp(kappa) * line_value - divergence.scale * torch.expm1(kappa) / (a * (1.0 - a))
+
+
+def _take_rows(x: Tensor, rows: Tensor | None) -> Tensor:
+    return x if rows is None else x[rows]
+
+
+#: The kinds of row of :meth:`ReducedObjective.kinds`.
+REVERSE, FORWARD, LINE = 0, 1, 2
+
+
+def _per_kind(kinds: Tensor, compute) -> tuple[Tensor | None, ...]:
+    """``compute(kind, rows)`` for each kind of row present (rows None: all of them), put back in row
+    order: one tuple of [B, ...] tensors (the kinds are few; a row's result depends on itself only)."""
+    present = kinds.unique().tolist()
+    if len(present) == 1:  # the common case: all rows at once, nothing copied
+        return compute(present[0], None)
+    parts = [
+        (rows, compute(kind, rows)) for kind in present for rows in [(kinds == kind).nonzero().squeeze(-1)]
+    ]
+    out = []
+    for j, first in enumerate(parts[0][1]):
+        if first is None:
+            out.append(None)
+            continue
+        full = first.new_empty((len(kinds), *first.shape[1:]))
+        for rows, result in parts:
+            full[rows] = result[j]
+        out.append(full)
+    return tuple(out)
 
 
 def kl_pair(target: SharedPair, family: Family, theta: Tensor) -> tuple[Tensor, Tensor]:
