@@ -282,7 +282,10 @@ def q_shape(problem: Problem, result: Result) -> dict[str, Any]:
         mean, cov = result.mu.unsqueeze(-1), result.sigma2.unsqueeze(-1)
         log_det = torch.log(result.sigma2)
         var_ratio = result.sigma2 / mixture.variance()
-        gaussian = mixture.means[:, 0] == mixture.means[:, 1]
+        # one Gaussian: every component the same (any K: a target file may have one, or three)
+        gaussian = (mixture.means == mixture.means[:, :1]).all(-1) & (
+            mixture.variances == mixture.variances[:, :1]
+        ).all(-1)
         log_det_p = torch.log(mixture.variances[:, 0])
     else:
         family, target, d = problem.family, problem.target, problem.dim

@@ -122,3 +122,39 @@ def test_the_example_target_fits_through_the_command_line(tmp_path):
     )
     assert row["loss"] == pytest.approx(value.item(), rel=1e-10)
     assert row["kl_reverse"] == pytest.approx(row["loss"], rel=1e-12)
+
+
+def test_a_one_component_target_in_1d_is_fitted_exactly(tmp_path):
+    """K = 1 on the line: Q = P under both KLs (the 1-D core with no switch point), and P is one
+    Gaussian, so the entropy gap is defined (0)."""
+    from kl_sweep.rows import rows_frame
+    from kl_sweep.table import run_rows
+
+    path = tmp_path / "one.yaml"
+    path.write_text("weights: [1.0]\nmeans: [[0.5]]\ncovs: [[[2.0]]]\n")
+    shared = {
+        **{"estimator.name": "quadrature", "estimator.nodes_per_panel": 6, "optimizer.name": "adam"},
+        **{"optimizer.beta1": 0.9, "optimizer.beta2": 0.999, "optimizer.eps": 1e-8, "polish": True},
+        **{"dim": 1, "q_family": "full", "direction": "axis", "correlation": 0.0, "target.file": str(path)},
+    }
+    rows = rows_frame(
+        {
+            **{
+                "separation": 3.0,
+                "weight": 0.75,
+                "center": 0.0,
+                "component_var": 1.0,
+            },  # the file's P instead
+            "init_mu": -1.0,
+            "init_sigma2": 0.5,
+            "optimizer.lr": 0.05,
+            "optimizer.max_steps": 5000,
+            "optimizer.tol": 1e-8,
+        },
+        1,
+    )
+    for name in ("reverse", "forward"):
+        row = run_rows(rows, {**shared, "divergence.name": name}).iloc[0]
+        assert row["status"] == "converged"
+        assert row["mu"] == pytest.approx(0.5, abs=1e-9) and row["sigma2"] == pytest.approx(2.0, rel=1e-8)
+        assert abs(row["entropy_gap"]) < 1e-8 and row["loss"] < 1e-15

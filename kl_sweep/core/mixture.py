@@ -144,6 +144,9 @@ class Mixture:
                 points_jk, widths_jk = _quadratic_roots(a, b, c)
                 points += points_jk
                 widths += widths_jk
+        if not points:  # one component (a target file's): no switch anywhere
+            empty = self.means[..., :0]
+            return empty, empty.clone()
         return torch.stack(points, -1), torch.stack(widths, -1)
 
 
