@@ -318,7 +318,9 @@ def test_fits_are_fused_only_where_the_kernel_applies():
     forward = replace(settings, divergence=DIVERGENCES["forward"])
     assert fused(forward) and fused(replace(forward, estimator=Grid()))
     assert not fused(replace(forward, optimizer=SGD()))
-    assert not fused(replace(settings, divergence=DIVERGENCES["hellinger"]))
+    for name in ("hellinger", "alpha", "chi2", "renyi", "jensen_shannon"):  # the pointwise kernel
+        assert fused(replace(settings, divergence=DIVERGENCES[name]))
+        assert not fused(replace(settings, divergence=DIVERGENCES[name], estimator=Grid()))
     # A three-component P: the kernel does two; the problem takes the stepwise path, and the fit
     # still lands on the heaviest mode.
     t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731

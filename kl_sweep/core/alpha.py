@@ -206,20 +206,29 @@ def log_sigma_bounds(mixture: Mixture, a: Tensor) -> tuple[Tensor, Tensor]:
     return lo, hi
 
 
-def edge_is_finite(mixture: Mixture, mu: Tensor, a: Tensor) -> Tensor:
-    r"""Whether the integral stays finite exactly on the upper edge (a < 0), per row.
+def closed_edge(mixture: Mixture, a: Tensor) -> tuple[Tensor, Tensor]:
+    r"""(left, right) per row: the upper edge of a < 0 is finite for mu strictly between them.
 
     There the tails of :math:`p^a q^{1-a}` are exponentials, :math:`e^{-|a|(m - \mu)x/v}` beyond
     the outermost of the widest components (mean m): both decay when mu lies strictly between the
     leftmost and rightmost means of the widest components, and one grows otherwise (in particular
-    when P is a single Gaussian). On the lower edge of a > 1 the integral always diverges.
+    when P is a single Gaussian). On the lower edge of a > 1 the integral always diverges: there,
+    and for 0 <= a <= 1, (left, right) = (+inf, -inf).
     """
     v = mixture.variances.max(-1, keepdim=True).values
     widest = mixture.variances == v
     inf = torch.full_like(mixture.means, math.inf)
     left = torch.where(widest, mixture.means, inf).min(-1).values
     right = torch.where(widest, mixture.means, -inf).max(-1).values
-    return (a < 0.0) & (left < mu) & (mu < right)
+    closed = a < 0.0
+    return torch.where(closed, left, math.inf), torch.where(closed, right, -math.inf)
+
+
+def edge_is_finite(mixture: Mixture, mu: Tensor, a: Tensor) -> Tensor:
+    """Whether the integral stays finite exactly on the upper edge (a < 0), per row (see
+    :func:`closed_edge`)."""
+    left, right = closed_edge(mixture, a)
+    return (left < mu) & (mu < right)
 
 
 def is_finite(mixture: Mixture, mu: Tensor, log_sigma: Tensor, a: Tensor) -> Tensor:

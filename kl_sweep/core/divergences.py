@@ -148,7 +148,8 @@ class Divergence:
     #: The key of this member's parameter (``alpha``: set as ``divergence.alpha``), or None.
     parameter: str | None = None
     #: The kernel in :mod:`kl_sweep.core.native` that computes what this divergence's fit needs on
-    #: the Quadrature rule (the reverse KL's derivatives, the forward KL's moments), or None.
+    #: the Quadrature rule (the reverse KL's derivatives, the forward KL's moments, the pointwise
+    #: terms of the alpha family or of Jensen-Shannon), or None.
     native: str | None = None
 
     @property
@@ -215,6 +216,7 @@ def _alpha_member(name: str, alpha_of, scale: float = 1.0, **options) -> Diverge
         alpha_of=alpha_of,
         scale=scale,
         cover="pq",
+        native="alpha_terms",
         **options,
     )
 
@@ -241,6 +243,7 @@ DIVERGENCES: dict[str, Divergence] = {
         density=family.jensen_shannon_density,
         fit_terms=family.jensen_shannon_fit_terms,
         cover="pq",
+        native="jensen_shannon_terms",
     ),
 }
 

@@ -26,10 +26,17 @@ from dataclasses import fields, replace
 import torch
 
 from kl_sweep.core import native
-from kl_sweep.core.estimators import SCALE_OFFSETS, SUPPORT_SDS, SWITCH_OFFSETS, Quadrature
+from kl_sweep.core.estimators import Quadrature
 from kl_sweep.core.loop import _stepwise
 from kl_sweep.core.mixture import gaussian_sigma2
-from kl_sweep.core.objective import TRUSTED_MASS, Objective, in_moment_form
+from kl_sweep.core.objective import (
+    TRUSTED_MASS,
+    Objective,
+    in_moment_form,
+    native_member,
+    native_rule,
+    native_terms,
+)
 from kl_sweep.core.optim import Adam
 from kl_sweep.core.problem import MAX_ABS_LOG_SIGMA, MAX_ABS_MU, Problem, Result, Settings, Status
 
@@ -67,7 +74,7 @@ def fit_stream(
         return
     for problem in problems:
         if problem.family is not None or (
-            settings.divergence.native == "reverse_kl" and problem.mixture.means.shape[-1] != 2
+            settings.divergence.native != "forward_moments" and problem.mixture.means.shape[-1] != 2
         ):
             yield from _bounded([problem], settings, capacity)
         else:
@@ -142,22 +149,25 @@ def _joined(parts: list[Result]) -> Result:
 
 
 def fused(settings: Settings) -> bool:
-    """True when whole fits run in the native kernel (:func:`kl_sweep.core.native.reverse_fit`,
-    :func:`~kl_sweep.core.native.moment_fit`), with Adam: the reverse KL on the Quadrature rule (for
-    two-component mixtures), and a divergence in moment form (the forward KL, any estimator whose
-    nodes do not move with Q).
+    """True when whole fits run in the native kernel, with Adam: every divergence of the registry on
+    the Quadrature rule for two-component mixtures in one dimension (the reverse KL by
+    :func:`kl_sweep.core.native.reverse_fit`, the alpha family and Jensen-Shannon by
+    :func:`~kl_sweep.core.native.pointwise_fit`), and a divergence in moment form (the forward KL,
+    any estimator whose nodes do not move with Q, by :func:`~kl_sweep.core.native.moment_fit`).
 
     The kernel takes the same steps as :func:`_stepwise` by the same rules, on the same
-    derivatives (the reverse KL's from one function in ``kl.c``; the moment form's from the same
-    formulas). Its Adam and Newton updates are written in C, so a row's bits can differ from the
-    stepwise path's by rounding (another ``expm1``, fused multiply-adds): a few steps more or fewer
-    near the tolerance, the same minimum.
+    derivatives (the same functions in ``kl.c`` serve both; the moment form's are the same
+    formulas), with the same finite region and edges for the alpha family. Its Adam and Newton
+    updates are written in C, so a row's bits can differ from the stepwise path's by rounding
+    (another ``expm1``, fused multiply-adds): a few steps more or fewer near the tolerance, the same
+    minimum.
     """
     div, est = settings.divergence, settings.estimator
+    on_rule = type(est) is Quadrature and (div.native == "reverse_kl" or div.native in native_terms())
     return (
         settings.fused
         and type(settings.optimizer) is Adam
-        and ((div.native == "reverse_kl" and type(est) is Quadrature) or in_moment_form(div, est))
+        and (on_rule or in_moment_form(div, est))
         and native.available()
     )
 
@@ -175,12 +185,19 @@ def _fused_fit(problem: Problem, settings: Settings) -> Result:
         settings.handover,
         settings.check_every,
     )
-    if settings.divergence.native == "reverse_kl":
-        order = settings.estimator.nodes_per_panel
-        rule = native.quadrature_rule(SCALE_OFFSETS, SWITCH_OFFSETS, SUPPORT_SDS, order)
-        out = native.reverse_fit(theta0, problem.mixture, rule, options)
+    div, on_boundary = settings.divergence, None
+    if div.native == "reverse_kl":
+        out = native.reverse_fit(theta0, problem.mixture, native_rule(settings.estimator), options)
+    elif div.native in native_terms():
+        member = native_member(div, problem.mixture, problem.alpha, theta0.shape[0])
+        out = native.pointwise_fit(theta0, problem.mixture, native_rule(settings.estimator), member, options)
+        if member.region is not None:  # held on the closed edge of the finite region (a < 0)
+            _, hi, left, right = member.region
+            mu, log_sigma = out.theta[:, 0], out.theta[:, 1]
+            on_boundary = (log_sigma == hi) & (left < mu) & (mu < right)
     else:
-        objective = Objective.build(settings.divergence, settings.estimator, problem.mixture, theta0)
+        objective = Objective.build(div, settings.estimator, problem.mixture, theta0)
         out = native.moment_fit(theta0, objective.moments, replace(options, trusted=objective.trusted))
     mu, log_sigma = out.theta[:, 0], out.theta[:, 1]
-    return Result(mu, gaussian_sigma2(log_sigma), out.loss, out.grad_norm, out.steps, out.status)
+    sigma2 = gaussian_sigma2(log_sigma)
+    return Result(mu, sigma2, out.loss, out.grad_norm, out.steps, out.status, on_boundary)

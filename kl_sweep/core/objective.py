@@ -263,6 +263,15 @@ class Objective:
         hess = torch.stack([torch.stack([h_mm, h_ms], -1), torch.stack([h_ms, h_ss], -1)], -2)
         return loss, grad, hess
 
+    def _native_pointwise(self) -> bool:
+        """True when the pointwise kernel computes these derivatives (:func:`native.pointwise`)."""
+        return (
+            self.divergence.native in native_terms()
+            and type(self.estimator) is Quadrature
+            and self.mixture.means.shape[-1] == 2
+            and native.available()
+        )
+
     def _pointwise_derivatives(self, theta: Tensor, hessian: bool) -> tuple[Tensor, Tensor, Tensor | None]:
         r"""Derivatives of :math:`D = \sum_i r_i\,t_0(\log p_i, \log q_i)` for a pointwise density.
 
@@ -273,6 +282,9 @@ class Objective:
         monotone transform by the chain rule. Rows where the divergence is infinite get +inf.
         """
         div = self.divergence
+        if self._native_pointwise():  # the same rule and terms, one fused pass a row (core.native)
+            member = native_member(div, self.mixture, self.alpha, theta.shape[0])
+            return native.pointwise(theta, self.mixture, native_rule(self.estimator), member, hessian)
         a = div.orders(self.alpha, theta.shape[0], theta.dtype)
         if a is not None:
             # Each row is done on its layout's panels (core.alpha.layout), which depend on its own
@@ -326,6 +338,32 @@ class Objective:
         if a is not None:
             loss = torch.where(family.is_finite(self.mixture, mu, log_sigma, a), loss, torch.inf)
         return loss, grad, hess
+
+
+def native_terms() -> dict[str, int]:
+    """:attr:`Divergence.native` of the pointwise members, with their terms in the kernel."""
+    return {"alpha_terms": native.ALPHA_TERMS, "jensen_shannon_terms": native.JENSEN_SHANNON_TERMS}
+
+
+def native_rule(estimator: Quadrature) -> native.Rule:
+    """The Quadrature estimator's rule for Q's (or P and Q's) cover, as the kernels take it."""
+    return native.quadrature_rule(SCALE_OFFSETS, SWITCH_OFFSETS, SUPPORT_SDS, estimator.nodes_per_panel)
+
+
+def native_member(divergence: Divergence, mixture: Mixture, alpha: Tensor | None, n: int) -> native.Member:
+    """A pointwise divergence for the kernel (:class:`native.Member`), for n rows of ``mixture``."""
+    a = divergence.orders(alpha, n)
+    renyi = None
+    if divergence.transform is not None:
+        renyi = torch.as_tensor(alpha, dtype=torch.float64).expand(n)
+    region = steep = None
+    if a is not None:
+        lo, hi = family.log_sigma_bounds(mixture, a)
+        region = (lo, hi, *family.closed_edge(mixture, a))
+        steep = (a < 0.0) | (a > 1.0)
+    tail = torch.as_tensor(family.TAIL_OFFSETS, dtype=torch.float64)
+    terms = native_terms()[divergence.native]
+    return native.Member(terms, a, renyi, divergence.scale, tail, family.REACH, region, steep)
 
 
 def _renyi_from_log(

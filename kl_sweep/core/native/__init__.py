@@ -30,7 +30,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 import numpy as np
@@ -73,6 +73,11 @@ def _library() -> ctypes.CDLL | None:
     lib.moment_fit.restype = None
     lib.forward_moments.argtypes = [n, n, i, p, p, p, p, p, i, p, i, p, d, i, p, p, p, p, p, p, p]
     lib.forward_moments.restype = None
+    member = [i, p, p, d, i, p, d, p, p, p, p, p]
+    lib.pointwise.argtypes = [n, n, i, p, p, p, p, p, p, i, p, i, p, d, i, p, p, *member, i, p, p, p]
+    lib.pointwise.restype = None
+    lib.pointwise_fit.argtypes = [n, n, i, p, p, p, p, p, p, i, p, i, p, d, i, p, p, *member, *fit_tail]
+    lib.pointwise_fit.restype = None
     return lib
 
 
@@ -218,6 +223,78 @@ def forward_moments(mixture: Mixture, rule: Rule) -> tuple[Tensor, ...]:
         ref.data_ptr(), *(x.data_ptr() for x in sums),
     )  # fmt: skip
     return (*sums, ref)
+
+
+@dataclass(frozen=True)
+class Member:
+    """A pointwise divergence as :func:`pointwise` and :func:`pointwise_fit` take it (see ``kl.c``):
+    its terms (:data:`ALPHA_TERMS` or :data:`JENSEN_SHANNON_TERMS`), per row its order ``a`` [B]
+    (None for Jensen-Shannon) and, for Renyi, its ``alpha`` [B]; its scale; the tails' offsets and
+    reach (:data:`kl_sweep.core.alpha.TAIL_OFFSETS`, :data:`~kl_sweep.core.alpha.REACH`); and the
+    finite region per row, (lo, hi, left, right) of :func:`kl_sweep.core.alpha.finite_region`
+    (None: finite everywhere), with ``steep`` [B] where a is outside [0, 1]."""
+
+    terms: int
+    a: Tensor | None
+    alpha: Tensor | None
+    scale: float
+    tail: Tensor
+    reach: float
+    region: tuple[Tensor, Tensor, Tensor, Tensor] | None
+    steep: Tensor | None
+
+    def take(self, index: Tensor) -> Member:
+        """The same member for the rows ``index``."""
+
+        def take(x):
+            return None if x is None else x[index]
+
+        region = None if self.region is None else tuple(x[index] for x in self.region)
+        return replace(self, a=take(self.a), alpha=take(self.alpha), region=region, steep=take(self.steep))
+
+    def args(self) -> tuple[tuple, list[Tensor]]:
+        """(its arguments of ``kl.c``'s functions, the tensors they point into)."""
+        a, alpha = (None if x is None else _float64((x,))[0] for x in (self.a, self.alpha))
+        region = [] if self.region is None else _float64(self.region)
+        steep = None if self.steep is None else self.steep.to(torch.uint8).contiguous()
+        tail = _float64((self.tail,))[0]
+        ptr = lambda x: 0 if x is None else x.data_ptr()  # noqa: E731
+        bounds = [ptr(x) for x in region] if region else [0, 0, 0, 0]
+        args = (
+            self.terms, ptr(a), ptr(alpha), float(self.scale), tail.numel(), tail.data_ptr(), float(self.reach),
+            *bounds, ptr(steep),
+        )  # fmt: skip
+        alive = [x for x in (a, alpha, tail, steep, *region) if x is not None]
+        return args, alive
+
+
+#: Member.terms: the alpha family's (t0, t1, t2), or Jensen-Shannon's.
+ALPHA_TERMS, JENSEN_SHANNON_TERMS = 0, 1
+
+
+def pointwise(
+    theta: Tensor, mixture: Mixture, rule: Rule, member: Member, hessian: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """The pointwise ``member``'s value [B], gradient [B, 2] and Hessian [B, 2, 2] (or None) at theta
+    = (mu, log sigma) [B, 2], for a two-component P, on the Quadrature ``rule`` of its cover, with
+    its tilted and tail panels (see ``kl.c``); +inf outside its finite region."""
+    B = theta.shape[0]
+    loss = torch.empty(B, dtype=torch.float64)
+    grad = torch.empty(B, 2, dtype=torch.float64)
+    hess = torch.empty(B, 2, 2, dtype=torch.float64) if hessian else None
+    args, _alive = member.args()
+    outputs = (loss.data_ptr(), grad.data_ptr(), 0 if hess is None else hess.data_ptr())
+    _run("pointwise", MIN_PARALLEL_ROWS // 4, theta, mixture, rule, *args, int(hessian), *outputs)
+    return loss, grad, hess
+
+
+def pointwise_fit(theta0: Tensor, mixture: Mixture, rule: Rule, member: Member, options: FitOptions) -> Fits:
+    """Whole fits of the pointwise ``member`` (:func:`pointwise`) from ``theta0`` [B, 2], by the rules
+    of :func:`kl_sweep.core.fit.fit_stream`, steps kept within the member's finite region."""
+    args, out, _alive = _fit_args(theta0.shape[0], options)
+    member_args, _member_alive = member.args()
+    _run("pointwise_fit", MIN_PARALLEL_FITS, theta0, mixture, rule, *member_args, *args)
+    return out
 
 
 def kl_pair(theta: Tensor, mixture: Mixture, rule: Rule) -> tuple[Tensor, Tensor]:

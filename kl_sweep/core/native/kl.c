@@ -262,15 +262,59 @@ void forward_moments(ptrdiff_t rows, ptrdiff_t min_rows, int S,
 }
 
 /* Statuses, as kl_sweep.core.fit.Status numbers them. */
-enum { CONVERGED = 1, MAX_STEPS = 2, DIVERGED = 3 };
+enum { CONVERGED = 1, MAX_STEPS = 2, DIVERGED = 3, INFINITE = 4 };
 
 /* Where a fit counts as diverged (kl_sweep.core.fit.MAX_ABS_MU, MAX_ABS_LOG_SIGMA). */
 #define MAX_ABS_MU 1e100
 #define MAX_ABS_LOG_SIGMA 100.0
+/* Halvings of a step that would leave the finite region (kl_sweep.core.polish.MAX_HALVINGS). */
+#define MAX_HALVINGS 60
 
 /* A row's loss *f, gradient g[2] and (if hessian) Hessian h[4] at theta = (m, s). */
 typedef void (*derivatives_fn)(const void *ctx, ptrdiff_t r, double m, double s, int hessian, double *f,
                                double *g, double *h);
+
+/* The alpha family's finite region in log sigma, per row, as torch computes it
+ * (kl_sweep.core.alpha.log_sigma_bounds, edge_is_finite: passed in, so that a row held on the edge
+ * sits on the very double the table's on_boundary test compares with): finite for lo < s < hi, and
+ * on s == hi where left < mu < right (a < 0, mu between the widest components; else left = +inf).
+ * steep: a outside [0, 1], where Adam is fed the gradient of log(1 + D) (kl_sweep.core.loop._damped). */
+struct region {
+    const double *lo, *hi, *left, *right;
+    const unsigned char *steep;
+};
+
+static int on_closed_edge(const struct region *E, ptrdiff_t r, double m)
+{
+    return E->left[r] < m && m < E->right[r];
+}
+
+static int finite_at(const struct region *E, ptrdiff_t r, double m, double s)
+{
+    return (s > E->lo[r] && s < E->hi[r]) || (s == E->hi[r] && on_closed_edge(E, r, m));
+}
+
+/* kl_sweep.core.polish._keep_finite: the proposed x, kept where the divergence is finite. Past a
+ * closed edge log sigma is set on it, towards an open lower bound it goes halfway there; a row
+ * landing on the edge restarts Adam (its moments remember the steep way in); a step that still
+ * lands where the divergence is infinite is halved until it does not (else the row stays). */
+static void keep_finite(const struct region *E, ptrdiff_t r, const double old[2], double x[2], double m1[2],
+                        double m2[2], double *adam_t)
+{
+    const double lo = E->lo[r], hi = E->hi[r];
+    const double s = x[1] <= lo ? 0.5 * (old[1] + lo) : x[1];
+    if (s >= hi && old[1] < hi) {
+        m1[0] = m1[1] = m2[0] = m2[1] = 0;
+        *adam_t = 0;
+    }
+    x[1] = s > hi ? hi : s; /* (a NaN stays NaN, as torch.minimum keeps it) */
+    for (int k = 0; k < MAX_HALVINGS; ++k) {
+        if (finite_at(E, r, x[0], x[1]) || !(isfinite(x[0]) && isfinite(x[1]))) return;
+        x[0] = old[0] + 0.5 * (x[0] - old[0]);
+        x[1] = old[1] + 0.5 * (x[1] - old[1]);
+    }
+    x[0] = old[0], x[1] = old[1];
+}
 
 /* The fit's per-row budget and shared settings (kl_sweep.core.fit.Problem, Settings, Adam). */
 struct fit {
@@ -297,28 +341,41 @@ struct fit {
  * Polish, each iteration: a point with a smaller |grad| than the best so far is kept; the row
  * stops once its best |grad| is <= tol and the latest point was no better (converged), or at
  * max_steps; a non-finite point or a Hessian that is not positive definite sends it back to the
- * first-order phase from its kept point; else a full Newton step, capped at 1 in each coordinate. */
-static void fit_row(derivatives_fn derivatives, const void *ctx, const struct fit *F, ptrdiff_t r,
-                    const double *theta0)
+ * first-order phase from its kept point; else a full Newton step, capped at 1 in each coordinate.
+ *
+ * With a finite region E (the alpha family; NULL otherwise, and then none of this applies): a row
+ * whose start is outside it ends there as infinite; every step is kept inside (keep_finite); on a
+ * closed edge with the gradient pushing outward the row is held there, its gradient norm is
+ * |d/d mu| and its Newton step is along the edge (kl_sweep.core.polish._pushed_to_edge, _newton);
+ * a polish step along the edge that made |grad| worse is taken back and the next halved. */
+static void fit_row(derivatives_fn derivatives, const void *ctx, const struct fit *F, const struct region *E,
+                    ptrdiff_t r, const double *theta0)
 {
     double x[2] = {theta0[2 * r], theta0[2 * r + 1]};
-    double m1[2] = {0, 0}, m2[2] = {0, 0}, adam_t = 0, best = INFINITY;
+    double m1[2] = {0, 0}, m2[2] = {0, 0}, adam_t = 0, best = INFINITY, damp = 1.0;
     double kept[2] = {x[0], x[1]}, kept_loss = NAN, kept_gnorm = NAN;
     long step = 0, kept_step = 0, code = 0;
     const int trusted = F->trusted == NULL || F->trusted[r];
+    const int steep = E != NULL && E->steep[r];
     int newton_phase = 0;
+    if (E != NULL && !finite_at(E, r, x[0], x[1])) code = INFINITE, kept_loss = INFINITY;
     for (long it = 0; !code; ++it) {
         const int check = newton_phase || (F->polish && it % F->check_every == 0);
         double f, g[2], h[4];
         derivatives(ctx, r, x[0], x[1], check, &f, g, h);
-        const double norm = sqrt(g[0] * g[0] + g[1] * g[1]);
+        const int edge = E != NULL && x[1] == E->hi[r] && on_closed_edge(E, r, x[0]) && g[1] < 0;
+        const double norm = edge ? fabs(g[0]) : sqrt(g[0] * g[0] + g[1] * g[1]);
         const int finite = isfinite(f) && isfinite(g[0]) && isfinite(g[1]) && fabs(x[0]) < MAX_ABS_MU
                            && fabs(x[1]) < MAX_ABS_LOG_SIGMA;
         /* The Newton step -H^-1 g, its decrement g^T H^-1 g, and whether H is positive definite
-         * (kl_sweep.core.optim.newton). */
+         * (kl_sweep.core.optim.newton); on the edge, in mu alone. */
         double d[2] = {0, 0}, decrement = 0;
         int pd = 0;
-        if (check) {
+        if (check && edge) {
+            pd = h[0] > 0;
+            d[0] = -g[0] / (pd ? h[0] : 1.0);
+            decrement = -d[0] * g[0];
+        } else if (check) {
             const double det = h[0] * h[3] - h[1] * h[1];
             pd = h[0] > 0 && det > 0 && isfinite(det);
             if (pd) {
@@ -327,6 +384,7 @@ static void fit_row(derivatives_fn derivatives, const void *ctx, const struct fi
                 decrement = -(d[0] * g[0] + d[1] * g[1]);
             }
         }
+        const double old[2] = {x[0], x[1]};
         if (!newton_phase) {
             if (finite) {
                 kept[0] = x[0], kept[1] = x[1], kept_loss = f, kept_gnorm = norm, kept_step = step;
@@ -340,11 +398,14 @@ static void fit_row(derivatives_fn derivatives, const void *ctx, const struct fi
             } else {
                 adam_t += 1;
                 const double c1 = -expm1(adam_t * F->log_beta1), c2 = -expm1(adam_t * F->log_beta2);
+                const double fed = steep ? 1.0 + (f > 0 ? f : 0.0) : 1.0;
                 for (int i = 0; i < 2; ++i) {
-                    m1[i] = m1[i] * F->beta1 + (1 - F->beta1) * g[i];
-                    m2[i] = m2[i] * F->beta2 + (1 - F->beta2) * g[i] * g[i];
+                    const double gi = steep ? g[i] / fed : g[i];
+                    m1[i] = m1[i] * F->beta1 + (1 - F->beta1) * gi;
+                    m2[i] = m2[i] * F->beta2 + (1 - F->beta2) * gi * gi;
                     x[i] = x[i] - F->lr[r] * (m1[i] / c1) / (sqrt(m2[i] / c2) + F->eps);
                 }
+                if (E != NULL) keep_finite(E, r, old, x, m1, m2, &adam_t);
                 ++step;
             }
             continue;
@@ -355,6 +416,8 @@ static void fit_row(derivatives_fn derivatives, const void *ctx, const struct fi
             best = norm;
         }
         const int converged = best <= F->tol[r];
+        const int worse = edge && finite && !converged && norm > best;
+        damp = better ? 1.0 : worse ? 0.5 * damp : damp;
         if (converged && !better) code = CONVERGED;
         else if (step >= F->max_steps[r]) code = converged ? CONVERGED : MAX_STEPS;
         else if (!finite || !pd) {
@@ -362,8 +425,16 @@ static void fit_row(derivatives_fn derivatives, const void *ctx, const struct fi
             x[0] = kept[0], x[1] = kept[1];
         } else {
             const double cap = fmax(fmax(fabs(d[0]), fabs(d[1])), 1.0);
-            x[0] = x[0] + d[0] / cap;
-            x[1] = x[1] + d[1] / cap;
+            if (worse) {
+                x[0] = kept[0], x[1] = kept[1];
+            } else if (E != NULL) {
+                x[0] = x[0] + d[0] / cap * damp;
+                x[1] = x[1] + d[1] / cap * damp;
+            } else {
+                x[0] = x[0] + d[0] / cap;
+                x[1] = x[1] + d[1] / cap;
+            }
+            if (E != NULL) keep_finite(E, r, old, x, m1, m2, &adam_t);
             ++step;
         }
     }
@@ -409,7 +480,7 @@ void reverse_fit(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *theta0
     SCRATCH(row, max_edges, order);
     const struct reverse_context ctx = {&R, &P, row_edges, row_nodes, row_rule};
 #pragma omp for schedule(dynamic, 4)
-    for (ptrdiff_t r = 0; r < rows; ++r) fit_row(reverse_derivatives, &ctx, &F, r, theta0);
+    for (ptrdiff_t r = 0; r < rows; ++r) fit_row(reverse_derivatives, &ctx, &F, NULL, r, theta0);
     }
 }
 
@@ -444,7 +515,7 @@ void moment_fit(ptrdiff_t rows, ptrdiff_t min_rows, const double *theta0, const 
     const struct moments M = {c, m0, m1, m2, ref};
     const struct fit F = FIT_INIT;
 #pragma omp parallel for schedule(dynamic, 64) if (rows >= min_rows)
-    for (ptrdiff_t r = 0; r < rows; ++r) fit_row(moment_derivatives, &M, &F, r, theta0);
+    for (ptrdiff_t r = 0; r < rows; ++r) fit_row(moment_derivatives, &M, &F, NULL, r, theta0);
 }
 
 /* kl_pair: KL(P||Q) and KL(Q||P) as kl_sweep.core.divergences.kl_pair_exact computes them for rows
@@ -504,5 +575,350 @@ void kl_pair(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *theta,
         forward[r] = f_sum;
         reverse[r] = r_sum;
     }
+    }
+}
+
+/* ---- The alpha family and Jensen-Shannon: one kernel for every pointwise divergence ----------
+ *
+ * pointwise: the derivatives kl_sweep.core.objective.Objective._pointwise_derivatives computes on
+ * the Quadrature rule, fused into one pass over each row's nodes; pointwise_fit: whole fits of
+ * them (fit_row, with the member's finite region). The member is given by its pointwise terms
+ * (t0, t1, t2): the density and its weighted derivatives in log q (kl_sweep.core.alpha), so the
+ * same loop serves every member:
+ *   loss = sum r t0,  grad = (sum r t1 z / sigma, sum r t1 (z^2 - 1)),
+ *   hess = [[(sum r t2 z^2 - sum r t1) / sigma^2, (sum r t2 z (z^2 - 1) - 2 sum r t1 z) / sigma],
+ *           [.., sum r t2 (z^2 - 1)^2 - 2 sum r t1 z^2]],
+ * then the member's scale and, for Renyi, its transform (and, where int q^alpha p^(1 - alpha) is
+ * far from 1, its value through that integral's log, as kl_sweep.core.objective._renyi_from_log).
+ *
+ * The rule: Gauss-Legendre panels between the scale points of Q and of each component, the edges
+ * around the switch points and, for a outside [0.4, 0.6] (kl_sweep.core.alpha.layout), the scale
+ * points of each tilted Gaussian p_k^a q^(1-a) and, for a outside [0, 1], exponential tails out of
+ * each mean and each switch point (kl_sweep.core.alpha.panel_points), clipped to the support of P
+ * and Q stretched to hold those points. */
+
+enum { ALPHA_TERMS = 0, JENSEN_SHANNON_TERMS = 1 };
+enum { COMPACT = 0, TILTED = 1, TAILS = 2 };
+
+#define LOG_2 0.69314718055993530941723212145818
+/* Renyi's value comes from log int q^alpha p^(1 - alpha) where that log is at least this
+ * (kl_sweep.core.divergences.RENYI_NEAR). */
+#define RENYI_NEAR LOG_2
+
+/* min(max(x, lo), hi), keeping a NaN as torch.minimum and torch.maximum do. */
+static double clamp(double x, double lo, double hi)
+{
+    x = x < lo ? lo : x;
+    return x > hi ? hi : x;
+}
+
+/* expm1(y) / y, 1 at y = 0 (kl_sweep.core.alpha.relative_expm1). */
+static inline double relative_expm1(double y)
+{
+    return y == 0.0 ? 1.0 : expm1(y) / y;
+}
+
+/* (t0, t1, t2) of D_a at one node (kl_sweep.core.alpha.alpha_fit_terms); high: a > 1/2 (the
+ * mirror form of t0). Branch-free, so that the node loop is vectorised. */
+static inline __attribute__((always_inline)) void
+alpha_terms(const int high, double log_p, double log_q, double a, double *t0, double *t1, double *t2)
+{
+    const double delta = log_p - log_q, y = a * delta;
+    const double q = exp(log_q), p = exp(log_p), tilted = exp(log_q + y);
+    const double d1 = fabs(y) < 0.5 ? -q * delta * relative_expm1(y) : (q - tilted) / a;
+    *t1 = d1;
+    *t2 = tilted + d1;
+    if (!high) {
+        *t0 = (p - q + d1) / (1.0 - a);
+    } else {
+        const double c = 1.0 - a, yy = -c * delta;
+        const double mirrored = fabs(yy) < 0.5 ? p * delta * relative_expm1(yy) : (p - tilted) / c;
+        *t0 = (q - p + mirrored) / a;
+    }
+}
+
+/* log(1 + e^x) = -logsigmoid(-x), exact everywhere (kl_sweep.core.mixture.softplus). */
+static inline double softplus(double x)
+{
+    return fmax(x, 0.0) + log1p(exp(-fabs(x)));
+}
+
+/* (t0, t1, t2) of Jensen-Shannon at one node (kl_sweep.core.alpha.jensen_shannon_fit_terms), with
+ * u = tanh(delta / 2) = -sign(delta) expm1(-|delta|) / (2 + expm1(-|delta|)) (vector expm1). */
+static inline __attribute__((always_inline)) void
+jensen_shannon_terms(double log_p, double log_q, double *t0, double *t1, double *t2)
+{
+    const double delta = log_p - log_q, q = exp(log_q);
+    const double sp = softplus(delta), sm = softplus(-delta);
+    const double em = expm1(-fabs(delta)), mag = -em / (2.0 + em);
+    const double u = delta < 0 ? -mag : mag, log1pu = LOG_2 - sm, log1mu = LOG_2 - sp;
+    const double s = u * u;
+    const double series = s * (1.0 + s * (1.0 / 6 + s * (1.0 / 15 + s * (1.0 / 28 + s / 45))));
+    const double h = fabs(u) < 0.05 ? series : (1.0 + u) * log1pu + (1.0 - u) * log1mu;
+    const double top = fmax(log_p, log_q), low = fmin(log_p, log_q);
+    *t0 = 0.25 * exp(top + log1p(exp(low - top))) * h;
+    *t1 = 0.5 * q * (LOG_2 - sp);
+    *t2 = *t1 + 0.5 * q * exp(-sm);
+}
+
+/* The node sums of row_pointwise: sums[] = (sum r t0 [r > 0], sum r t1, .. z, .. z^2, sum r t2 z^2,
+ * .. z (z^2 - 1), .. (z^2 - 1)^2), and log p at each node into log_p_at[]. terms and high are
+ * constants at each call, so each member gets its own vectorised loop. */
+static inline __attribute__((always_inline)) void
+node_sums(const int terms, const int high, double a, int n, const double *z, const double *rule, double cq,
+          double c0, double shift0, double slope0, double c1, double shift1, double slope1, double *log_p_at,
+          double *sums)
+{
+    double t0_sum = 0, a_sum = 0, az = 0, azz = 0, bzz = 0, bzzz = 0, bzz1 = 0;
+#pragma omp simd reduction(+ : t0_sum, a_sum, az, azz, bzz, bzzz, bzz1)
+    for (int i = 0; i < n; ++i) {
+        const double zi = z[i], zz = zi * zi, w = rule[i];
+        const double log_q = cq - 0.5 * zz;
+        const double e0 = shift0 + zi * slope0, e1 = shift1 + zi * slope1;
+        const double l0 = c0 - e0 * e0, l1 = c1 - e1 * e1;
+        const double top = l0 > l1 ? l0 : l1, low = l0 > l1 ? l1 : l0;
+        const double log_p = top + log1p(exp(low - top));
+        double t0, t1, t2;
+        if (terms == JENSEN_SHANNON_TERMS) jensen_shannon_terms(log_p, log_q, &t0, &t1, &t2);
+        else alpha_terms(high, log_p, log_q, a, &t0, &t1, &t2);
+        const double at = w * t1, bt = w * t2, zz1 = zz - 1.0;
+        t0_sum += w > 0 ? w * t0 : 0.0;
+        a_sum += at;
+        az += at * zi;
+        azz += at * zz;
+        bzz += bt * zz;
+        bzzz += bt * zi * zz1;
+        bzz1 += bt * zz1 * zz1;
+        log_p_at[i] = log_p;
+    }
+    sums[0] = t0_sum, sums[1] = a_sum, sums[2] = az, sums[3] = azz, sums[4] = bzz, sums[5] = bzzz;
+    sums[6] = bzz1;
+}
+
+/* One pointwise member: its terms, order a per row (NULL for Jensen-Shannon), scale, Renyi's alpha
+ * per row (NULL: not Renyi), the tails' offsets (kl_sweep.core.alpha.TAIL_OFFSETS, REACH) and its
+ * finite region (E.lo NULL: finite everywhere). */
+struct member {
+    int terms;
+    const double *a, *alpha;
+    double scale;
+    int n_tail;
+    const double *tail;
+    double reach;
+    struct region E;
+};
+
+/* kl_sweep.core.alpha.layout of order a. */
+static int layout(double a)
+{
+    if ((a >= 0.4 && a <= 0.6) || a == 0.0 || a == 1.0) return COMPACT;
+    return a < 0.0 || a > 1.0 ? TAILS : TILTED;
+}
+
+/* Appends kl_sweep.core.alpha.panel_points (absolute x) of row r at (m, s) to out[0..n); returns
+ * the new count. */
+static int add_tilted(double *out, int n, const struct rule *R, const struct mixture *P, const struct member *M,
+                      ptrdiff_t r, double a, int tails, double m, double s)
+{
+    const double *mk = P->means + 2 * r, *vk = P->variances + 2 * r;
+    const double inv_s2 = exp(-2.0 * s), sd = exp(s);
+    const double m_lo = fmin(mk[0], mk[1]), m_hi = fmax(mk[0], mk[1]);
+    const double spread = (m_hi - m_lo) + sd + sqrt(fmax(vk[0], vk[1]));
+    const double lo = fmin(m_lo, m) - M->reach * spread, hi = fmax(m_hi, m) + M->reach * spread;
+    const int first = n;
+    double prec[2], lin[2];
+    for (int k = 0; k < 2; ++k) {
+        prec[k] = a / vk[k] + (1.0 - a) * inv_s2;
+        lin[k] = a * mk[k] / vk[k] + (1.0 - a) * m * inv_s2;
+        const int positive = prec[k] > 0;
+        const double centre = positive ? lin[k] / prec[k] : m, width = positive ? 1.0 / sqrt(prec[k]) : 0.0;
+        for (int i = 0; i < R->n_scale; ++i) out[n++] = centre + width * R->scale[i];
+    }
+    if (tails) {
+        const double *sw = P->switch_points + r * P->S;
+        const int S = P->S == 2 && sw[0] == sw[1] ? 1 : P->S;
+        const double near_lo = lo + (M->reach - 10.0) * spread, near_hi = hi - (M->reach - 10.0) * spread;
+        for (int k = 0; k < 2; ++k) {
+            const double rate = prec[k] * mk[k] - lin[k], length = rate != 0 ? 1.0 / rate : 0.0;
+            for (int j = 0; j < M->n_tail; ++j) out[n++] = mk[k] + length * M->tail[j];
+        }
+        for (int k = 0; k < 2; ++k)
+            for (int j = 0; j < S; ++j) {
+                const double at = clamp(sw[j], near_lo, near_hi);
+                const double rate = prec[k] * at - lin[k], length = rate != 0 ? 1.0 / rate : 0.0;
+                for (int i = 0; i < M->n_tail; ++i) out[n++] = at + length * M->tail[i];
+            }
+    }
+    for (int i = first; i < n; ++i) out[i] = clamp(isfinite(out[i]) ? out[i] : m, lo, hi);
+    return n;
+}
+
+/* The member's loss, gradient and (if asked) Hessian for row r at (m, s); scratch: edges, z, rule
+ * and aux (Renyi's log terms), each as large as pointwise_fit sizes them. Never inlined (see
+ * row_reverse_kl). */
+__attribute__((noinline)) static void
+row_pointwise(const struct rule *R, const struct mixture *P, const struct member *M, ptrdiff_t r, double m,
+              double s, int hessian, double *edges, double *z, double *rule, double *aux, double *loss,
+              double *g, double *h)
+{
+    const double sigma = exp(s), a = M->a != NULL ? M->a[r] : 0.0;
+    const int kind = M->a != NULL ? layout(a) : COMPACT;
+    const double *mk = P->means + 2 * r, *vk = P->variances + 2 * r, *lw = P->log_weights + 2 * r;
+    const double sd0 = sqrt(vk[0]), sd1 = sqrt(vk[1]);
+    /* The support of P and Q as offsets from m, stretched to the tilted points. */
+    double lo = fmin(-R->support * sigma, fmin((mk[0] - m) - R->support * sd0, (mk[1] - m) - R->support * sd1));
+    double hi = fmax(R->support * sigma, fmax((mk[0] - m) + R->support * sd0, (mk[1] - m) + R->support * sd1));
+    int ne = 0;
+    for (int i = 0; i < R->n_scale; ++i) edges[ne++] = sigma * R->scale[i];
+    for (int k = 0; k < 2; ++k) {
+        const double c = mk[k] - m, sd = k ? sd1 : sd0;
+        for (int i = 0; i < R->n_scale; ++i) edges[ne++] = c + sd * R->scale[i];
+    }
+    ne = add_switch_edges(edges, ne, P->S, P->switch_points + r * P->S, P->widths + r * P->S, m, R->n_off,
+                          R->off);
+    if (kind != COMPACT) {
+        const int first = ne;
+        ne = add_tilted(edges, ne, R, P, M, r, a, kind == TAILS, m, s);
+        for (int i = first; i < ne; ++i) {
+            edges[i] -= m;
+            lo = fmin(lo, edges[i]);
+            hi = fmax(hi, edges[i]);
+        }
+    }
+    for (int i = 0; i < ne; ++i) edges[i] = clamp(edges[i], lo, hi) / sigma;
+    sort_edges(edges, ne);
+    const int n = panels(edges, ne, R->order, R->t, R->gw, sigma, z, rule);
+    double c0, k0, c1, k1;
+    component(lw[0], vk[0], &c0, &k0);
+    component(lw[1], vk[1], &c1, &k1);
+    const double shift0 = (m - mk[0]) * k0, slope0 = sigma * k0;
+    const double shift1 = (m - mk[1]) * k1, slope1 = sigma * k1;
+    const double cq = -0.5 * LOG_2PI - s;
+    double sums[7];
+    if (M->terms == JENSEN_SHANNON_TERMS)
+        node_sums(JENSEN_SHANNON_TERMS, 0, a, n, z, rule, cq, c0, shift0, slope0, c1, shift1, slope1, aux, sums);
+    else if (a <= 0.5)
+        node_sums(ALPHA_TERMS, 0, a, n, z, rule, cq, c0, shift0, slope0, c1, shift1, slope1, aux, sums);
+    else
+        node_sums(ALPHA_TERMS, 1, a, n, z, rule, cq, c0, shift0, slope0, c1, shift1, slope1, aux, sums);
+    const double t0_sum = sums[0], a_sum = sums[1], az = sums[2], azz = sums[3], bzz = sums[4];
+    const double bzzz = sums[5], bzz1 = sums[6];
+    const int renyi = M->alpha != NULL;
+    const double k = M->scale;
+    double f = k * t0_sum;
+    g[0] = k * (az / sigma);
+    g[1] = k * (azz - a_sum);
+    double hm = 0, hx = 0, hs = 0;
+    if (hessian) {
+        hm = k * ((bzz - a_sum) / (sigma * sigma));
+        hx = k * ((bzzz - 2.0 * az) / sigma);
+        hs = k * (bzz1 - 2.0 * azz);
+    }
+    if (renyi) { /* kl_sweep.core.divergences.renyi_from_alpha, then the far branch */
+        const double alpha = M->alpha[r], c = alpha * (1.0 - alpha), y = -c * f;
+        const double ratio = y == 0 ? 1.0 : log1p(y) / y, integral = 1.0 + y;
+        const double d1 = alpha / integral, d2 = alpha * c / (integral * integral);
+        f = alpha * f * ratio;
+        hm = d1 * hm + d2 * g[0] * g[0];
+        hx = d1 * hx + d2 * g[0] * g[1];
+        hs = d1 * hs + d2 * g[1] * g[1];
+        g[0] = d1 * g[0], g[1] = d1 * g[1];
+        /* log int q^alpha p^(1 - alpha) by log-sum-exp of the nodes' log terms (in aux, over log p). */
+        const double tilt = 1.0 - alpha;
+        double top = -INFINITY;
+        for (int i = 0; i < n; ++i) {
+            const double log_q = cq - 0.5 * z[i] * z[i];
+            aux[i] = rule[i] > 0 ? log(rule[i]) + log_q + tilt * (aux[i] - log_q) : -INFINITY;
+            top = fmax(top, aux[i]);
+        }
+        double sum = 0;
+        for (int i = 0; i < n; ++i) sum += exp(aux[i] - top);
+        const double log_i = top + log(sum), inv = 1.0 / (alpha - 1.0), far = log_i * inv;
+        if (!(fabs(far * (alpha - 1.0)) < RENYI_NEAR)) {
+            double ez = 0, ezz = 0, ed = 0, ezd = 0, edd = 0;
+            for (int i = 0; i < n; ++i) {
+                const double pi = exp(aux[i] - log_i), zi = z[i], zz = zi * zi, zz1 = zz - 1.0;
+                ez += pi * zi, ezz += pi * zz, ed += pi * zz1, ezd += pi * zi * zz1, edd += pi * zz1 * zz1;
+            }
+            f = far;
+            g[0] = alpha * inv * (ez / sigma);
+            g[1] = alpha * inv * (ezz - 1.0);
+            hm = inv * (alpha * alpha * ((ezz - ez * ez) / (sigma * sigma)) - alpha / (sigma * sigma));
+            hx = inv * (alpha * alpha * ((ezd - ez * ed) / sigma) - 2 * alpha * ez / sigma);
+            hs = inv * (alpha * alpha * (edd - ed * ed) - 2 * alpha * ezz);
+        }
+    }
+    if (M->E.lo != NULL && !finite_at(&M->E, r, m, s)) f = INFINITY;
+    *loss = f;
+    if (hessian) h[0] = hm, h[1] = h[2] = hx, h[3] = hs;
+}
+
+#define POINTWISE_ARGS                                                                              \
+    int terms, const double *a, const double *alpha, double scale, int n_tail, const double *tail,  \
+        double reach, const double *lo, const double *hi, const double *left, const double *right,  \
+        const unsigned char *steep
+#define POINTWISE_INIT {terms, a, alpha, scale, n_tail, tail, reach, {lo, hi, left, right, steep}}
+
+/* The largest number of panel edges of a row: Q's and both components' scale points, the switch
+ * edges, the tilted Gaussians' scale points and the tails. */
+#define POINTWISE_EDGES(n_scale, S, n_off, n_tail) (5 * (n_scale) + (S) * (n_off) + 2 * (n_tail) * (1 + (S)))
+
+/* pointwise: the member's loss, gradient and (if hessian) Hessian for rows of theta [rows, 2]. */
+void pointwise(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *theta,
+               const double *means, const double *variances, const double *log_weights,
+               const double *switch_points, const double *widths,
+               int n_scale, const double *scale_points, int n_off, const double *off, double support,
+               int order, const double *t, const double *gw, POINTWISE_ARGS,
+               int hessian, double *loss, double *grad, double *hess)
+{
+    const struct rule R = {n_scale, n_off, order, scale_points, off, t, gw, support};
+    const struct mixture P = {S, means, variances, log_weights, switch_points, widths};
+    const struct member M = POINTWISE_INIT;
+    const int max_edges = POINTWISE_EDGES(n_scale, S, n_off, n_tail);
+#pragma omp parallel if (rows >= min_rows)
+    {
+    SCRATCH(row, max_edges, order);
+    double row_aux[(max_edges - 1) * order];
+#pragma omp for schedule(static)
+    for (ptrdiff_t r = 0; r < rows; ++r)
+        row_pointwise(&R, &P, &M, r, theta[2 * r], theta[2 * r + 1], hessian, row_edges, row_nodes, row_rule,
+                      row_aux, loss + r, grad + 2 * r, hessian ? hess + 4 * r : NULL);
+    }
+}
+
+struct pointwise_context {
+    const struct rule *R;
+    const struct mixture *P;
+    const struct member *M;
+    double *edges, *nodes, *rule, *aux;
+};
+
+static void pointwise_derivatives(const void *ctx, ptrdiff_t r, double m, double s, int hessian, double *f,
+                                  double *g, double *h)
+{
+    const struct pointwise_context *c = ctx;
+    row_pointwise(c->R, c->P, c->M, r, m, s, hessian, c->edges, c->nodes, c->rule, c->aux, f, g, h);
+}
+
+/* pointwise_fit: whole fits of the member (fit_row, within its finite region), from theta0 [rows, 2]. */
+void pointwise_fit(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *theta0,
+                   const double *means, const double *variances, const double *log_weights,
+                   const double *switch_points, const double *widths,
+                   int n_scale, const double *scale_points, int n_off, const double *off, double support,
+                   int order, const double *t, const double *gw, POINTWISE_ARGS, FIT_ARGS)
+{
+    const struct rule R = {n_scale, n_off, order, scale_points, off, t, gw, support};
+    const struct mixture P = {S, means, variances, log_weights, switch_points, widths};
+    const struct member M = POINTWISE_INIT;
+    const struct fit F = FIT_INIT;
+    const int max_edges = POINTWISE_EDGES(n_scale, S, n_off, n_tail);
+#pragma omp parallel if (rows >= min_rows)
+    {
+    SCRATCH(row, max_edges, order);
+    double row_aux[(max_edges - 1) * order];
+    const struct pointwise_context ctx = {&R, &P, &M, row_edges, row_nodes, row_rule, row_aux};
+#pragma omp for schedule(dynamic, 4)
+    for (ptrdiff_t r = 0; r < rows; ++r)
+        fit_row(pointwise_derivatives, &ctx, &F, M.E.lo != NULL ? &M.E : NULL, r, theta0);
     }
 }
