@@ -360,7 +360,7 @@ def native_member(divergence: Divergence, mixture: Mixture, alpha: Tensor | None
     if a is not None:
         lo, hi = family.log_sigma_bounds(mixture, a)
         region = (lo, hi, *family.closed_edge(mixture, a))
-        steep = (a < 0.0) | (a > 1.0)
+        steep = torch.where(a > 1.0, 2, (a < 0.0).to(torch.long))
     tail = torch.as_tensor(family.TAIL_OFFSETS, dtype=torch.float64)
     terms = native_terms()[divergence.native]
     return native.Member(terms, a, renyi, divergence.scale, tail, family.REACH, region, steep)

@@ -22,8 +22,9 @@ def _newton_step(group: _Rows, settings: Settings, out: _Outputs) -> tuple[_Rows
     A row stops once its gradient norm is at most ``tol`` and one more Newton step no longer
     lowers it: quadratic convergence makes that last step take the error from ``tol`` down to
     rounding level, which is what lets converged fits match closed forms to 1e-8 relative. A row
-    whose Hessian stops being positive definite (it was near a fold of the landscape) goes back to
-    the first-order group from its best point.
+    whose Hessian stops being positive definite (it was near a fold of the landscape), or (for a
+    pointwise member) whose gradient a step made worse, goes back to the first-order group from its
+    best point.
     """
     if not len(group):
         return group, None
@@ -42,10 +43,14 @@ def _newton_step(group: _Rows, settings: Settings, out: _Outputs) -> tuple[_Rows
     if ending.any():
         finished = done | (budget & converged)
         out.finish(group, status_codes((finished, Status.CONVERGED), (budget & ~converged, Status.MAX_STEPS)))
-    retreat = ~done & ~budget & (~finite | ~pd)
-    # Along an edge the loss can be far from quadratic: a step that made the gradient worse is
-    # taken back and the next one halved (backtracking), so the polish cannot cycle there.
+    # For a pointwise member, a step that made the gradient worse than the best point's means the
+    # quadratic model does not hold here (Jensen-Shannon's flat tails can make full steps cycle for
+    # ever): the row goes back to the first-order phase from its best point. Along an edge, where
+    # the loss can be far from quadratic, the step is taken back and the next one halved instead.
     worse = finite & ~converged & (gnorm > group.best)
+    off_edge = worse if on_edge is None else worse & ~on_edge
+    off_edge = off_edge & group.objective.divergence.pointwise
+    retreat = ~done & ~budget & (~finite | ~pd | off_edge)
     worse = worse & on_edge if on_edge is not None else torch.zeros_like(worse)
     damp = group.state.get("damp")
     if damp is not None:
@@ -126,7 +131,7 @@ def _keep_finite(group: _Rows, theta: Tensor) -> Tensor:
         # A row that reaches the edge now solves a problem in mu alone: its first-order state
         # (Adam's moments, remembering the steep way in) starts afresh.
         for key, value in group.state.items():
-            if key != "damp":
+            if key not in ("damp", "restart"):
                 value[landing] = 0
     theta = torch.stack([theta[:, 0], torch.minimum(log_sigma, hi)], -1)
     for _ in range(MAX_HALVINGS):  # over halvings, not over rows

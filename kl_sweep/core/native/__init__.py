@@ -232,7 +232,8 @@ class Member:
     (None for Jensen-Shannon) and, for Renyi, its ``alpha`` [B]; its scale; the tails' offsets and
     reach (:data:`kl_sweep.core.alpha.TAIL_OFFSETS`, :data:`~kl_sweep.core.alpha.REACH`); and the
     finite region per row, (lo, hi, left, right) of :func:`kl_sweep.core.alpha.finite_region`
-    (None: finite everywhere), with ``steep`` [B] where a is outside [0, 1]."""
+    (None: finite everywhere), with ``steep`` [B]: 1 for a < 0 and 2 for a > 1 (the damped first
+    order steps of :func:`kl_sweep.core.loop._damped`), else 0."""
 
     terms: int
     a: Tensor | None
@@ -261,8 +262,8 @@ class Member:
         ptr = lambda x: 0 if x is None else x.data_ptr()  # noqa: E731
         bounds = [ptr(x) for x in region] if region else [0, 0, 0, 0]
         args = (
-            self.terms, ptr(a), ptr(alpha), float(self.scale), tail.numel(), tail.data_ptr(), float(self.reach),
-            *bounds, ptr(steep),
+            self.terms, ptr(a), ptr(alpha), float(self.scale),
+            tail.numel(), tail.data_ptr(), float(self.reach), *bounds, ptr(steep),
         )  # fmt: skip
         alive = [x for x in (a, alpha, tail, steep, *region) if x is not None]
         return args, alive

@@ -267,6 +267,9 @@ enum { CONVERGED = 1, MAX_STEPS = 2, DIVERGED = 3, INFINITE = 4 };
 /* Where a fit counts as diverged (kl_sweep.core.fit.MAX_ABS_MU, MAX_ABS_LOG_SIGMA). */
 #define MAX_ABS_MU 1e100
 #define MAX_ABS_LOG_SIGMA 100.0
+/* A row with a > 1 restarts Adam each time 1 + D has fallen this many times since the last start
+ * (kl_sweep.core.loop.RESTART_DROP). */
+#define RESTART_DROP 10.0
 /* Halvings of a step that would leave the finite region (kl_sweep.core.polish.MAX_HALVINGS). */
 #define MAX_HALVINGS 60
 
@@ -278,7 +281,8 @@ typedef void (*derivatives_fn)(const void *ctx, ptrdiff_t r, double m, double s,
  * (kl_sweep.core.alpha.log_sigma_bounds, edge_is_finite: passed in, so that a row held on the edge
  * sits on the very double the table's on_boundary test compares with): finite for lo < s < hi, and
  * on s == hi where left < mu < right (a < 0, mu between the widest components; else left = +inf).
- * steep: a outside [0, 1], where Adam is fed the gradient of log(1 + D) (kl_sweep.core.loop._damped). */
+ * steep: 1 for a < 0, where Adam is fed the gradient of log(1 + D), 2 for a > 1, where moreover it
+ * restarts each time 1 + D has fallen RESTART_DROP-fold (kl_sweep.core.loop._damped); else 0. */
 struct region {
     const double *lo, *hi, *left, *right;
     const unsigned char *steep;
@@ -340,23 +344,24 @@ struct fit {
  *
  * Polish, each iteration: a point with a smaller |grad| than the best so far is kept; the row
  * stops once its best |grad| is <= tol and the latest point was no better (converged), or at
- * max_steps; a non-finite point or a Hessian that is not positive definite sends it back to the
- * first-order phase from its kept point; else a full Newton step, capped at 1 in each coordinate.
+ * max_steps; a non-finite point, a Hessian that is not positive definite or (pointwise members) a
+ * step that made |grad| worse sends it back to the first-order phase from its kept point; else a
+ * full Newton step, capped at 1 in each coordinate.
  *
  * With a finite region E (the alpha family; NULL otherwise, and then none of this applies): a row
  * whose start is outside it ends there as infinite; every step is kept inside (keep_finite); on a
  * closed edge with the gradient pushing outward the row is held there, its gradient norm is
  * |d/d mu| and its Newton step is along the edge (kl_sweep.core.polish._pushed_to_edge, _newton);
- * a polish step along the edge that made |grad| worse is taken back and the next halved. */
+ * a polish step along the edge that made |grad| worse is taken back and the next halved instead. */
 static void fit_row(derivatives_fn derivatives, const void *ctx, const struct fit *F, const struct region *E,
-                    ptrdiff_t r, const double *theta0)
+                    int pointwise, ptrdiff_t r, const double *theta0)
 {
     double x[2] = {theta0[2 * r], theta0[2 * r + 1]};
-    double m1[2] = {0, 0}, m2[2] = {0, 0}, adam_t = 0, best = INFINITY, damp = 1.0;
+    double m1[2] = {0, 0}, m2[2] = {0, 0}, adam_t = 0, best = INFINITY, damp = 1.0, restart = INFINITY;
     double kept[2] = {x[0], x[1]}, kept_loss = NAN, kept_gnorm = NAN;
     long step = 0, kept_step = 0, code = 0;
     const int trusted = F->trusted == NULL || F->trusted[r];
-    const int steep = E != NULL && E->steep[r];
+    const int steep = E != NULL ? E->steep[r] : 0;
     int newton_phase = 0;
     if (E != NULL && !finite_at(E, r, x[0], x[1])) code = INFINITE, kept_loss = INFINITY;
     for (long it = 0; !code; ++it) {
@@ -396,9 +401,13 @@ static void fit_row(derivatives_fn derivatives, const void *ctx, const struct fi
                 newton_phase = 1;
                 best = INFINITY;
             } else {
+                const double fed = steep ? 1.0 + (f > 0 ? f : 0.0) : 1.0;
+                if (steep == 2 && fed * RESTART_DROP <= restart) { /* a decade down the wall (a > 1) */
+                    if (restart < INFINITY) m1[0] = m1[1] = m2[0] = m2[1] = 0, adam_t = 0;
+                    restart = fed;
+                }
                 adam_t += 1;
                 const double c1 = -expm1(adam_t * F->log_beta1), c2 = -expm1(adam_t * F->log_beta2);
-                const double fed = steep ? 1.0 + (f > 0 ? f : 0.0) : 1.0;
                 for (int i = 0; i < 2; ++i) {
                     const double gi = steep ? g[i] / fed : g[i];
                     m1[i] = m1[i] * F->beta1 + (1 - F->beta1) * gi;
@@ -416,16 +425,16 @@ static void fit_row(derivatives_fn derivatives, const void *ctx, const struct fi
             best = norm;
         }
         const int converged = best <= F->tol[r];
-        const int worse = edge && finite && !converged && norm > best;
-        damp = better ? 1.0 : worse ? 0.5 * damp : damp;
+        const int worse = finite && !converged && norm > best;
+        damp = better ? 1.0 : worse && edge ? 0.5 * damp : damp;
         if (converged && !better) code = CONVERGED;
         else if (step >= F->max_steps[r]) code = converged ? CONVERGED : MAX_STEPS;
-        else if (!finite || !pd) {
+        else if (!finite || !pd || (pointwise && worse && !edge)) {
             newton_phase = 0;
             x[0] = kept[0], x[1] = kept[1];
         } else {
             const double cap = fmax(fmax(fabs(d[0]), fabs(d[1])), 1.0);
-            if (worse) {
+            if (worse && edge) {
                 x[0] = kept[0], x[1] = kept[1];
             } else if (E != NULL) {
                 x[0] = x[0] + d[0] / cap * damp;
@@ -480,7 +489,7 @@ void reverse_fit(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *theta0
     SCRATCH(row, max_edges, order);
     const struct reverse_context ctx = {&R, &P, row_edges, row_nodes, row_rule};
 #pragma omp for schedule(dynamic, 4)
-    for (ptrdiff_t r = 0; r < rows; ++r) fit_row(reverse_derivatives, &ctx, &F, NULL, r, theta0);
+    for (ptrdiff_t r = 0; r < rows; ++r) fit_row(reverse_derivatives, &ctx, &F, NULL, 0, r, theta0);
     }
 }
 
@@ -515,7 +524,7 @@ void moment_fit(ptrdiff_t rows, ptrdiff_t min_rows, const double *theta0, const 
     const struct moments M = {c, m0, m1, m2, ref};
     const struct fit F = FIT_INIT;
 #pragma omp parallel for schedule(dynamic, 64) if (rows >= min_rows)
-    for (ptrdiff_t r = 0; r < rows; ++r) fit_row(moment_derivatives, &M, &F, NULL, r, theta0);
+    for (ptrdiff_t r = 0; r < rows; ++r) fit_row(moment_derivatives, &M, &F, NULL, 0, r, theta0);
 }
 
 /* kl_pair: KL(P||Q) and KL(Q||P) as kl_sweep.core.divergences.kl_pair_exact computes them for rows
@@ -919,6 +928,6 @@ void pointwise_fit(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *thet
     const struct pointwise_context ctx = {&R, &P, &M, row_edges, row_nodes, row_rule, row_aux};
 #pragma omp for schedule(dynamic, 4)
     for (ptrdiff_t r = 0; r < rows; ++r)
-        fit_row(pointwise_derivatives, &ctx, &F, M.E.lo != NULL ? &M.E : NULL, r, theta0);
+        fit_row(pointwise_derivatives, &ctx, &F, M.E.lo != NULL ? &M.E : NULL, 1, r, theta0);
     }
 }
