@@ -649,7 +649,7 @@ alpha_terms(const int high, double log_p, double log_q, double a, double *t0, do
 /* log(1 + e^x) = -logsigmoid(-x), exact everywhere (kl_sweep.core.mixture.softplus). */
 static inline double softplus(double x)
 {
-    return fmax(x, 0.0) + log1p(exp(-fabs(x)));
+    return (x > 0 ? x : 0.0) + log1p(exp(-fabs(x))); /* (a ternary, not fmax: it vectorises) */
 }
 
 /* (t0, t1, t2) of Jensen-Shannon at one node (kl_sweep.core.alpha.jensen_shannon_fit_terms), with
@@ -664,7 +664,7 @@ jensen_shannon_terms(double log_p, double log_q, double *t0, double *t1, double 
     const double s = u * u;
     const double series = s * (1.0 + s * (1.0 / 6 + s * (1.0 / 15 + s * (1.0 / 28 + s / 45))));
     const double h = fabs(u) < 0.05 ? series : (1.0 + u) * log1pu + (1.0 - u) * log1mu;
-    const double top = fmax(log_p, log_q), low = fmin(log_p, log_q);
+    const double top = log_p > log_q ? log_p : log_q, low = log_p > log_q ? log_q : log_p;
     *t0 = 0.25 * exp(top + log1p(exp(low - top))) * h;
     *t1 = 0.5 * q * (LOG_2 - sp);
     *t2 = *t1 + 0.5 * q * exp(-sm);
