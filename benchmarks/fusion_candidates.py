@@ -101,15 +101,9 @@ def compile_worker(args) -> dict:
             resized.append((n, time.perf_counter() - t, graphs() - before))
     except Exception as e:  # report, do not hide, a failure to compile
         return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"}
-    return {
-        "first": first[0],
-        "compile": sum(first) - 3 * steady,
-        "steady": steady,
-        "graphs": n_graphs,
-        "breaks": breaks,
-        "resized": resized,
-        "err": rel_err(out, obj._pointwise_derivatives(theta, True)),
-    }
+    err = rel_err(out, obj._pointwise_derivatives(theta, True))
+    done = dict(first=first[0], compile=sum(first) - 3 * steady, steady=steady, graphs=n_graphs)
+    return done | dict(breaks=breaks, resized=resized, err=err)
 
 
 def run_worker(args, a: float, cache: str) -> dict:
@@ -273,7 +267,8 @@ def main() -> None:
     Objective._native_pointwise = NATIVE
     print("\none-off: compile time (torch.compile: plus its recompile at B // 2, which a fit meets as rows")
     print("leave; numba: JIT); x eager / x native: speed per call relative to them (> 1: faster);")
-    print("sweep s: one-off + calls * ms/call; rel err: max |d|/(1+|ref|) against eager, finite rows.")
+    print("sweep s: one-off + calls * ms/call; rel err: max |d|/(1+|ref|) against eager on finite rows")
+    print("(numba: against the same torch part, terms + sums).")
 
 
 if __name__ == "__main__":
