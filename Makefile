@@ -33,3 +33,4 @@ bench:
 	$(PYTHON) benchmarks/sweep_throughput.py
 	$(PYTHON) benchmarks/cores.py
 	$(PYTHON) benchmarks/pages.py
+	$(PYTHON) benchmarks/registry_throughput.py

@@ -61,13 +61,32 @@ def make(a: float, batch: int, seed: int) -> tuple[Objective, torch.Tensor]:
     return Objective.build(DIVERGENCES["alpha"], Quadrature(), mix, theta, alpha=alpha), theta
 
 
-def per_call(fn, steps: int, warm: int = 2) -> float:
-    times = []
-    for _ in range(warm + steps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times[warm:])
+def medians(fns: dict, steps: int, warm: int = 2) -> dict:
+    """Median seconds a call of each of ``fns``, called in turn (so they share the machine's noise)."""
+    times = {k: [] for k in fns}
+    for i in range(warm + steps):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            if i >= warm:
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def on(path, fn):
+    """``fn`` on the torch path (EAGER) or the kernel's (NATIVE)."""
+    return lambda: (setattr(Objective, "_native_pointwise", path), fn())[1]
+
+
+def timed(fn, *args) -> tuple:
+    t = time.perf_counter()
+    out = fn(*args)
+    return out, time.perf_counter() - t
+
+
+def paths(obj: Objective, theta: torch.Tensor) -> dict:
+    step = lambda: obj.derivatives(theta, hessian=True)
+    return {"eager": on(EAGER, step), "native": on(NATIVE, step)}
 
 
 def rel_err(out, ref) -> float:
@@ -86,23 +105,18 @@ def compile_worker(args) -> dict:
     step = torch.compile(lambda o, th: o._pointwise_derivatives(th, True), mode=args.mode)
     graphs = lambda: counters["stats"]["unique_graphs"]
     try:
-        first = []
-        for _ in range(3):
-            t = time.perf_counter()
-            out = step(obj, theta)
-            first.append(time.perf_counter() - t)
-        steady = per_call(lambda: step(obj, theta), args.steps, warm=0)
+        (out, first), *later = [timed(step, obj, theta) for _ in range(3)]
+        m = medians({"steady": on(EAGER, lambda: step(obj, theta)), **paths(obj, theta)}, args.steps, 0)
+        Objective._native_pointwise = EAGER
         n_graphs, breaks = graphs(), {k.splitlines()[0]: v for k, v in counters["graph_break"].items()}
         resized = []
         for n in (args.batch // 2, args.batch // 4):
-            sub, th, before = obj.subset(torch.arange(n)), theta[:n], graphs()
-            t = time.perf_counter()
-            step(sub, th)
-            resized.append((n, time.perf_counter() - t, graphs() - before))
+            before = graphs()
+            resized.append((n, timed(step, obj.subset(torch.arange(n)), theta[:n])[1], graphs() - before))
     except Exception as e:  # report, do not hide, a failure to compile
         return {"error": f"{type(e).__name__}: {str(e).strip().splitlines()[0]}"}
     err = rel_err(out, obj._pointwise_derivatives(theta, True))
-    done = dict(first=first[0], compile=sum(first) - 3 * steady, steady=steady, graphs=n_graphs)
+    done = dict(first=first, compile=first + sum(s for _, s in later) - 3 * m["steady"], graphs=n_graphs, **m)
     return done | dict(breaks=breaks, resized=resized, err=err)
 
 
@@ -188,57 +202,53 @@ def torch_sums(z, rule, log_p, log_q, ak):
     return torch.stack([loss, *(p.sum(-1) for p in parts)], -1)
 
 
-def measure_numba(numba, obj: Objective, theta: torch.Tensor, steps: int, t_eager: float) -> tuple:
+def numba_candidate(numba, obj: Objective, theta: torch.Tensor) -> tuple:
+    """(numba's call, torch's call of the same part, numba's first call in s, rel err)."""
     z, rule, log_p, log_q, ak = nodes(obj, theta)
     arrays = [t.contiguous().numpy() for t in (z, rule, log_p, log_q)]
     out = torch.empty(theta.shape[0], 7, dtype=torch.float64)
     kernel, a = numba_sums(numba), float(ak[0])
-    t = time.perf_counter()
-    kernel(*arrays, a, out.numpy())
-    first = time.perf_counter() - t
-    t_nb = per_call(lambda: kernel(*arrays, a, out.numpy()), steps)
-    t_part = per_call(lambda: torch_sums(z, rule, log_p, log_q, ak), steps)
-    expected = torch_sums(z, rule, log_p, log_q, ak)
-    ok = torch.isfinite(expected).all(-1)
-    err = ((out - expected)[ok].abs() / (1 + expected[ok].abs())).max().item()
-    print(
-        f"  numba {numba.__version__}: per-node terms + sums {t_nb * 1e3:.2f} ms against torch's"
-        f" {t_part * 1e3:.2f} ms ({t_part / t_nb:.1f}x); JIT {first - t_nb:.2f} s"
-    )
-    return ("numba (terms+sums)", first - t_nb, t_eager - t_part + t_nb, err)
+    run = lambda: kernel(*arrays, a, out.numpy())
+    first = timed(run)[1]
+    err = rel_err(out.T, torch_sums(z, rule, log_p, log_q, ak).T)  # rows of finite loss
+    return run, lambda: torch_sums(z, rule, log_p, log_q, ak), first, err
 
 
 def measure_order(args, a: float, numba, calls: float) -> None:
     obj, theta = make(a, args.batch, args.seed)
-    step = lambda: obj.derivatives(theta, hessian=True)
-    Objective._native_pointwise = EAGER
-    ref, t_eager = step(), per_call(step, args.steps)
-    n_nodes = nodes(obj, theta)[0].shape[1]
-    Objective._native_pointwise = NATIVE
-    err_native, t_native = rel_err(step(), ref), per_call(step, args.steps)
+    fns = paths(obj, theta)
+    ref, n_nodes = fns["eager"](), nodes(obj, theta)[0].shape[1]
+    err_native = rel_err(fns["native"](), ref)
+    if numba is not None:
+        run, torch_part, first, err_nb = numba_candidate(numba, obj, theta)
+        fns |= {"numba": run, "part": torch_part}
+    t = medians(fns, args.steps)
     finite = int(torch.isfinite(ref[0]).sum())
     print(f"\n== a = {a:g}: {n_nodes} nodes a row, {finite}/{args.batch} rows finite")
-    rows = [("eager torch", 0.0, t_eager, 0.0), ("native C kernel", 0.0, t_native, err_native)]
+    rows = [("eager torch", 0.0, t["eager"], 0.0, t), ("native C kernel", 0.0, t["native"], err_native, t)]
     with tempfile.TemporaryDirectory(prefix="inductor-") as cache:
         results = {"cold": run_worker(args, a, cache), "warm": run_worker(args, a, cache)}
     for name, r in results.items():
         if "error" in r:
             print(f"  torch.compile ({name} cache): FAILED: {r['error']}")
             continue
-        resized = ", ".join(f"at B={n}: {t:.2f} s, {g} new graphs" for n, t, g in r["resized"])
+        resized = ", ".join(f"at B={n}: {s:.2f} s, {g} new graphs" for n, s, g in r["resized"])
         print(f"  torch.compile ({name} cache): first call {r['first']:.1f} s, compile {r['compile']:.1f} s")
         print(f"    {r['graphs']} graphs at B; then {resized}")
-        rows.append((f"torch.compile {name}", r["compile"] + r["resized"][0][1], r["steady"], r["err"]))
+        rows.append((f"torch.compile {name}", r["compile"] + r["resized"][0][1], r["steady"], r["err"], r))
         if name == "cold":
             print(f"    {sum(r['breaks'].values())} graph breaks at B:")
             print("".join(f"      {n}x {k}\n" for k, n in r["breaks"].items()), end="")
     if numba is None:
         print(f"  numba: not importable (not installed, nor in {args.numba_path}): skipped")
     else:
-        rows.append(measure_numba(numba, obj, theta, args.steps, t_eager))
+        nb, part, jit = t["numba"], t["part"], first - t["numba"]
+        speed = f"{nb * 1e3:.2f} ms, torch's {part * 1e3:.2f} ms ({part / nb:.1f}x)"
+        print(f"  numba {numba.__version__}: terms + sums {speed}; JIT {jit:.2f} s")
+        rows.append(("numba (terms+sums)", jit, max(t["eager"] - part, 0.0) + nb, err_nb, t))
     print(f"  {'candidate':<20}" + "".join(f"{h:>10}" for h in HEADER))
-    for name, once, t, err in rows:
-        cells = (once, t * 1e3, t_eager / t, t_native / t, once + calls * t)
+    for name, once, s, err, ref in rows:
+        cells = (once, s * 1e3, ref["eager"] / s, ref["native"] / s, once + calls * s)
         print(f"  {name:<20}" + "".join(f"{c:>10.2f}" for c in cells) + f"{err:>10.0e}")
 
 
@@ -266,7 +276,8 @@ def main() -> None:
         measure_order(args, a, numba, calls)
     Objective._native_pointwise = NATIVE
     print("\none-off: compile time (torch.compile: plus its recompile at B // 2, which a fit meets as rows")
-    print("leave; numba: JIT); x eager / x native: speed per call relative to them (> 1: faster);")
+    print("leave; numba: JIT); x eager / x native: speed per call relative to them (> 1: faster), timed")
+    print("in turn with them in the same process (torch.compile: in its worker);")
     print("sweep s: one-off + calls * ms/call; rel err: max |d|/(1+|ref|) against eager on finite rows")
     print("(numba: against the same torch part, terms + sums).")
 

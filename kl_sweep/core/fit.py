@@ -26,17 +26,11 @@ from dataclasses import fields, replace
 import torch
 
 from kl_sweep.core import native
+from kl_sweep.core.divergences import native_member, native_rule, native_terms
 from kl_sweep.core.estimators import Quadrature
 from kl_sweep.core.loop import _stepwise
 from kl_sweep.core.mixture import gaussian_sigma2
-from kl_sweep.core.objective import (
-    TRUSTED_MASS,
-    Objective,
-    in_moment_form,
-    native_member,
-    native_rule,
-    native_terms,
-)
+from kl_sweep.core.objective import TRUSTED_MASS, Objective, in_moment_form
 from kl_sweep.core.optim import Adam
 from kl_sweep.core.problem import MAX_ABS_LOG_SIGMA, MAX_ABS_MU, Problem, Result, Settings, Status
 

@@ -16,7 +16,14 @@ from torch import Tensor
 
 from kl_sweep.core import alpha as family
 from kl_sweep.core import native
-from kl_sweep.core.divergences import RENYI_NEAR, Divergence, divergence_value
+from kl_sweep.core.divergences import (
+    RENYI_NEAR,
+    Divergence,
+    divergence_value,
+    native_member,
+    native_rule,
+    native_terms,
+)
 from kl_sweep.core.estimators import (
     SCALE_OFFSETS,
     SUPPORT_SDS,
@@ -338,32 +345,6 @@ class Objective:
         if a is not None:
             loss = torch.where(family.is_finite(self.mixture, mu, log_sigma, a), loss, torch.inf)
         return loss, grad, hess
-
-
-def native_terms() -> dict[str, int]:
-    """:attr:`Divergence.native` of the pointwise members, with their terms in the kernel."""
-    return {"alpha_terms": native.ALPHA_TERMS, "jensen_shannon_terms": native.JENSEN_SHANNON_TERMS}
-
-
-def native_rule(estimator: Quadrature) -> native.Rule:
-    """The Quadrature estimator's rule for Q's (or P and Q's) cover, as the kernels take it."""
-    return native.quadrature_rule(SCALE_OFFSETS, SWITCH_OFFSETS, SUPPORT_SDS, estimator.nodes_per_panel)
-
-
-def native_member(divergence: Divergence, mixture: Mixture, alpha: Tensor | None, n: int) -> native.Member:
-    """A pointwise divergence for the kernel (:class:`native.Member`), for n rows of ``mixture``."""
-    a = divergence.orders(alpha, n)
-    renyi = None
-    if divergence.transform is not None:
-        renyi = torch.as_tensor(alpha, dtype=torch.float64).expand(n)
-    region = steep = None
-    if a is not None:
-        lo, hi = family.log_sigma_bounds(mixture, a)
-        region = (lo, hi, *family.closed_edge(mixture, a))
-        steep = torch.where(a > 1.0, 2, (a < 0.0).to(torch.long))
-    tail = torch.as_tensor(family.TAIL_OFFSETS, dtype=torch.float64)
-    terms = native_terms()[divergence.native]
-    return native.Member(terms, a, renyi, divergence.scale, tail, family.REACH, region, steep)
 
 
 def _renyi_from_log(

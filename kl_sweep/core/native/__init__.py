@@ -78,6 +78,8 @@ def _library() -> ctypes.CDLL | None:
     lib.pointwise.restype = None
     lib.pointwise_fit.argtypes = [n, n, i, p, p, p, p, p, p, i, p, i, p, d, i, p, p, *member, *fit_tail]
     lib.pointwise_fit.restype = None
+    lib.pointwise_value.argtypes = [n, n, i, p, p, p, p, p, p, i, p, i, p, d, i, p, p, *member, p]
+    lib.pointwise_value.restype = None
     return lib
 
 
@@ -287,6 +289,16 @@ def pointwise(
     outputs = (loss.data_ptr(), grad.data_ptr(), 0 if hess is None else hess.data_ptr())
     _run("pointwise", MIN_PARALLEL_ROWS // 4, theta, mixture, rule, *args, int(hessian), *outputs)
     return loss, grad, hess
+
+
+def pointwise_value(theta: Tensor, mixture: Mixture, rule: Rule, member: Member) -> Tensor:
+    """The pointwise ``member``'s value [B] at theta [B, 2] to near rounding level, as
+    :func:`kl_sweep.core.divergences.divergence_value` gives it on ``rule`` (its non-negative
+    density integrated, see ``kl.c``); +inf outside its finite region."""
+    value = torch.empty(theta.shape[0], dtype=torch.float64)
+    args, _alive = member.args()
+    _run("pointwise_value", MIN_PARALLEL_ROWS // 4, theta, mixture, rule, *args, value.data_ptr())
+    return value
 
 
 def pointwise_fit(theta0: Tensor, mixture: Mixture, rule: Rule, member: Member, options: FitOptions) -> Fits:

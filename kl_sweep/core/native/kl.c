@@ -762,17 +762,14 @@ static int add_tilted(double *out, int n, const struct rule *R, const struct mix
     return n;
 }
 
-/* The member's loss, gradient and (if asked) Hessian for row r at (m, s); scratch: edges, z, rule
- * and aux (Renyi's log terms), each as large as pointwise_fit sizes them. Never inlined (see
- * row_reverse_kl). */
-__attribute__((noinline)) static void
-row_pointwise(const struct rule *R, const struct mixture *P, const struct member *M, ptrdiff_t r, double m,
-              double s, int hessian, double *edges, double *z, double *rule, double *aux, double *loss,
-              double *g, double *h)
+/* The member's panels for row r at (m, s): nodes z[] in Q's standard units with weights rule[] for
+ * integrals dx; returns their number. */
+static int pointwise_panels(const struct rule *R, const struct mixture *P, const struct member *M, ptrdiff_t r,
+                            double m, double s, double *edges, double *z, double *rule)
 {
     const double sigma = exp(s), a = M->a != NULL ? M->a[r] : 0.0;
     const int kind = M->a != NULL ? layout(a) : COMPACT;
-    const double *mk = P->means + 2 * r, *vk = P->variances + 2 * r, *lw = P->log_weights + 2 * r;
+    const double *mk = P->means + 2 * r, *vk = P->variances + 2 * r;
     const double sd0 = sqrt(vk[0]), sd1 = sqrt(vk[1]);
     /* The support of P and Q as offsets from m, stretched to the tilted points. */
     double lo = fmin(-R->support * sigma, fmin((mk[0] - m) - R->support * sd0, (mk[1] - m) - R->support * sd1));
@@ -796,7 +793,20 @@ row_pointwise(const struct rule *R, const struct mixture *P, const struct member
     }
     for (int i = 0; i < ne; ++i) edges[i] = clamp(edges[i], lo, hi) / sigma;
     sort_edges(edges, ne);
-    const int n = panels(edges, ne, R->order, R->t, R->gw, sigma, z, rule);
+    return panels(edges, ne, R->order, R->t, R->gw, sigma, z, rule);
+}
+
+/* The member's loss, gradient and (if asked) Hessian for row r at (m, s); scratch: edges, z, rule
+ * and aux (Renyi's log terms), each as large as pointwise_fit sizes them. Never inlined (see
+ * row_reverse_kl). */
+__attribute__((noinline)) static void
+row_pointwise(const struct rule *R, const struct mixture *P, const struct member *M, ptrdiff_t r, double m,
+              double s, int hessian, double *edges, double *z, double *rule, double *aux, double *loss,
+              double *g, double *h)
+{
+    const double sigma = exp(s), a = M->a != NULL ? M->a[r] : 0.0;
+    const double *mk = P->means + 2 * r, *vk = P->variances + 2 * r, *lw = P->log_weights + 2 * r;
+    const int n = pointwise_panels(R, P, M, r, m, s, edges, z, rule);
     double c0, k0, c1, k1;
     component(lw[0], vk[0], &c0, &k0);
     component(lw[1], vk[1], &c1, &k1);
@@ -860,6 +870,32 @@ row_pointwise(const struct rule *R, const struct mixture *P, const struct member
     if (M->E.lo != NULL && !finite_at(&M->E, r, m, s)) f = INFINITY;
     *loss = f;
     if (hessian) h[0] = hm, h[1] = h[2] = hx, h[3] = hs;
+}
+
+/* E(y)/y = y/2! + y^2/3! + ... for |y| < 0.05 (kl_sweep.core.alpha._excess_over). */
+static inline double excess_over(double y)
+{
+    double out = 1.0 / 362880.0; /* 1/9! */
+    const double inverse_factorials[] = {1.0 / 40320, 1.0 / 5040, 1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6, 0.5};
+    for (int k = 0; k < 7; ++k) out = out * y + inverse_factorials[k];
+    return out * y;
+}
+
+/* w E(c x) / c with w = e^log_w (kl_sweep.core.alpha._weighted_excess). */
+static inline double weighted_excess(double log_w, double x, double c)
+{
+    const double y = c * x, w = exp(log_w);
+    return fabs(y) < 0.05 ? w * x * excess_over(y) : (exp(log_w + y) - w) / c - w * x;
+}
+
+/* D_a's non-negative pointwise density (kl_sweep.core.alpha.alpha_density): what reported values
+ * integrate, exact for tiny and huge values alike. */
+static inline double alpha_density(double log_p, double log_q, double a)
+{
+    const int mirror = a > 0.5;
+    const double c = mirror ? 1.0 - a : a, log_w = mirror ? log_p : log_q;
+    const double x = mirror ? log_q - log_p : log_p - log_q;
+    return (weighted_excess(log_w, x, 1.0) - weighted_excess(log_w, x, c)) / (1.0 - c);
 }
 
 #define POINTWISE_ARGS                                                                              \
@@ -929,5 +965,69 @@ void pointwise_fit(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *thet
 #pragma omp for schedule(dynamic, 4)
     for (ptrdiff_t r = 0; r < rows; ++r)
         fit_row(pointwise_derivatives, &ctx, &F, M.E.lo != NULL ? &M.E : NULL, 1, r, theta0);
+    }
+}
+
+/* pointwise_value: the member's value at each row of theta [rows, 2], as
+ * kl_sweep.core.divergences.divergence_value computes it on the Quadrature rule: the integral of
+ * its pointwise density (not the fit's t0, which loses digits where P and Q nearly agree), scaled;
+ * Renyi from D where |log I| < log 2 and from log I elsewhere; +inf outside the finite region. */
+void pointwise_value(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *theta,
+                     const double *means, const double *variances, const double *log_weights,
+                     const double *switch_points, const double *widths,
+                     int n_scale, const double *scale_points, int n_off, const double *off, double support,
+                     int order, const double *t, const double *gw, POINTWISE_ARGS, double *value)
+{
+    const struct rule R = {n_scale, n_off, order, scale_points, off, t, gw, support};
+    const struct mixture P = {S, means, variances, log_weights, switch_points, widths};
+    const struct member M = POINTWISE_INIT;
+    const int max_edges = POINTWISE_EDGES(n_scale, S, n_off, n_tail);
+#pragma omp parallel if (rows >= min_rows)
+    {
+    SCRATCH(row, max_edges, order);
+#pragma omp for schedule(static)
+    for (ptrdiff_t r = 0; r < rows; ++r) {
+        const double m = theta[2 * r], s = theta[2 * r + 1], sigma = exp(s);
+        const double a = M.a != NULL ? M.a[r] : 0.0;
+        const int n = pointwise_panels(&R, &P, &M, r, m, s, row_edges, row_nodes, row_rule);
+        const double *mk = means + 2 * r, *vk = variances + 2 * r, *lw = log_weights + 2 * r;
+        double c0, k0, c1, k1;
+        component(lw[0], vk[0], &c0, &k0);
+        component(lw[1], vk[1], &c1, &k1);
+        const double shift0 = (m - mk[0]) * k0, slope0 = sigma * k0;
+        const double shift1 = (m - mk[1]) * k1, slope1 = sigma * k1;
+        const double cq = -0.5 * LOG_2PI - s, tilt = 1.0 - (1.0 - a); /* (as torch forms it) */
+        const int renyi = M.alpha != NULL;
+        double d = 0, top = -INFINITY;
+        for (int i = 0; i < n; ++i) {
+            const double zi = row_nodes[i], w = row_rule[i];
+            const double log_q = cq - 0.5 * zi * zi;
+            const double e0 = shift0 + zi * slope0, e1 = shift1 + zi * slope1;
+            const double l0 = c0 - e0 * e0, l1 = c1 - e1 * e1;
+            const double hi = l0 > l1 ? l0 : l1, lo = l0 > l1 ? l1 : l0;
+            const double log_p = hi + log1p(exp(lo - hi));
+            double density, t1, t2;
+            if (M.terms == JENSEN_SHANNON_TERMS) jensen_shannon_terms(log_p, log_q, &density, &t1, &t2);
+            else density = alpha_density(log_p, log_q, a);
+            d += w > 0 ? w * density : 0.0;
+            if (renyi) {
+                row_nodes[i] = w > 0 ? log(w) + log_q + tilt * (log_p - log_q) : -INFINITY; /* (z no longer needed) */
+                top = fmax(top, row_nodes[i]);
+            }
+        }
+        d *= M.scale;
+        if (renyi) {
+            double sum = 0;
+            for (int i = 0; i < n; ++i) sum += exp(row_nodes[i] - top);
+            const double log_i = top + log(sum), alpha = M.alpha[r];
+            if (fabs(log_i) < RENYI_NEAR) {
+                const double c = alpha * (1.0 - alpha), y = -c * d;
+                d = alpha * d * (y == 0 ? 1.0 : log1p(y) / y);
+            } else {
+                d = log_i / (alpha - 1.0);
+            }
+        }
+        value[r] = M.E.lo != NULL && !finite_at(&M.E, r, m, s) ? INFINITY : d;
+    }
     }
 }
