@@ -23,7 +23,7 @@ from test_alpha_values import reference
 from kl_sweep.core import native
 from kl_sweep.core.divergences import DIVERGENCES
 from kl_sweep.core.estimators import Quadrature
-from kl_sweep.core.fit import Objective, Problem, Settings, Status, fit, fused
+from kl_sweep.core.fit import Objective, Problem, Settings, Status, _rows_of, fit, fused
 from kl_sweep.core.mixture import Mixture
 from kl_sweep.core.optim import Adam
 
@@ -142,19 +142,7 @@ def test_a_rows_kernel_fit_does_not_depend_on_its_batch_or_threads():
     try:
         torch.set_num_threads(1)
         index = torch.arange(3, len(problem.init_mu), 5)
-        part = fit(
-            replace(
-                problem,
-                mixture=problem.mixture[index],
-                init_mu=problem.init_mu[index],
-                init_sigma2=problem.init_sigma2[index],
-                lr=problem.lr[index],
-                max_steps=problem.max_steps[index],
-                tol=problem.tol[index],
-                alpha=problem.alpha[index],
-            ),
-            settings,
-        )
+        part = fit(_rows_of(problem, index), settings)
     finally:
         torch.set_num_threads(threads)
     for field in ("mu", "sigma2", "loss", "grad_norm", "steps", "status", "on_boundary"):

@@ -1,18 +1,20 @@
 """Fused C kernels for the fit's hot path, compiled on first use and called through ctypes.
 
-The torch path evaluates the reverse KL's derivatives in about twenty passes over [rows, nodes]
+The torch path evaluates a divergence's derivatives in some twenty passes over [rows, nodes]
 float64 tensors per step: memory traffic, not arithmetic. The kernels in ``kl.c`` make one pass
 per row, with the same rules and formulas, and agree with the torch path to about 1e-14 (tests
-check both against scipy):
+check both against scipy). One node loop serves every integrand and one fit loop every
+derivatives function (see ``kl.c``):
 
-- :func:`reverse_kl`: the reverse KL's fit derivatives, used by
-  :meth:`kl_sweep.core.fit.Objective.derivatives` for the Quadrature estimator;
-- :func:`reverse_fit` and :func:`moment_fit`: whole fits, of the reverse KL and of a divergence in
-  moment form (the forward KL), with Adam and the Newton polish, each row from start to finish in
-  the kernel, used by :func:`kl_sweep.core.fit.fit_stream`: the same steps as its torch state
-  machine, without its hundred small torch operations an iteration;
-- :func:`kl_pair`: both KLs of a result row, used by
-  :func:`kl_sweep.core.divergences.kl_pair_exact`.
+- :func:`reverse_kl` and :func:`pointwise`: the fit derivatives of the reverse KL and of a
+  pointwise member (the alpha family, Jensen-Shannon), used by
+  :class:`kl_sweep.core.objective.Objective` for the Quadrature estimator;
+- :func:`reverse_fit`, :func:`pointwise_fit` and :func:`moment_fit`: whole fits of them and of a
+  divergence in moment form (the forward KL), with Adam and the Newton polish, each row from start
+  to finish in the kernel, used by :func:`kl_sweep.core.fit.fit_stream`: the same steps as its
+  torch state machine, without its hundred small torch operations an iteration;
+- :func:`kl_pair` and :func:`pointwise_value`: the values a result row reports, both KLs and the
+  alpha family's (:func:`kl_sweep.core.divergences.kl_pair_exact`, ``divergence_exact``).
 
 All need :func:`available`, and all but :func:`moment_fit` a two-component P; otherwise the torch
 path runs.

@@ -1,5 +1,11 @@
-/* The reverse KL's fit derivatives (reverse_kl), whole reverse-KL fits (reverse_fit, below) and
- * both KLs of a result row (kl_pair), one row at a time.
+/* The fit's hot paths, one row at a time: every divergence's derivatives and whole fits, and the
+ * values a result row reports.
+ *
+ * The design: one node loop (node_sums) for every integrand (the reverse KL's, the alpha family's,
+ * Jensen-Shannon's), one fit loop (fit_row) for every derivatives function (the reverse KL's, the
+ * moment form's, the pointwise members'). The entry points: reverse_kl, reverse_fit (the reverse
+ * KL), pointwise, pointwise_fit, pointwise_value (the alpha family and Jensen-Shannon, below),
+ * forward_moments and moment_fit (the forward KL), kl_pair (both KLs of a result row).
  *
  * reverse_kl: KL(Q||P) and its derivatives in theta = (mu, log sigma). The same rule and formulas
  * as kl_sweep.core.fit.Objective._closed_form_derivatives with the Quadrature estimator (see its
@@ -172,6 +178,117 @@ static int clipped_panels(double *edges, int ne, double lo, double hi, const str
     double name##_edges[max_edges];                                                       \
     double name##_nodes[((max_edges) - 1) * (order)], name##_rule[((max_edges) - 1) * (order)]
 
+/* The integrands node_sums knows: the reverse KL's, the alpha family's, Jensen-Shannon's. */
+enum { ALPHA_TERMS = 0, JENSEN_SHANNON_TERMS = 1, REVERSE_TERMS = 2 };
+enum { COMPACT = 0, TILTED = 1, TAILS = 2 };
+
+#define LOG_2 0.69314718055993530941723212145818
+/* Renyi's value comes from log int q^alpha p^(1 - alpha) where that log is at least this
+ * (kl_sweep.core.divergences.RENYI_NEAR). */
+#define RENYI_NEAR LOG_2
+
+/* min(max(x, lo), hi), keeping a NaN as torch.minimum and torch.maximum do. */
+static double clamp(double x, double lo, double hi)
+{
+    x = x < lo ? lo : x;
+    return x > hi ? hi : x;
+}
+
+/* expm1(y) / y, 1 at y = 0 (kl_sweep.core.alpha.relative_expm1). */
+static inline double relative_expm1(double y)
+{
+    return y == 0.0 ? 1.0 : expm1(y) / y;
+}
+
+/* (t0, t1, t2) of D_a at one node (kl_sweep.core.alpha.alpha_fit_terms); high: a > 1/2 (the
+ * mirror form of t0). Branch-free, so that the node loop is vectorised. */
+static inline __attribute__((always_inline)) void
+alpha_terms(const int high, double log_p, double log_q, double a, double *t0, double *t1, double *t2)
+{
+    const double delta = log_p - log_q, y = a * delta;
+    const double q = exp(log_q), p = exp(log_p), tilted = exp(log_q + y);
+    const double d1 = fabs(y) < 0.5 ? -q * delta * relative_expm1(y) : (q - tilted) / a;
+    *t1 = d1;
+    *t2 = tilted + d1;
+    if (!high) {
+        *t0 = (p - q + d1) / (1.0 - a);
+    } else {
+        const double c = 1.0 - a, yy = -c * delta;
+        const double mirrored = fabs(yy) < 0.5 ? p * delta * relative_expm1(yy) : (p - tilted) / c;
+        *t0 = (q - p + mirrored) / a;
+    }
+}
+
+/* log(1 + e^x) = -logsigmoid(-x), exact everywhere (kl_sweep.core.mixture.softplus). */
+static inline double softplus(double x)
+{
+    return (x > 0 ? x : 0.0) + log1p(exp(-fabs(x))); /* (a ternary, not fmax: it vectorises) */
+}
+
+/* (t0, t1, t2) of Jensen-Shannon at one node (kl_sweep.core.alpha.jensen_shannon_fit_terms), with
+ * u = tanh(delta / 2) = -sign(delta) expm1(-|delta|) / (2 + expm1(-|delta|)) (vector expm1). */
+static inline __attribute__((always_inline)) void
+jensen_shannon_terms(double log_p, double log_q, double *t0, double *t1, double *t2)
+{
+    const double delta = log_p - log_q, q = exp(log_q);
+    const double sp = softplus(delta), sm = softplus(-delta);
+    const double em = expm1(-fabs(delta)), mag = -em / (2.0 + em);
+    const double u = delta < 0 ? -mag : mag, log1pu = LOG_2 - sm, log1mu = LOG_2 - sp;
+    const double s = u * u;
+    const double series = s * (1.0 + s * (1.0 / 6 + s * (1.0 / 15 + s * (1.0 / 28 + s / 45))));
+    const double h = fabs(u) < 0.05 ? series : (1.0 + u) * log1pu + (1.0 - u) * log1mu;
+    const double top = log_p > log_q ? log_p : log_q, low = log_p > log_q ? log_q : log_p;
+    *t0 = 0.25 * exp(top + log1p(exp(low - top))) * h;
+    *t1 = 0.5 * q * (LOG_2 - sp);
+    *t2 = *t1 + 0.5 * q * exp(-sm);
+}
+
+/* The node sums of a row's derivatives, one loop for every integrand: sums[] = (sum r t0 [r > 0],
+ * sum r t1, .. z, .. z^2, sum r t2 z^2, .. z (z^2 - 1), .. (z^2 - 1)^2), and log p at each node
+ * into log_p_at[] (unless NULL); for the reverse KL, with w = r q, (sum w, sum w (phi + 1), ..,
+ * sum w (phi + 2) z^2, ..) as row_reverse_kl's formulas take them. terms and high are constants at
+ * each call, so each integrand gets its own vectorised loop. */
+static inline __attribute__((always_inline)) void
+node_sums(const int terms, const int high, double a, int n, const double *z, const double *rule, double cq,
+          double c0, double shift0, double slope0, double c1, double shift1, double slope1, double *log_p_at,
+          double *sums)
+{
+    double t0_sum = 0, a_sum = 0, az = 0, azz = 0, bzz = 0, bzzz = 0, bzz1 = 0;
+#pragma omp simd reduction(+ : t0_sum, a_sum, az, azz, bzz, bzzz, bzz1)
+    for (int i = 0; i < n; ++i) {
+        const double zi = z[i], zz = zi * zi, w = rule[i];
+        const double log_q = cq - 0.5 * zz;
+        const double e0 = shift0 + zi * slope0, e1 = shift1 + zi * slope1;
+        const double l0 = c0 - e0 * e0, l1 = c1 - e1 * e1;
+        const double top = l0 > l1 ? l0 : l1, low = l0 > l1 ? l1 : l0;
+        const double log_p = top + log1p(exp(low - top));
+        double s0, at, bt;
+        if (terms == REVERSE_TERMS) { /* w q (phi + 1), w q (phi + 2) and w q, phi = log q - log p */
+            const double wq = exp(log_q) * w;
+            at = wq + wq * (log_q - log_p);
+            bt = at + wq;
+            s0 = wq;
+        } else {
+            double t0, t1, t2;
+            if (terms == JENSEN_SHANNON_TERMS) jensen_shannon_terms(log_p, log_q, &t0, &t1, &t2);
+            else alpha_terms(high, log_p, log_q, a, &t0, &t1, &t2);
+            at = w * t1, bt = w * t2;
+            s0 = w > 0 ? w * t0 : 0.0;
+        }
+        const double zz1 = zz - 1.0;
+        t0_sum += s0;
+        a_sum += at;
+        az += at * zi;
+        azz += at * zz;
+        bzz += bt * zz;
+        bzzz += bt * zi * zz1;
+        bzz1 += bt * zz1 * zz1;
+        if (log_p_at != NULL) log_p_at[i] = log_p;
+    }
+    sums[0] = t0_sum, sums[1] = a_sum, sums[2] = az, sums[3] = azz, sums[4] = bzz, sums[5] = bzzz;
+    sums[6] = bzz1;
+}
+
 /* The reverse KL of row r of P at (m, s), its gradient g[2] and, if asked, its Hessian h[4].
  * Never inlined: the batched kernel and the fused fit then run the very same code, so they give
  * the same bits. */
@@ -201,26 +318,10 @@ row_reverse_kl(const struct rule *R, const struct mixture *P, ptrdiff_t r, doubl
     const double shift0 = (m - mk[0]) * k0, slope0 = sigma * k0;
     const double shift1 = (m - mk[1]) * k1, slope1 = sigma * k1;
     const double cq = -0.5 * LOG_2PI - s;
-    double w_sum = 0, a_sum = 0, az = 0, azz = 0, bzz = 0, bzzz = 0, bzz1 = 0;
-#pragma omp simd reduction(+ : w_sum, a_sum, az, azz, bzz, bzzz, bzz1)
-    for (int i = 0; i < n; ++i) {
-        const double zi = z[i], zz = zi * zi;
-        const double log_q = cq - 0.5 * zz;
-        const double w = exp(log_q) * rule[i];
-        const double e0 = shift0 + zi * slope0, e1 = shift1 + zi * slope1;
-        const double l0 = c0 - e0 * e0, l1 = c1 - e1 * e1;
-        const double top = l0 > l1 ? l0 : l1, low = l0 > l1 ? l1 : l0;
-        const double log_p = top + log1p(exp(low - top));
-        const double a = w + w * (log_q - log_p);
-        const double b = a + w, zz1 = zz - 1.0;
-        w_sum += w;
-        a_sum += a;
-        az += a * zi;
-        azz += a * zz;
-        bzz += b * zz;
-        bzzz += b * zi * zz1;
-        bzz1 += b * zz1 * zz1;
-    }
+    double sums[7];
+    node_sums(REVERSE_TERMS, 0, 0.0, n, z, rule, cq, c0, shift0, slope0, c1, shift1, slope1, NULL, sums);
+    const double w_sum = sums[0], a_sum = sums[1], az = sums[2], azz = sums[3], bzz = sums[4];
+    const double bzzz = sums[5], bzz1 = sums[6];
     *loss = a_sum - w_sum;
     g[0] = az / sigma;
     g[1] = azz - a_sum;
@@ -649,104 +750,6 @@ void kl_pair(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *theta,
  * each mean and each switch point (kl_sweep.core.alpha.panel_points), clipped to the support of P
  * and Q stretched to hold those points. */
 
-enum { ALPHA_TERMS = 0, JENSEN_SHANNON_TERMS = 1 };
-enum { COMPACT = 0, TILTED = 1, TAILS = 2 };
-
-#define LOG_2 0.69314718055993530941723212145818
-/* Renyi's value comes from log int q^alpha p^(1 - alpha) where that log is at least this
- * (kl_sweep.core.divergences.RENYI_NEAR). */
-#define RENYI_NEAR LOG_2
-
-/* min(max(x, lo), hi), keeping a NaN as torch.minimum and torch.maximum do. */
-static double clamp(double x, double lo, double hi)
-{
-    x = x < lo ? lo : x;
-    return x > hi ? hi : x;
-}
-
-/* expm1(y) / y, 1 at y = 0 (kl_sweep.core.alpha.relative_expm1). */
-static inline double relative_expm1(double y)
-{
-    return y == 0.0 ? 1.0 : expm1(y) / y;
-}
-
-/* (t0, t1, t2) of D_a at one node (kl_sweep.core.alpha.alpha_fit_terms); high: a > 1/2 (the
- * mirror form of t0). Branch-free, so that the node loop is vectorised. */
-static inline __attribute__((always_inline)) void
-alpha_terms(const int high, double log_p, double log_q, double a, double *t0, double *t1, double *t2)
-{
-    const double delta = log_p - log_q, y = a * delta;
-    const double q = exp(log_q), p = exp(log_p), tilted = exp(log_q + y);
-    const double d1 = fabs(y) < 0.5 ? -q * delta * relative_expm1(y) : (q - tilted) / a;
-    *t1 = d1;
-    *t2 = tilted + d1;
-    if (!high) {
-        *t0 = (p - q + d1) / (1.0 - a);
-    } else {
-        const double c = 1.0 - a, yy = -c * delta;
-        const double mirrored = fabs(yy) < 0.5 ? p * delta * relative_expm1(yy) : (p - tilted) / c;
-        *t0 = (q - p + mirrored) / a;
-    }
-}
-
-/* log(1 + e^x) = -logsigmoid(-x), exact everywhere (kl_sweep.core.mixture.softplus). */
-static inline double softplus(double x)
-{
-    return (x > 0 ? x : 0.0) + log1p(exp(-fabs(x))); /* (a ternary, not fmax: it vectorises) */
-}
-
-/* (t0, t1, t2) of Jensen-Shannon at one node (kl_sweep.core.alpha.jensen_shannon_fit_terms), with
- * u = tanh(delta / 2) = -sign(delta) expm1(-|delta|) / (2 + expm1(-|delta|)) (vector expm1). */
-static inline __attribute__((always_inline)) void
-jensen_shannon_terms(double log_p, double log_q, double *t0, double *t1, double *t2)
-{
-    const double delta = log_p - log_q, q = exp(log_q);
-    const double sp = softplus(delta), sm = softplus(-delta);
-    const double em = expm1(-fabs(delta)), mag = -em / (2.0 + em);
-    const double u = delta < 0 ? -mag : mag, log1pu = LOG_2 - sm, log1mu = LOG_2 - sp;
-    const double s = u * u;
-    const double series = s * (1.0 + s * (1.0 / 6 + s * (1.0 / 15 + s * (1.0 / 28 + s / 45))));
-    const double h = fabs(u) < 0.05 ? series : (1.0 + u) * log1pu + (1.0 - u) * log1mu;
-    const double top = log_p > log_q ? log_p : log_q, low = log_p > log_q ? log_q : log_p;
-    *t0 = 0.25 * exp(top + log1p(exp(low - top))) * h;
-    *t1 = 0.5 * q * (LOG_2 - sp);
-    *t2 = *t1 + 0.5 * q * exp(-sm);
-}
-
-/* The node sums of row_pointwise: sums[] = (sum r t0 [r > 0], sum r t1, .. z, .. z^2, sum r t2 z^2,
- * .. z (z^2 - 1), .. (z^2 - 1)^2), and log p at each node into log_p_at[]. terms and high are
- * constants at each call, so each member gets its own vectorised loop. */
-static inline __attribute__((always_inline)) void
-node_sums(const int terms, const int high, double a, int n, const double *z, const double *rule, double cq,
-          double c0, double shift0, double slope0, double c1, double shift1, double slope1, double *log_p_at,
-          double *sums)
-{
-    double t0_sum = 0, a_sum = 0, az = 0, azz = 0, bzz = 0, bzzz = 0, bzz1 = 0;
-#pragma omp simd reduction(+ : t0_sum, a_sum, az, azz, bzz, bzzz, bzz1)
-    for (int i = 0; i < n; ++i) {
-        const double zi = z[i], zz = zi * zi, w = rule[i];
-        const double log_q = cq - 0.5 * zz;
-        const double e0 = shift0 + zi * slope0, e1 = shift1 + zi * slope1;
-        const double l0 = c0 - e0 * e0, l1 = c1 - e1 * e1;
-        const double top = l0 > l1 ? l0 : l1, low = l0 > l1 ? l1 : l0;
-        const double log_p = top + log1p(exp(low - top));
-        double t0, t1, t2;
-        if (terms == JENSEN_SHANNON_TERMS) jensen_shannon_terms(log_p, log_q, &t0, &t1, &t2);
-        else alpha_terms(high, log_p, log_q, a, &t0, &t1, &t2);
-        const double at = w * t1, bt = w * t2, zz1 = zz - 1.0;
-        t0_sum += w > 0 ? w * t0 : 0.0;
-        a_sum += at;
-        az += at * zi;
-        azz += at * zz;
-        bzz += bt * zz;
-        bzzz += bt * zi * zz1;
-        bzz1 += bt * zz1 * zz1;
-        log_p_at[i] = log_p;
-    }
-    sums[0] = t0_sum, sums[1] = a_sum, sums[2] = az, sums[3] = azz, sums[4] = bzz, sums[5] = bzzz;
-    sums[6] = bzz1;
-}
-
 /* One pointwise member: its terms, order a per row (NULL for Jensen-Shannon), scale, Renyi's alpha
  * per row (NULL: not Renyi), the tails' offsets (kl_sweep.core.alpha.TAIL_OFFSETS, REACH) and its
  * finite region (E.lo NULL: finite everywhere). */
@@ -951,6 +954,13 @@ static inline double alpha_density(double log_p, double log_q, double a)
  * edges, the tilted Gaussians' scale points and the tails. */
 #define POINTWISE_EDGES(n_scale, S, n_off, n_tail) (5 * (n_scale) + (S) * (n_off) + 2 * (n_tail) * (1 + (S)))
 
+/* The rule, P, the member and the scratch size of a pointwise entry point, from its arguments. */
+#define POINTWISE_SETUP                                                                             \
+    const struct rule R = {n_scale, n_off, order, scale_points, off, t, gw, support};               \
+    const struct mixture P = {S, means, variances, log_weights, switch_points, widths};             \
+    const struct member M = POINTWISE_INIT;                                                          \
+    const int max_edges = POINTWISE_EDGES(n_scale, S, n_off, n_tail)
+
 /* pointwise: the member's loss, gradient and (if hessian) Hessian for rows of theta [rows, 2]. */
 void pointwise(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *theta,
                const double *means, const double *variances, const double *log_weights,
@@ -959,10 +969,7 @@ void pointwise(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *theta,
                int order, const double *t, const double *gw, POINTWISE_ARGS,
                int hessian, double *loss, double *grad, double *hess)
 {
-    const struct rule R = {n_scale, n_off, order, scale_points, off, t, gw, support};
-    const struct mixture P = {S, means, variances, log_weights, switch_points, widths};
-    const struct member M = POINTWISE_INIT;
-    const int max_edges = POINTWISE_EDGES(n_scale, S, n_off, n_tail);
+    POINTWISE_SETUP;
 #pragma omp parallel if (rows >= min_rows)
     {
     SCRATCH(row, max_edges, order);
@@ -995,11 +1002,8 @@ void pointwise_fit(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *thet
                    int n_scale, const double *scale_points, int n_off, const double *off, double support,
                    int order, const double *t, const double *gw, POINTWISE_ARGS, FIT_ARGS)
 {
-    const struct rule R = {n_scale, n_off, order, scale_points, off, t, gw, support};
-    const struct mixture P = {S, means, variances, log_weights, switch_points, widths};
-    const struct member M = POINTWISE_INIT;
+    POINTWISE_SETUP;
     const struct fit F = FIT_INIT;
-    const int max_edges = POINTWISE_EDGES(n_scale, S, n_off, n_tail);
 #pragma omp parallel if (rows >= min_rows)
     {
     SCRATCH(row, max_edges, order);
@@ -1021,10 +1025,7 @@ void pointwise_value(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *th
                      int n_scale, const double *scale_points, int n_off, const double *off, double support,
                      int order, const double *t, const double *gw, POINTWISE_ARGS, double *value)
 {
-    const struct rule R = {n_scale, n_off, order, scale_points, off, t, gw, support};
-    const struct mixture P = {S, means, variances, log_weights, switch_points, widths};
-    const struct member M = POINTWISE_INIT;
-    const int max_edges = POINTWISE_EDGES(n_scale, S, n_off, n_tail);
+    POINTWISE_SETUP;
 #pragma omp parallel if (rows >= min_rows)
     {
     SCRATCH(row, max_edges, order);
