@@ -243,16 +243,34 @@ jensen_shannon_terms(double log_p, double log_q, double *t0, double *t1, double 
     *t2 = *t1 + 0.5 * q * exp(-sm);
 }
 
+/* A row in Q's standard units z = (x - m) / sigma: log q = cq - z^2 / 2, and the weighted
+ * components log w_k N(x; m_k, v_k) = c_k - e_k^2 with e_k = shift_k + slope_k z. */
+struct standard {
+    double cq, c0, shift0, slope0, c1, shift1, slope1;
+};
+
+static struct standard standardise(const struct mixture *P, ptrdiff_t r, double m, double s, double sigma)
+{
+    const double *mk = P->means + 2 * r, *vk = P->variances + 2 * r, *lw = P->log_weights + 2 * r;
+    double c0, k0, c1, k1;
+    component(lw[0], vk[0], &c0, &k0);
+    component(lw[1], vk[1], &c1, &k1);
+    const struct standard u = {-0.5 * LOG_2PI - s, c0, (m - mk[0]) * k0, sigma * k0, c1, (m - mk[1]) * k1,
+                               sigma * k1};
+    return u;
+}
+
 /* The node sums of a row's derivatives, one loop for every integrand: sums[] = (sum r t0 [r > 0],
  * sum r t1, .. z, .. z^2, sum r t2 z^2, .. z (z^2 - 1), .. (z^2 - 1)^2), and log p at each node
  * into log_p_at[] (unless NULL); for the reverse KL, with w = r q, (sum w, sum w (phi + 1), ..,
  * sum w (phi + 2) z^2, ..) as row_reverse_kl's formulas take them. terms and high are constants at
  * each call, so each integrand gets its own vectorised loop. */
 static inline __attribute__((always_inline)) void
-node_sums(const int terms, const int high, double a, int n, const double *z, const double *rule, double cq,
-          double c0, double shift0, double slope0, double c1, double shift1, double slope1, double *log_p_at,
-          double *sums)
+node_sums(const int terms, const int high, double a, int n, const double *z, const double *rule,
+          const struct standard *u, double *log_p_at, double *sums)
 {
+    const double cq = u->cq, c0 = u->c0, shift0 = u->shift0, slope0 = u->slope0;
+    const double c1 = u->c1, shift1 = u->shift1, slope1 = u->slope1;
     double t0_sum = 0, a_sum = 0, az = 0, azz = 0, bzz = 0, bzzz = 0, bzz1 = 0;
 #pragma omp simd reduction(+ : t0_sum, a_sum, az, azz, bzz, bzzz, bzz1)
     for (int i = 0; i < n; ++i) {
@@ -310,16 +328,9 @@ row_reverse_kl(const struct rule *R, const struct mixture *P, ptrdiff_t r, doubl
     }
     sort_edges(edges, ne);
     const int n = panels(edges, ne, R->order, R->t, R->gw, sigma, z, rule);
-    /* log w_k N(x; m_k, v_k) = c_k - e_k^2 with e_k = shift_k + slope_k z. */
-    const double *mk = P->means + 2 * r, *vk = P->variances + 2 * r, *lw = P->log_weights + 2 * r;
-    double c0, k0, c1, k1;
-    component(lw[0], vk[0], &c0, &k0);
-    component(lw[1], vk[1], &c1, &k1);
-    const double shift0 = (m - mk[0]) * k0, slope0 = sigma * k0;
-    const double shift1 = (m - mk[1]) * k1, slope1 = sigma * k1;
-    const double cq = -0.5 * LOG_2PI - s;
+    const struct standard u = standardise(P, r, m, s, sigma);
     double sums[7];
-    node_sums(REVERSE_TERMS, 0, 0.0, n, z, rule, cq, c0, shift0, slope0, c1, shift1, slope1, NULL, sums);
+    node_sums(REVERSE_TERMS, 0, 0.0, n, z, rule, &u, NULL, sums);
     const double w_sum = sums[0], a_sum = sums[1], az = sums[2], azz = sums[3], bzz = sums[4];
     const double bzzz = sums[5], bzz1 = sums[6];
     *loss = a_sum - w_sum;
@@ -851,21 +862,13 @@ row_pointwise(const struct rule *R, const struct mixture *P, const struct member
               double *g, double *h)
 {
     const double sigma = exp(s), a = M->a != NULL ? M->a[r] : 0.0;
-    const double *mk = P->means + 2 * r, *vk = P->variances + 2 * r, *lw = P->log_weights + 2 * r;
     const int n = pointwise_panels(R, P, M, r, m, s, edges, z, rule);
-    double c0, k0, c1, k1;
-    component(lw[0], vk[0], &c0, &k0);
-    component(lw[1], vk[1], &c1, &k1);
-    const double shift0 = (m - mk[0]) * k0, slope0 = sigma * k0;
-    const double shift1 = (m - mk[1]) * k1, slope1 = sigma * k1;
-    const double cq = -0.5 * LOG_2PI - s;
+    const struct standard u = standardise(P, r, m, s, sigma);
+    const double cq = u.cq;
     double sums[7];
-    if (M->terms == JENSEN_SHANNON_TERMS)
-        node_sums(JENSEN_SHANNON_TERMS, 0, a, n, z, rule, cq, c0, shift0, slope0, c1, shift1, slope1, aux, sums);
-    else if (a <= 0.5)
-        node_sums(ALPHA_TERMS, 0, a, n, z, rule, cq, c0, shift0, slope0, c1, shift1, slope1, aux, sums);
-    else
-        node_sums(ALPHA_TERMS, 1, a, n, z, rule, cq, c0, shift0, slope0, c1, shift1, slope1, aux, sums);
+    if (M->terms == JENSEN_SHANNON_TERMS) node_sums(JENSEN_SHANNON_TERMS, 0, a, n, z, rule, &u, aux, sums);
+    else if (a <= 0.5) node_sums(ALPHA_TERMS, 0, a, n, z, rule, &u, aux, sums);
+    else node_sums(ALPHA_TERMS, 1, a, n, z, rule, &u, aux, sums);
     const double t0_sum = sums[0], a_sum = sums[1], az = sums[2], azz = sums[3], bzz = sums[4];
     const double bzzz = sums[5], bzz1 = sums[6];
     const int renyi = M->alpha != NULL;
@@ -1034,20 +1037,15 @@ void pointwise_value(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *th
         const double m = theta[2 * r], s = theta[2 * r + 1], sigma = exp(s);
         const double a = M.a != NULL ? M.a[r] : 0.0;
         const int n = pointwise_panels(&R, &P, &M, r, m, s, row_edges, row_nodes, row_rule);
-        const double *mk = means + 2 * r, *vk = variances + 2 * r, *lw = log_weights + 2 * r;
-        double c0, k0, c1, k1;
-        component(lw[0], vk[0], &c0, &k0);
-        component(lw[1], vk[1], &c1, &k1);
-        const double shift0 = (m - mk[0]) * k0, slope0 = sigma * k0;
-        const double shift1 = (m - mk[1]) * k1, slope1 = sigma * k1;
-        const double cq = -0.5 * LOG_2PI - s, tilt = 1.0 - (1.0 - a); /* (as torch forms it) */
+        const struct standard u = standardise(&P, r, m, s, sigma);
+        const double cq = u.cq, tilt = 1.0 - (1.0 - a); /* (as torch forms it) */
         const int renyi = M.alpha != NULL;
         double d = 0, top = -INFINITY;
         for (int i = 0; i < n; ++i) {
             const double zi = row_nodes[i], w = row_rule[i];
             const double log_q = cq - 0.5 * zi * zi;
-            const double e0 = shift0 + zi * slope0, e1 = shift1 + zi * slope1;
-            const double l0 = c0 - e0 * e0, l1 = c1 - e1 * e1;
+            const double e0 = u.shift0 + zi * u.slope0, e1 = u.shift1 + zi * u.slope1;
+            const double l0 = u.c0 - e0 * e0, l1 = u.c1 - e1 * e1;
             const double hi = l0 > l1 ? l0 : l1, lo = l0 > l1 ? l1 : l0;
             const double log_p = hi + log1p(exp(lo - hi));
             double density, t1, t2;
