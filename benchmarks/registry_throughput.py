@@ -8,7 +8,8 @@
 2. cli: the same grid through ``python -m kl_sweep -m``, each member in a fresh process; the figure
    is the sweep's own "fitted N configurations in T s" (the fit phase), against the reverse KL's.
    Target: every member at no less than 1/3 of the reverse KL's configurations per second.
-3. preset: ``experiment=alpha`` (6,138 configurations), its fit phase. Target: at most 5 s.
+3. preset: ``experiment=alpha`` (6,138 configurations), its fit phase, against the reverse KL on
+   as many configurations. Targets: at most 5 s, and at least 1/3 of the reverse KL's rate.
 4. shared: the reverse KL and alpha = 0.5 on the grid, and the preset, alone and with one core kept
    busy by another process (a spinning Python), at the default thread count and with
    ``OMP_NUM_THREADS=1``. Target: at most 2.5x the time alone.
@@ -43,6 +44,13 @@ MEMBERS = [("reverse", None)]
 MEMBERS += [("alpha", a) for a in (-3.0, -1.0, -0.5, 0.25, 0.5, 0.75, 1.5, 2.0, 4.0)]
 MEMBERS += [("hellinger", None), ("chi2", None), ("renyi", 0.25), ("renyi", 0.5), ("renyi", 2.0)]
 MEMBERS += [("jensen_shannon", None), ("forward", None)]
+#: The reverse KL on as many configurations as the alpha preset (33 x 3 x 62 = 6,138).
+PRESET_SIZED_REVERSE = [
+    "separation=range(0,8.1,0.25)",
+    "weight=0.5,0.75,0.9",
+    "init_mu=range(-3.05,3.15,0.1)",
+    "divergence=reverse",
+]
 FITTED = re.compile(r"fitted (\d+) configurations in ([0-9.]+) s")
 
 
@@ -110,7 +118,9 @@ def cli() -> None:
         print(f"   {label(name, alpha):16s} {seconds:6.2f} s  {1632 / seconds:7,.0f}/s  "
               f"{base / seconds:5.2f}x reverse  {verdict}", flush=True)  # fmt: skip
     seconds = cli_fit_seconds(["experiment=alpha"])
-    print(f"3. preset: experiment=alpha, 6,138 configurations, fit phase {seconds:.2f} s (target <= 5 s)")
+    reverse = cli_fit_seconds(PRESET_SIZED_REVERSE)
+    print(f"3. preset: experiment=alpha, 6,138 configurations, fit phase {seconds:.2f} s (target <= 5 s);")
+    print(f"   the reverse KL on as many {reverse:.2f} s: the preset at {reverse / seconds:.2f}x reverse")
 
 
 def shared() -> None:

@@ -174,6 +174,29 @@ def test_adam_restarts_down_the_steep_wall_of_a_above_one(fused_fit):
 
 
 @pytest.mark.parametrize("fused_fit", [True, False])
+@pytest.mark.parametrize("init_mu", [2.0, 3.0])
+def test_a_row_landing_on_the_edge_unheld_keeps_its_moments(fused_fit, init_mu):
+    # Alpha -3, separation 4.25, weight 0.9: the row stepped onto the edge where d/d log sigma > 0
+    # (not held), Adam restarted there, and its first step (lr in each coordinate) took it off the
+    # edge and two steps later back onto the same point, until max_steps (init_mu 2; init_mu 3 too
+    # once a < 0 restarts down the wall). The edge optimum, mu 1.8013, sigma^2 4/3, in < 100 steps.
+    res = one_row("alpha", -3.0, 4.25, 0.9, init_mu, fused_fit)
+    assert res.status.item() == Status.CONVERGED and res.on_boundary.item()
+    assert abs(res.mu.item() - 1.8013043) < 1e-6 and res.steps.item() < 100
+
+
+@pytest.mark.parametrize("fused_fit", [True, False])
+@pytest.mark.parametrize("init_mu", [3.0, 4.0])
+def test_a_row_is_not_handed_over_twice_from_one_point(fused_fit, init_mu):
+    # Alpha -0.5, separation 4.75, weight 0.75: the polish went from the handover point to the edge,
+    # was taken back, halved and sent back to first-order steps at that very point, on a check
+    # iteration: handed over again, the same steps, until max_steps.
+    res = one_row("alpha", -0.5, 4.75, 0.75, init_mu, fused_fit)
+    assert res.status.item() == Status.CONVERGED and res.steps.item() < 200
+    assert_stationary_by_the_reference("alpha", -0.5, 4.75, 0.75, res.mu.item(), res.sigma2.item())
+
+
+@pytest.mark.parametrize("fused_fit", [True, False])
 def test_a_newton_polish_that_cycles_goes_back_to_first_order_steps(fused_fit):
     # Jensen-Shannon, two modes 3.5 apart: full Newton steps from the handover point cycled without
     # ever lowering the gradient, until max_steps (reported as max_steps, |grad| 0.06).

@@ -17,7 +17,15 @@ from torch import Tensor
 from kl_sweep.core.general import GeneralObjective
 from kl_sweep.core.mixture import gaussian_sigma2
 from kl_sweep.core.objective import Objective
-from kl_sweep.core.polish import _keep_finite, _newton, _newton_step, _projected_norm, _pushed_to_edge
+from kl_sweep.core.polish import (
+    _forget,
+    _keep_finite,
+    _newton,
+    _newton_step,
+    _projected_norm,
+    _pushed_to_edge,
+    _settle,
+)
 from kl_sweep.core.problem import Problem, Result, Settings, Status, healthy, status_codes
 from kl_sweep.core.reduction import REDUCIBLE, ReducedObjective, SharedPair
 
@@ -93,6 +101,8 @@ def _start(problem: Problem, settings: Settings, out: _Outputs, first_row: int) 
             **settings.optimizer.init_state(theta0),
             "damp": torch.ones(B, dtype=theta0.dtype),
             "restart": torch.full((B,), torch.inf, dtype=theta0.dtype),
+            "landed": torch.zeros(B, dtype=torch.bool),
+            "handed": torch.full_like(theta0, float("nan")),
         },
         best=torch.full((B,), float("inf"), dtype=theta0.dtype),
         kept={"theta": theta0.clone(), "loss": nan, "grad": nan.clone(), "steps": steps.clone()},
@@ -136,6 +146,7 @@ def _first_order_step(
         return group, None
     loss, grad, hess = group.objective.derivatives(group.theta, hessian=check)
     on_edge = _pushed_to_edge(group, grad)
+    _settle(group, on_edge)
     gnorm = _projected_norm(grad, on_edge)
     finite = healthy(loss, grad, group.theta, group.objective.parameter_bounds(grad.dtype))
     group.keep_if(finite, loss, gnorm)
@@ -150,7 +161,13 @@ def _first_order_step(
     if hess is not None:
         _, decrement, pd = _newton(grad, hess, on_edge)
         handover = finite & ~leaving & pd & (decrement <= settings.handover)
+        # Not twice from the same point: a row the polish sent back to where it was handed over
+        # would be handed over again, take the same steps and come back, for ever; it takes a
+        # first-order step from there instead.
+        handed = group.state["handed"]
+        handover = handover & ~(group.theta == handed).all(-1)
         if handover.any():
+            group.state["handed"] = torch.where(handover.unsqueeze(-1), group.theta, handed)
             to_newton = group.subset(handover)
             to_newton.best = torch.full_like(to_newton.best, float("inf"))
             leaving = leaving | handover
@@ -160,17 +177,21 @@ def _first_order_step(
         )
         out.finish(group, codes)
         group, grad, loss = group.subset(~leaving), grad[~leaving], loss[~leaving]
-    grad = _damped(group, grad, loss)
-    group.theta = _keep_finite(group, settings.optimizer.step(group.theta, grad, group.lr, group.state))
+        on_edge = None if on_edge is None else on_edge[~leaving]
+    grad = _damped(group, grad, loss, on_edge)
+    group.theta = _keep_finite(
+        group, settings.optimizer.step(group.theta, grad, group.lr, group.state), first_order=True
+    )
     group.steps = group.steps + 1
     return group, to_newton
 
 
-#: A row with a > 1 restarts its first-order state each time 1 + D has fallen this many times.
+#: A row with a outside [0, 1] restarts its first-order state each time 1 + D has fallen this
+#: many times (a < 0: unless it is held on the edge).
 RESTART_DROP = 10.0
 
 
-def _damped(group: _Rows, grad: Tensor, loss: Tensor) -> Tensor:
+def _damped(group: _Rows, grad: Tensor, loss: Tensor, on_edge: Tensor | None = None) -> Tensor:
     r"""The gradient the first-order update is fed: that of :math:`\log(1 + D)` for a outside [0, 1].
 
     There D grows like an exponential towards the edge of its finite region (3e7 nats at a = 2,
@@ -181,24 +202,24 @@ def _damped(group: _Rows, grad: Tensor, loss: Tensor) -> Tensor:
     For a > 1 even that gradient falls a hundredfold from a start on the wall to the basin (D from
     1e7 to 1 at a = 2), and Adam's memory of it made the fits three to six times longer: such a row
     restarts Adam (its moments and step count) each time 1 + D has fallen :data:`RESTART_DROP`-fold
-    since its last start. The steps change, not the stationary points: on the test grids every
-    row ends in the same minimum as without the restarts (``benchmarks/registry_throughput.py``).
+    since its last start. So does a row with a < 0 (alpha -3's fits: 120 steps on average without,
+    45 with), except while it is held on the edge (``on_edge``), where it solves a problem in mu
+    alone and its moments already started afresh (:func:`~kl_sweep.core.polish._settle`). The
+    steps change, not the stationary points: on the test grids every row ends in the same minimum
+    as without the restarts (``benchmarks/registry_throughput.py``).
     """
     objective = group.objective
     if objective.divergence.alpha_of is None or not len(group):
         return grad
     a = objective.divergence.orders(objective.alpha, len(group), grad.dtype)
     fed = 1.0 + loss.clamp_min(0.0)
+    steep = (a < 0.0) | (a > 1.0)
     restart = group.state.get("restart")
     if restart is not None:
-        drop = (a > 1.0) & (fed * RESTART_DROP <= restart)
+        drop = (steep if on_edge is None else steep & ~on_edge) & (fed * RESTART_DROP <= restart)
         if drop.any():
-            again = drop & (restart < torch.inf)
-            for key, value in group.state.items():
-                if key not in ("damp", "restart"):
-                    value[again] = 0
+            _forget(group, drop & (restart < torch.inf))
             group.state["restart"] = torch.where(drop, fed, restart)
-    steep = (a < 0.0) | (a > 1.0)
     return torch.where(steep.unsqueeze(-1), grad / fed.unsqueeze(-1), grad)
 
 

@@ -30,6 +30,7 @@ def _newton_step(group: _Rows, settings: Settings, out: _Outputs) -> tuple[_Rows
         return group, None
     loss, grad, hess = group.objective.derivatives(group.theta, hessian=True)
     on_edge = _pushed_to_edge(group, grad)
+    _settle(group, on_edge)
     gnorm = _projected_norm(grad, on_edge)
     step, _, pd = _newton(grad, hess, on_edge)
     finite = healthy(loss, grad, group.theta, group.objective.parameter_bounds(grad.dtype))
@@ -87,6 +88,40 @@ def _pushed_to_edge(group: _Rows, grad: Tensor) -> Tensor | None:
     return (group.theta[:, 1] == hi) & closed & (grad[:, 1] < 0)
 
 
+#: Entries of a row's state that belong to the loop, not to the first-order optimizer: a restart
+#: of the optimizer (:func:`_forget`) leaves them be.
+LOOP_STATE = ("damp", "restart", "landed", "handed")
+
+
+def _forget(group: _Rows, rows: Tensor) -> None:
+    """Restart the first-order optimizer (its moments and step count) on ``rows`` [b] (boolean)."""
+    for key, value in group.state.items():
+        if key not in LOOP_STATE:
+            value[rows] = 0
+
+
+def _settle(group: _Rows, on_edge: Tensor | None) -> None:
+    """Restart the first-order state of rows held on the edge they have just arrived at.
+
+    A row whose first-order step takes it onto the edge (``_keep_finite`` marks it as landed) and
+    is held there solves a problem in mu alone from then on: its moments, which remember the steep
+    way in, are dropped.
+    That is decided where the gradient at the edge is known, not on landing: a row whose gradient
+    there points back inside is not held, and its moments are what carry it along the edge and
+    keep it from leaving; dropped, its next step would be a full ``lr`` in each coordinate (Adam's
+    first), off the edge and back onto the same point, a cycle without end. A landed row that is
+    no longer on the edge forgets that it landed.
+    """
+    landed = group.state.get("landed")
+    if on_edge is None or landed is None or not landed.any():
+        return
+    held = landed & on_edge
+    if held.any():
+        _forget(group, held)
+    _, hi, _ = group.objective.bounds(group.theta[:, 0])
+    group.state["landed"] = landed & ~on_edge & (group.theta[:, 1] == hi)
+
+
 def _projected_norm(grad: Tensor, on_edge: Tensor | None) -> Tensor:
     """|grad|, or |d/d mu| alone on rows held by the edge."""
     norm = torch.linalg.vector_norm(grad, dim=-1)  # what grad.norm(dim=-1) calls, without its wrapper
@@ -111,12 +146,13 @@ def _newton(grad: Tensor, hess: Tensor, on_edge: Tensor | None) -> tuple[Tensor,
 MAX_HALVINGS = 60
 
 
-def _keep_finite(group: _Rows, theta: Tensor) -> Tensor:
+def _keep_finite(group: _Rows, theta: Tensor, first_order: bool = False) -> Tensor:
     """The proposed ``theta``, kept where the divergence is finite: never a step outside.
 
-    Past a closed edge (a < 0, mu between the widest modes) log sigma is set on the edge; towards
-    an open one (a > 1) it goes halfway to it; a step that still lands where the divergence is
-    infinite is halved until it does not.
+    Past a closed edge (a < 0, mu between the widest modes) log sigma is set on the edge, and the
+    row's first-order state restarts (``first_order``: once it is held there, see
+    :func:`_settle`); towards an open one (a > 1) it goes halfway to it; a step that still lands
+    where the divergence is infinite is halved until it does not.
     """
     objective = group.objective
     if objective.divergence.alpha_of is None or not len(group):
@@ -128,11 +164,15 @@ def _keep_finite(group: _Rows, theta: Tensor) -> Tensor:
     log_sigma = torch.where(theta[:, 1] <= lo, 0.5 * (old[:, 1] + lo), theta[:, 1])
     landing = (log_sigma >= hi) & (old[:, 1] < hi)
     if landing.any():
-        # A row that reaches the edge now solves a problem in mu alone: its first-order state
-        # (Adam's moments, remembering the steep way in) starts afresh.
-        for key, value in group.state.items():
-            if key not in ("damp", "restart"):
-                value[landing] = 0
+        # A row that reaches the edge may now solve a problem in mu alone, and its first-order
+        # state (Adam's moments, remembering the steep way in) starts afresh: in the polish at once,
+        # in the first-order phase once it is held there (_settle).
+        if first_order and "landed" in group.state:
+            group.state["landed"] = group.state["landed"] | landing
+        else:
+            _forget(group, landing)
+            if "landed" in group.state:
+                group.state["landed"] = group.state["landed"] & ~landing
     theta = torch.stack([theta[:, 0], torch.minimum(log_sigma, hi)], -1)
     for _ in range(MAX_HALVINGS):  # over halvings, not over rows
         bad = ~objective.divergence.finite(objective.mixture, theta[:, 0], theta[:, 1], objective.alpha)

@@ -422,8 +422,8 @@ enum { CONVERGED = 1, MAX_STEPS = 2, DIVERGED = 3, INFINITE = 4 };
 /* Where a fit counts as diverged (kl_sweep.core.fit.MAX_ABS_MU, MAX_ABS_LOG_SIGMA). */
 #define MAX_ABS_MU 1e100
 #define MAX_ABS_LOG_SIGMA 100.0
-/* A row with a > 1 restarts Adam each time 1 + D has fallen this many times since the last start
- * (kl_sweep.core.loop.RESTART_DROP). */
+/* A row with a outside [0, 1] restarts Adam each time 1 + D has fallen this many times since the last
+ * start, a < 0 unless it is held on the edge (kl_sweep.core.loop.RESTART_DROP). */
 #define RESTART_DROP 10.0
 /* Halvings of a step that would leave the finite region (kl_sweep.core.polish.MAX_HALVINGS). */
 #define MAX_HALVINGS 60
@@ -436,8 +436,9 @@ typedef void (*derivatives_fn)(const void *ctx, ptrdiff_t r, double m, double s,
  * (kl_sweep.core.alpha.log_sigma_bounds, edge_is_finite: passed in, so that a row held on the edge
  * sits on the very double the table's on_boundary test compares with): finite for lo < s < hi, and
  * on s == hi where left < mu < right (a < 0, mu between the widest components; else left = +inf).
- * steep: 1 for a < 0, where Adam is fed the gradient of log(1 + D), 2 for a > 1, where moreover it
- * restarts each time 1 + D has fallen RESTART_DROP-fold (kl_sweep.core.loop._damped); else 0. */
+ * steep: 1 for a < 0, 2 for a > 1, where Adam is fed the gradient of log(1 + D) and restarts each
+ * time 1 + D has fallen RESTART_DROP-fold, a < 0 unless held on the edge (kl_sweep.core.loop._damped);
+ * else 0. */
 struct region {
     const double *lo, *hi, *left, *right;
     const unsigned char *steep;
@@ -454,25 +455,23 @@ static int finite_at(const struct region *E, ptrdiff_t r, double m, double s)
 }
 
 /* kl_sweep.core.polish._keep_finite: the proposed x, kept where the divergence is finite. Past a
- * closed edge log sigma is set on it, towards an open lower bound it goes halfway there; a row
- * landing on the edge restarts Adam (its moments remember the steep way in); a step that still
- * lands where the divergence is infinite is halved until it does not (else the row stays). */
-static void keep_finite(const struct region *E, ptrdiff_t r, const double old[2], double x[2], double m1[2],
-                        double m2[2], double *adam_t)
+ * closed edge log sigma is set on it, towards an open lower bound it goes halfway there; a step that
+ * still lands where the divergence is infinite is halved until it does not (else the row stays).
+ * Returns whether the step landed on the edge from below (fit_row then restarts Adam: at once in
+ * the polish, in the first-order phase once the row is held there, kl_sweep.core.polish._settle). */
+static int keep_finite(const struct region *E, ptrdiff_t r, const double old[2], double x[2])
 {
     const double lo = E->lo[r], hi = E->hi[r];
     const double s = x[1] <= lo ? 0.5 * (old[1] + lo) : x[1];
-    if (s >= hi && old[1] < hi) {
-        m1[0] = m1[1] = m2[0] = m2[1] = 0;
-        *adam_t = 0;
-    }
+    const int landing = s >= hi && old[1] < hi;
     x[1] = s > hi ? hi : s; /* (a NaN stays NaN, as torch.minimum keeps it) */
     for (int k = 0; k < MAX_HALVINGS; ++k) {
-        if (finite_at(E, r, x[0], x[1]) || !(isfinite(x[0]) && isfinite(x[1]))) return;
+        if (finite_at(E, r, x[0], x[1]) || !(isfinite(x[0]) && isfinite(x[1]))) return landing;
         x[0] = old[0] + 0.5 * (x[0] - old[0]);
         x[1] = old[1] + 0.5 * (x[1] - old[1]);
     }
     x[0] = old[0], x[1] = old[1];
+    return landing;
 }
 
 /* The fit's per-row budget and shared settings (kl_sweep.core.fit.Problem, Settings, Adam). */
@@ -494,8 +493,8 @@ struct fit {
  * this point as the one it reports; it leaves as diverged (not finite, or its nodes do not see P:
  * it reports its last finite point), converged (|grad| <= tol) or out of budget (steps >=
  * max_steps). Otherwise, on a check iteration with a positive definite Hessian and a Newton
- * decrement <= handover, it goes to the polish (without a step this iteration); else it takes an
- * Adam step.
+ * decrement <= handover, it goes to the polish (without a step this iteration), unless the polish
+ * sent it back to the very point it was last handed over at; else it takes an Adam step.
  *
  * Polish, each iteration: a point with a smaller |grad| than the best so far is kept; the row
  * stops once its best |grad| is <= tol and the latest point was no better (converged), or at
@@ -513,17 +512,26 @@ static void fit_row(derivatives_fn derivatives, const void *ctx, const struct fi
 {
     double x[2] = {theta0[2 * r], theta0[2 * r + 1]};
     double m1[2] = {0, 0}, m2[2] = {0, 0}, adam_t = 0, best = INFINITY, damp = 1.0, restart = INFINITY;
-    double kept[2] = {x[0], x[1]}, kept_loss = NAN, kept_gnorm = NAN;
+    double kept[2] = {x[0], x[1]}, kept_loss = NAN, kept_gnorm = NAN, handed[2] = {NAN, NAN};
     long step = 0, kept_step = 0, code = 0;
     const int trusted = F->trusted == NULL || F->trusted[r];
     const int steep = E != NULL ? E->steep[r] : 0;
-    int newton_phase = 0;
+    int newton_phase = 0, landed = 0;
     if (E != NULL && !finite_at(E, r, x[0], x[1])) code = INFINITE, kept_loss = INFINITY;
     for (long it = 0; !code; ++it) {
         const int check = newton_phase || (F->polish && it % F->check_every == 0);
         double f, g[2], h[4];
         derivatives(ctx, r, x[0], x[1], check, &f, g, h);
         const int edge = E != NULL && x[1] == E->hi[r] && on_closed_edge(E, r, x[0]) && g[1] < 0;
+        /* Held on the edge it stepped onto, a row solves a problem in mu alone: Adam starts afresh
+         * (its moments remember the steep way in). Not on landing: a row not held there keeps
+         * them, else Adam's first step (lr in each coordinate) can take it off the edge and back
+         * onto the same point for ever (kl_sweep.core.polish._settle). */
+        if (landed && x[1] != E->hi[r]) landed = 0;
+        else if (landed && edge) {
+            m1[0] = m1[1] = m2[0] = m2[1] = 0, adam_t = 0;
+            landed = 0;
+        }
         const double norm = edge ? fabs(g[0]) : sqrt(g[0] * g[0] + g[1] * g[1]);
         const int finite = isfinite(f) && isfinite(g[0]) && isfinite(g[1]) && fabs(x[0]) < MAX_ABS_MU
                            && fabs(x[1]) < MAX_ABS_LOG_SIGMA;
@@ -552,12 +560,14 @@ static void fit_row(derivatives_fn derivatives, const void *ctx, const struct fi
             if (!finite || !trusted) code = DIVERGED;
             else if (norm <= F->tol[r]) code = CONVERGED;
             else if (step >= F->max_steps[r]) code = MAX_STEPS;
-            else if (check && pd && decrement <= F->handover) {
+            /* (not twice from one point: sent back there, it would come back for ever) */
+            else if (check && pd && decrement <= F->handover && (x[0] != handed[0] || x[1] != handed[1])) {
                 newton_phase = 1;
                 best = INFINITY;
+                handed[0] = x[0], handed[1] = x[1];
             } else {
                 const double fed = steep ? 1.0 + (f > 0 ? f : 0.0) : 1.0;
-                if (steep == 2 && fed * RESTART_DROP <= restart) { /* a decade down the wall (a > 1) */
+                if (steep && !edge && fed * RESTART_DROP <= restart) { /* a decade down the wall */
                     if (restart < INFINITY) m1[0] = m1[1] = m2[0] = m2[1] = 0, adam_t = 0;
                     restart = fed;
                 }
@@ -569,7 +579,7 @@ static void fit_row(derivatives_fn derivatives, const void *ctx, const struct fi
                     m2[i] = m2[i] * F->beta2 + (1 - F->beta2) * gi * gi;
                     x[i] = x[i] - F->lr[r] * (m1[i] / c1) / (sqrt(m2[i] / c2) + F->eps);
                 }
-                if (E != NULL) keep_finite(E, r, old, x, m1, m2, &adam_t);
+                if (E != NULL && keep_finite(E, r, old, x)) landed = 1;
                 ++step;
             }
             continue;
@@ -598,7 +608,10 @@ static void fit_row(derivatives_fn derivatives, const void *ctx, const struct fi
                 x[0] = x[0] + d[0] / cap;
                 x[1] = x[1] + d[1] / cap;
             }
-            if (E != NULL) keep_finite(E, r, old, x, m1, m2, &adam_t);
+            if (E != NULL && keep_finite(E, r, old, x)) { /* in the polish, Adam restarts at once */
+                m1[0] = m1[1] = m2[0] = m2[1] = 0, adam_t = 0;
+                landed = 0;
+            }
             ++step;
         }
     }
