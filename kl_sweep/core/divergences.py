@@ -418,9 +418,8 @@ def _log_densities(
     return mixture.log_prob_standard(u, origin, torch.ones_like(origin)), log_q
 
 
-def native_terms() -> dict[str, int]:
-    """:attr:`Divergence.native` of the pointwise members, with their terms in the kernel."""
-    return {"alpha_terms": native.ALPHA_TERMS, "jensen_shannon_terms": native.JENSEN_SHANNON_TERMS}
+#: :attr:`Divergence.native` of the pointwise members, with their terms in the kernel.
+NATIVE_TERMS = {"alpha_terms": native.ALPHA_TERMS, "jensen_shannon_terms": native.JENSEN_SHANNON_TERMS}
 
 
 def native_rule(estimator: Estimator) -> native.Rule:
@@ -440,7 +439,7 @@ def native_member(divergence: Divergence, mixture: Mixture, alpha: Tensor | None
         region = (lo, hi, *family.closed_edge(mixture, a))
         steep = torch.where(a > 1.0, 2, (a < 0.0).to(torch.long))
     tail = torch.as_tensor(family.TAIL_OFFSETS, dtype=torch.float64)
-    terms = native_terms()[divergence.native]
+    terms = NATIVE_TERMS[divergence.native]
     return native.Member(terms, a, renyi, divergence.scale, tail, family.REACH, region, steep)
 
 

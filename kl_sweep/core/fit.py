@@ -26,7 +26,7 @@ from dataclasses import fields, replace
 import torch
 
 from kl_sweep.core import native
-from kl_sweep.core.divergences import native_member, native_rule, native_terms
+from kl_sweep.core.divergences import NATIVE_TERMS, native_member, native_rule
 from kl_sweep.core.estimators import Quadrature
 from kl_sweep.core.loop import _stepwise
 from kl_sweep.core.mixture import gaussian_sigma2
@@ -157,7 +157,7 @@ def fused(settings: Settings) -> bool:
     minimum.
     """
     div, est = settings.divergence, settings.estimator
-    on_rule = type(est) is Quadrature and (div.native == "reverse_kl" or div.native in native_terms())
+    on_rule = type(est) is Quadrature and (div.native == "reverse_kl" or div.native in NATIVE_TERMS)
     return (
         settings.fused
         and type(settings.optimizer) is Adam
@@ -182,7 +182,7 @@ def _fused_fit(problem: Problem, settings: Settings) -> Result:
     div, on_boundary = settings.divergence, None
     if div.native == "reverse_kl":
         out = native.reverse_fit(theta0, problem.mixture, native_rule(settings.estimator), options)
-    elif div.native in native_terms():
+    elif div.native in NATIVE_TERMS:
         member = native_member(div, problem.mixture, problem.alpha, theta0.shape[0])
         out = native.pointwise_fit(theta0, problem.mixture, native_rule(settings.estimator), member, options)
         if member.region is not None:  # held on the closed edge of the finite region (a < 0)

@@ -17,12 +17,12 @@ from torch import Tensor
 from kl_sweep.core import alpha as family
 from kl_sweep.core import native
 from kl_sweep.core.divergences import (
+    NATIVE_TERMS,
     RENYI_NEAR,
     Divergence,
     divergence_value,
     native_member,
     native_rule,
-    native_terms,
 )
 from kl_sweep.core.estimators import (
     SCALE_OFFSETS,
@@ -273,7 +273,7 @@ class Objective:
     def _native_pointwise(self) -> bool:
         """True when the pointwise kernel computes these derivatives (:func:`native.pointwise`)."""
         return (
-            self.divergence.native in native_terms()
+            self.divergence.native in NATIVE_TERMS
             and type(self.estimator) is Quadrature
             and self.mixture.means.shape[-1] == 2
             and native.available()
