@@ -34,43 +34,9 @@ from kl_sweep.core.divergences import get_divergence
 from kl_sweep.core.gaussians import MixtureND
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from test_cubature import scipy_divergences  # noqa: E402  (the reference the tests check against)
+from test_cubature import MEMBERS_2D, TARGETS_2D, scipy_divergences  # noqa: E402  (the tests' own)
 
-MEMBERS = [
-    ("forward", None),
-    ("reverse", None),
-    ("alpha", 0.5),
-    ("alpha", 2.0),
-    ("alpha", -0.5),
-    ("renyi", 0.5),
-    ("hellinger", None),
-    ("chi2", None),
-    ("jensen_shannon", None),
-]
-
-TARGETS_2D = {
-    "separated": (
-        [0.4, 0.6],
-        [[-4.0, 0.0], [4.0, 1.0]],
-        [[[1.0, 0.3], [0.3, 0.5]], [[0.6, -0.2], [-0.2, 1.2]]],
-        [0.0, 0.5],
-        [[1.5, 0.2], [0.2, 1.1]],
-    ),
-    "overlapping": (
-        [0.5, 0.3, 0.2],
-        [[-2.0, 0.0], [2.0, 1.0], [1.0, -2.5]],
-        [[[1.5, 0.9], [0.9, 1.5]], [[0.3, 0.0], [0.0, 0.3]], [[1.2, -0.2], [-0.2, 0.25]]],
-        [0.2, -0.3],
-        [[1.6, 0.3], [0.3, 1.3]],
-    ),
-    "narrow": (
-        [0.7, 0.3],
-        [[0.0, 0.0], [0.8, 0.5]],
-        [[[2.0, 0.5], [0.5, 1.0]], [[0.01, 0.004], [0.004, 0.0025]]],
-        [0.3, 0.1],
-        [[1.5, 0.3], [0.3, 1.0]],
-    ),
-}
+MEMBERS = MEMBERS_2D
 
 
 def label(name, alpha) -> str:
