@@ -20,10 +20,12 @@ matplotlib.use("Agg")
 from analysis.alpha import alpha_notes, analyse_alpha, split_family  # noqa: E402 (after the backend)
 from analysis.classify import DEFAULT_TOL  # noqa: E402
 from analysis.data import load_sweep, split_dimensions  # noqa: E402
-from analysis.dims import write_dims_figures  # noqa: E402
+from analysis.dims import higher_rows, write_dims_figures  # noqa: E402
 from analysis.pipeline import DEFAULT_WEIGHT, analyse  # noqa: E402
 from analysis.report import write_report  # noqa: E402
+from analysis.structure_nd import exact_points, one_table  # noqa: E402
 from kl_sweep.allocator import keep_freed_memory, small_pages  # noqa: E402
+from kl_sweep.io import write_text  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,13 +82,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}")
     for note in alpha_notes(alpha) if alpha is not None else []:
         print(f"note: {note}")
+    nd_points = None
     if len(higher):
         dims = ", ".join(str(d) for d in sorted(higher["dim"].unique()))
         print(f"note: {len(higher)} rows with dim {dims} are left out of the 1-D figures and tables")
-        drawn, skipped = write_dims_figures(higher, args.sweep_dir / "figures")
+        nd_points, skipped = exact_points(higher_rows(higher))
+        drawn, more = write_dims_figures(higher, args.sweep_dir / "figures")
         print(f"wrote {len(drawn)} figure files of the d > 1 rows to {args.sweep_dir / 'figures'}")
-        for note in skipped:
+        for note in skipped + more:
             print(f"note: {note}")
+    line_points = result.bifurcation_set if result is not None and result.structures else None
+    if line_points is not None or (nd_points is not None and len(nd_points)):
+        table = one_table(line_points if line_points is not None else nd_points.iloc[:0], nd_points)
+        path = args.sweep_dir / "tables" / "bifurcation_set.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(table.to_csv(index=False), path)
+        print(f"{len(table)} special points (every dimension, family and direction) -> {path}")
     return 0
 
 

@@ -348,11 +348,151 @@ def onset_figure(rows: pd.DataFrame) -> Figure | str:
     return fig
 
 
+def plane_lines(rows: pd.DataFrame) -> tuple[pd.DataFrame, int, float] | str:
+    """The exact fold and pitchfork lines in the (separation, correlation) plane of the smallest
+    d > 1 of the sweep's reverse-KL rows, at their most common weight, per family and direction:
+    (lines with ``q_family`` and ``direction`` columns, d, weight), or why there are none."""
+    from analysis.structure import exact_structure
+    from analysis.structure_nd import MAX_CONTINUED_PARAMS, NEEDED, exact_lines, full_lines
+    from kl_sweep.core.gaussians import Family
+
+    missing = [k for k in NEEDED if k not in rows.columns]
+    if missing:
+        return f"the (separation, correlation) phase diagram needs the column(s) {', '.join(missing)}"
+    cells = rows[(rows["divergence"] == "reverse") & (rows["center"] == 0.0) & (rows["component_var"] == 1.0)]
+    if cells.empty or cells["separation"].nunique() < 3:
+        return "the (separation, correlation) phase diagram needs reverse-KL rows over several separations"
+    dim = int(cells["dim"].min())
+    cells = cells[cells["dim"] == dim]
+    weight = float(cells["weight"].mode().iloc[0])
+    cells = cells[np.isclose(cells["weight"], weight)]
+    hi = float(cells["separation"].max())
+    frames = []
+    for (name, direction), part in cells.groupby(["q_family", "direction"]):
+        correlations = sorted(part["correlation"].unique())
+        if name == "full":
+            line = exact_structure("reverse", [weight], (0.0, 3.0 * hi)).points
+            lines = full_lines(line, dim, str(direction))
+        elif Family(str(name), dim).n_params <= MAX_CONTINUED_PARAMS:
+            lines = exact_lines(Family(str(name), dim), str(direction), weight, correlations, (0.0, hi))
+        else:
+            continue
+        frames.append(lines.assign(q_family=name, direction=direction))
+    if not frames:
+        return "no family of the sweep's smallest d > 1 could be continued"
+    return pd.concat(frames, ignore_index=True), dim, weight
+
+
+def phase_plane(rows: pd.DataFrame) -> Figure | str:
+    """Reverse KL: the exact fold and pitchfork lines in the (separation, correlation) plane per
+    family (columns) and direction (rows), over the sweep's multistart counts."""
+    found = plane_lines(rows)
+    if isinstance(found, str):
+        return found
+    lines, dim, weight = found
+    cells = rows[
+        (rows["divergence"] == "reverse") & (rows["dim"] == dim) & np.isclose(rows["weight"], weight)
+    ]
+    counts = minima_found(cells)
+    families = [f for f in ("full", "diag", "iso") if f in set(lines["q_family"])]
+    directions = [d for d in ("axis", "diagonal") if d in set(lines["direction"])]
+    top = float(cells["separation"].max())
+    with style():
+        fig = Figure(figsize=(3.9 * len(families) + 1.6, 3.6 * len(directions) + 0.8), layout="constrained")
+        axes = np.atleast_2d(
+            fig.subplots(len(directions), len(families), sharex=True, sharey=True, squeeze=False)
+        )
+        for i, direction in enumerate(directions):
+            for j, family in enumerate(families):
+                ax = axes[i, j]
+                here = counts[(counts["q_family"] == family) & (counts["direction"] == direction)]
+                many = here["minima"] >= 2
+                ax.scatter(here["separation"][~many], here["correlation"][~many], s=14, color="0.75", lw=0)
+                ax.scatter(here["separation"][many], here["correlation"][many], s=22, color=PALETTE[4], lw=0)
+                part = lines[(lines["q_family"] == family) & (lines["direction"] == direction)]
+                for _, line in part.groupby("line"):
+                    fold = line["kind"].iloc[0] == "fold"
+                    ax.plot(line["separation"], line["correlation"], color=PALETTE[3] if fold else PALETTE[0],
+                            ls="-" if fold else "--", lw=2.0)  # fmt: skip
+                ax.set_xlim(0, top)
+                ax.set_ylim(-0.32, 0.97)
+                ax.set_title(f"{family} Q, modes along the {direction}", fontsize=10)
+                if i == len(directions) - 1:
+                    ax.set_xlabel("separation of the modes (component sd)")
+                if j == 0:
+                    ax.set_ylabel("correlation rho in each component")
+        handles = [
+            Line2D([], [], color=PALETTE[3], lw=2, label="fold: a minimum is born (exact)"),
+            Line2D(
+                [], [], color=PALETTE[0], lw=2, ls="--", label="pitchfork: the centred fit splits (exact)"
+            ),
+            Line2D([], [], color="0.75", marker="o", lw=0, label="sweep: one minimum found"),
+            Line2D([], [], color=PALETTE[4], marker="o", lw=0, label="sweep: two or more minima found"),
+        ]
+        fig.legend(handles=handles, loc="outside lower center", ncols=2, frameon=False, fontsize=9)
+        fig.suptitle(
+            f"Reverse KL in d = {dim}, weight {weight:g}: where each family of Q becomes multistable"
+        )
+    return fig
+
+
+def exact_onsets(points: pd.DataFrame) -> Figure:
+    """The separation where each family first has a second minimum, against the correlation, from
+    exact special points (:func:`analysis.structure_nd.exact_points`): one panel per direction,
+    filled markers for folds, open ones for pitchforks."""
+    families = [f for f in ("full", "diag", "iso") if f in set(points["q_family"])]
+    colours = dict(zip(("full", "diag", "iso"), (PALETTE[0], PALETTE[3], PALETTE[2])))
+    markers, sizes = {"full": "o", "diag": "s", "iso": "^"}, {"full": 7, "diag": 9, "iso": 6}
+    directions = [d for d in ("axis", "diagonal") if d in set(points["direction"])]
+    first = points.sort_values("separation").groupby(["q_family", "direction", "correlation"]).head(1)
+    with style():
+        fig = Figure(figsize=(4.8 * len(directions) + 1.8, 4.2), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(1, len(directions), sharey=True))
+        for ax, direction in zip(axes, directions):
+            for family in families:
+                part = first[(first["q_family"] == family) & (first["direction"] == direction)]
+                part = part.sort_values("correlation")
+                colour, marker = colours[family], markers[family]
+                ax.plot(part["correlation"], part["separation"], color=colour, lw=1.5)
+                for kind, fill in (("fold", colour), ("pitchfork", "white")):
+                    sub = part[part["kind"] == kind]
+                    ax.plot(
+                        sub["correlation"],
+                        sub["separation"],
+                        marker,
+                        color=colour,
+                        mfc=fill,
+                        ms=sizes[family],
+                    )
+            ax.set_title(f"modes along the {direction}")
+            ax.set_xlabel("correlation rho in each component")
+        axes[0].set_ylabel("separation (component sd)")
+        handles = [
+            Line2D([], [], color=colours[f], lw=1.5, marker=markers[f], ms=sizes[f], label=f"{f} Q")
+            for f in families
+        ]
+        handles += [
+            Line2D([], [], color="grey", marker="o", lw=0, label="fold: a minimum is born"),
+            Line2D(
+                [], [], color="grey", marker="o", mfc="white", lw=0, label="pitchfork: the centred fit splits"
+            ),
+        ]
+        fig.legend(handles=handles, loc="outside right center", frameon=False, fontsize=9)
+        weight = ", ".join(f"{w:g}" for w in sorted(points["weight"].unique()))
+        dims = ", ".join(str(d) for d in sorted(points["dim"].unique()))
+        fig.suptitle(
+            f"Reverse KL, d = {dims}, weight {weight}: "
+            "the exact separation where each family first has two minima"
+        )
+    return fig
+
+
 FIGURES = {
     "bishop_10_2": bishop_10_2,
     "bishop_10_3": bishop_10_3,
     "shrinkage": shrinkage,
     "multistability_onset": onset_figure,
+    "phase_plane": phase_plane,
 }
 
 

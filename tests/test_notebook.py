@@ -75,12 +75,14 @@ def test_notebook_runs_top_to_bottom_on_a_real_sweep(tmp_path, monkeypatch):
     assert not [out for out in outputs if out.output_type == "error"]
     images = [out for out in outputs if "image/png" in out.get("data", {})]
     # phase diagram, exact phase diagram, bifurcation, basin map, fit overlays, loss landscape, notebook
-    # cases; then the alpha section's phase diagram, folds against alpha and fits across alpha
-    assert len(images) == 10
+    # cases; then the alpha section's phase diagram, folds against alpha and fits across alpha; then
+    # the d = 2 section's exact onsets against the correlation
+    assert len(images) == 11
     text = "".join(out.get("text", "") for out in outputs)
     assert f"{len(table)} runs from {sweep}" in text
     assert "special points:" in text and "'fold'" in text  # the exact structure of the real sweep
     assert f"{len(alpha_table)} alpha runs from {alpha_sweep}" in text
+    assert "special points in d = 2: {'fold'" in text and "'pitchfork'" in text
     # Nothing is written into the sweeps: the notebook only displays.
     assert sorted(p.name for p in sweep.iterdir()) == ["0", "multirun.yaml", "results.parquet"]
     assert sorted(p.name for p in alpha_sweep.iterdir()) == ["0", "multirun.yaml", "results.parquet"]

@@ -2,20 +2,27 @@ r"""Branches of stationary points, their folds, fold lines, cusps, coexistence a
 
 For one :class:`~kl_sweep.core.landscape.Landscape` (a divergence, P's center and component
 variance), the fits are the stationary points :math:`F(\theta; d, w) = \nabla_\theta L = 0` in
-:math:`\theta = (\mu, \log\sigma)`. Everything here is batched: rows are branches, weights or
-special points, and no Python loop runs over them.
+:math:`\theta = (\mu, \log\sigma)`. In d dimensions (:class:`~kl_sweep.core.landscape.ReducedLandscape`)
+theta is the family's n parameters and w may be the correlation instead: every function here
+takes its sizes from the landscape (``n_state``), so the one implementation serves both.
+Everything here is batched: rows are branches, weights or special points, and no Python loop runs
+over them.
 
 - **Branches** (:func:`continue_branches`): at fixed weight w, the curve F = 0 in
   :math:`(\mu, \log\sigma, d)`, traced by pseudo-arclength (:mod:`kl_sweep.core.continuation`) so
   that it goes round folds. A point is a minimum where the Hessian H is positive definite.
-- **Folds and pitchforks** (:func:`branch_special_points`): det H changes sign between two points
-  of a branch. If the branch also turns in d there (the d-component of its tangent changes sign)
-  it is a **fold**: a minimum and a saddle merge, and the minimum is born or dies as d grows. The
-  zero is bracketed along the curve (:func:`kl_sweep.core.continuation.locate`) and then polished
-  by Newton on the extended system :math:`(F, \det H) = 0` in :math:`(\mu, \log\sigma, d)`
-  (:func:`polish_folds`), which is regular at a fold. If the branch does not turn, two other
+- **Folds and pitchforks** (:func:`branch_special_points`): the least eigenvalue of H changes
+  sign between two points of a branch (on the line, as det H does; in d dimensions symmetry can
+  make two eigenvalues cross zero together, and det H then keeps its sign). If the branch also
+  turns in d there (the d-component of its tangent changes sign) it is a **fold**: a minimum
+  and a saddle merge, and the minimum is born or dies as d grows. The zero is bracketed along
+  the curve (:func:`kl_sweep.core.continuation.locate`) and then polished by Newton on the
+  extended system :math:`(F, \det H) = 0` in :math:`(\theta, d)` (:func:`polish_folds`), which
+  is regular at a fold. If the branch does not turn, two other
   branches cross it there: a **pitchfork**, the symmetric case (weight 1/2, where the covering
-  minimum dies between two mirror-image saddles); its location is the bracketed zero.
+  minimum dies between two mirror-image saddles, or splits into two mirror-image minima); its
+  location is the bracketed zero, polished on the mirror's fixed subspace where Q is centred
+  (:func:`polish_pitchforks`).
 - **Fold lines and cusps** (:func:`continue_fold_lines`, :func:`cusp_points`): the fold system
   :math:`(F, \det H) = 0` is 3 equations in :math:`(\mu, \log\sigma, d, w)`, a curve, traced the
   same way across weights. Its projection on (d, w) is a fold line; a **cusp** is where that
@@ -44,22 +51,39 @@ import torch
 from torch import Tensor
 
 from kl_sweep.core.continuation import Curve, Located, Options, continuation, locate
-from kl_sweep.core.landscape import LOG_SIGMA, MU, SEPARATION, WEIGHT, Jet, Landscape, determinant
+from kl_sweep.core.landscape import (
+    LOG_SIGMA,
+    MU,
+    SEPARATION,
+    WEIGHT,
+    Jet,
+    Landscape,
+    determinant,
+    least_eigenvalue,
+)
 from kl_sweep.core.mixture import Mixture
 
 #: A zero of one tangent component is a cusp if the other (d or w) component is below this there.
 CUSP_TANGENT_TOL = 1e-4
 #: sigma^2 / V* at which a minimum counts as covering (the analysis's rule).
 COVERING_RATIO = 0.5
+#: A pitchfork whose Q's means lie this close to P's centre is polished on the mirror subspace.
+MIRROR_TOL = 1e-3
 
 
 def _hessian_scale(h: Tensor) -> Tensor:
-    return (h * h).sum((-1, -2)).clamp_min(1e-300)
+    """|H|_F^n for H [B, n, n]: det H relative to it is scale-free."""
+    return (h * h).sum((-1, -2)).clamp_min(1e-300) ** (h.shape[-1] / 2)
+
+
+def _frobenius(h: Tensor) -> Tensor:
+    return (h * h).sum((-1, -2)).clamp_min(1e-300).sqrt()
 
 
 @dataclass(frozen=True)
 class BranchProblem:
-    """F(mu, log sigma; d, w) = 0 in u = (mu, log sigma, d), with w fixed per row ([B])."""
+    """F(theta; d, w) = 0 in (theta, d), with w (the landscape's second parameter) fixed per row
+    ([B]); theta is (mu, log sigma) on the line, the family's n parameters in d dimensions."""
 
     landscape: Landscape
     weight: Tensor
@@ -71,7 +95,7 @@ class BranchProblem:
     def residual(self, u: Tensor) -> tuple[Tensor, Tensor]:
         jet = self.landscape.jet(self.full(u), order=2)
         self._cache["last"] = (u, jet)
-        return jet.gradient, jet.second[:, :, :3]
+        return jet.gradient, jet.second[:, :, : jet.n + 1]
 
     def _jet(self, u: Tensor) -> Jet:
         last = self._cache.get("last")
@@ -82,13 +106,14 @@ class BranchProblem:
     def monitors(self, u: Tensor, jacobian: Tensor, tangent: Tensor) -> dict[str, Tensor]:
         jet = self._jet(u)
         h = jet.hessian
-        _, var = self.landscape.moment_matched(u[:, 2], self.weight)
         return {
             "loss": jet.loss,
             "det": determinant(h) / _hessian_scale(h),
             "h00": h[:, 0, 0],
-            "t_d": tangent[:, 2],
-            "ratio": torch.exp(2 * u[:, 1]) / var - COVERING_RATIO,
+            # the least eigenvalue, relative to |H|: > 0 exactly at minima
+            "least": least_eigenvalue(h) / _frobenius(h),
+            "t_d": tangent[:, jet.n],
+            "ratio": self.landscape.covering_ratio(self.full(u)) - COVERING_RATIO,
         }
 
     def take(self, index: Tensor) -> BranchProblem:
@@ -97,7 +122,7 @@ class BranchProblem:
 
 @dataclass(frozen=True)
 class FoldProblem:
-    """(F, det H) = 0 in u = (mu, log sigma, d, w): the fold curve (3 equations, 4 unknowns)."""
+    """(F, det H) = 0 in u = (theta, d, w): the fold curve (n + 1 equations, n + 2 unknowns)."""
 
     landscape: Landscape
 
@@ -107,7 +132,8 @@ class FoldProblem:
         return g, torch.cat([jet.second, jet.det_grad.unsqueeze(1)], 1)
 
     def monitors(self, u: Tensor, jacobian: Tensor, tangent: Tensor) -> dict[str, Tensor]:
-        return {"t_d": tangent[:, SEPARATION], "t_w": tangent[:, WEIGHT]}
+        n = self.landscape.n_state
+        return {"t_d": tangent[:, n], "t_w": tangent[:, n + 1]}
 
     def take(self, index: Tensor) -> FoldProblem:
         return self
@@ -143,7 +169,7 @@ def newton(
 
 
 def stationary_points(landscape: Landscape, u: Tensor, iterations: int = 30) -> tuple[Tensor, Jet]:
-    """Newton on F = 0 in theta at each row's fixed (d, w), from u [B, 4]; returns (u, its jet).
+    """Newton on F = 0 in theta at each row's fixed (d, w), from u [B, n + 2]; returns (u, its jet).
 
     F and H come from the fitting core's closed forms (:meth:`Landscape.theta_jet`): the returned
     jet has the loss, F and H only.
@@ -151,28 +177,29 @@ def stationary_points(landscape: Landscape, u: Tensor, iterations: int = 30) -> 
     Starting points must lie in the basin of Newton's method (a fit, or a point interpolated on a
     branch); the caller checks the returned gradient.
     """
-    params = u[:, 2:]
+    n = landscape.n_state
+    params = u[:, n:]
 
     def system(theta: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         jet = landscape.theta_jet(torch.cat([theta, params[rows]], -1))
         return jet.gradient, jet.hessian
 
-    theta, _ = newton(system, u[:, :2], iterations, final=False)
+    theta, _ = newton(system, u[:, :n], iterations, final=False)
     point = torch.cat([theta, params], -1)
     return point, landscape.theta_jet(point)
 
 
 @dataclass
 class Branches:
-    """Continued branches: ``curve`` in (mu, log sigma, d), one row per branch and direction, and
-    each row's ``weight`` [R]."""
+    """Continued branches: ``curve`` in (theta, d), one row per branch and direction, and each
+    row's ``weight`` [R] (the landscape's second parameter: the correlation where that is swept)."""
 
     curve: Curve
     weight: Tensor
     problem: BranchProblem
 
     def points(self) -> Tensor:
-        """All points as u = (mu, log sigma, d, w), [R, S, 4] (NaN past each row's end)."""
+        """All points as u = (theta, d, w), [R, S, n + 2] (NaN past each row's end)."""
         w = self.weight[:, None, None].expand(-1, self.curve.points.shape[1], 1)
         return torch.cat([self.curve.points, w], -1)
 
@@ -183,27 +210,30 @@ def continue_branches(
     separation_range: tuple[float, float],
     options: Options | None = None,
 ) -> Branches:
-    """Trace the branch through every seed u [B, 4] (a stationary point) up and down in separation.
+    """Trace the branch through every seed u [B, n + 2] (a stationary point) up and down in
+    separation.
 
     Rows 0..B-1 of the result head towards larger d, rows B..2B-1 towards smaller d. The box is
-    ``separation_range`` in d (and |log sigma| <= 12).
+    ``separation_range`` in d (and |log scale| <= 12, :meth:`Landscape.state_bounds`).
     """
     lo, hi = separation_range
+    n = landscape.n_state
+    lower, upper = landscape.state_bounds()
     options = options or Options()
-    options = replace(options, lower=(-float("inf"), -12.0, lo), upper=(float("inf"), 12.0, hi))
+    options = replace(options, lower=(*lower, lo), upper=(*upper, hi))
     seeds, _ = stationary_points(landscape, seeds)
     both = torch.cat([seeds, seeds])
     sign = torch.cat([torch.ones(len(seeds)), -torch.ones(len(seeds))]).to(seeds.dtype)
-    direction = torch.zeros(len(both), 3, dtype=seeds.dtype)
-    direction[:, 2] = sign
-    problem = BranchProblem(landscape, both[:, WEIGHT])
-    curve = continuation(problem, both[:, :3], direction, options)
-    return Branches(curve, both[:, WEIGHT], problem)
+    direction = torch.zeros(len(both), n + 1, dtype=seeds.dtype)
+    direction[:, n] = sign
+    problem = BranchProblem(landscape, both[:, n + 1])
+    curve = continuation(problem, both[:, : n + 1], direction, options)
+    return Branches(curve, both[:, n + 1], problem)
 
 
 @dataclass
 class SpecialPoints:
-    """Folds and pitchforks on branches: u [M, 4], ``fold`` (else pitchfork), ``birth`` (else death:
+    """Folds and pitchforks on branches: u [M, n + 2], ``fold`` (else pitchfork), ``birth`` (else death:
     the minimum exists above, else below, the point in d), the branch row and step, the residual."""
 
     u: Tensor
@@ -230,26 +260,32 @@ def branch_special_points(
     options = options or Options()
     curve = branches.curve
     valid = curve.valid
-    det = curve.monitors["det"]
-    rows, steps = _sign_changes(det, valid)
-    minimum = (det > 0) & (curve.monitors["h00"] > 0)
-    involves_min = minimum[rows, steps] | minimum[rows, steps + 1]
-    rows, steps = rows[involves_min], steps[involves_min]
+    n = landscape.n_state
+    # Where the least eigenvalue of H changes sign a minimum is born or dies (on the line det H
+    # and H's corner say the same; in d dimensions two eigenvalues may cross zero together).
+    least = curve.monitors["least"]
+    rows, steps = _sign_changes(least, valid)
+    minimum = least > 0
     empty = torch.empty(0, dtype=torch.long)
     if rows.numel() == 0:
-        z = torch.empty(0, 4, dtype=det.dtype)
+        z = torch.empty(0, n + 2, dtype=least.dtype)
         return SpecialPoints(z, empty.bool(), empty.bool(), empty, empty, z[:, 0], empty.bool())
     td = curve.monitors["t_d"]
     fold = torch.sign(td[rows, steps]) * torch.sign(td[rows, steps + 1]) < 0
-    found = locate(branches.problem, curve, rows, steps, "det", options)
+    found = locate(branches.problem, curve, rows, steps, "least", options)
     u = torch.cat([found.u, branches.weight[rows].unsqueeze(-1)], -1)
     polished, residual = polish_folds(landscape, u[fold])
     u[fold] = polished
     residual_all = _stationary_residual(landscape, u)
     residual_all[fold] = residual
+    symmetric = ~fold & _on_mirror_subspace(landscape, u)
+    if bool(symmetric.any()):
+        polished, residual = polish_pitchforks(landscape, u[symmetric])
+        u[symmetric] = polished
+        residual_all[symmetric] = residual
     # Which side of the point in d holds the minimum: the bracket end that is a minimum.
     min_end = torch.where(minimum[rows, steps], steps, steps + 1)
-    birth = curve.points[rows, min_end, 2] > u[:, SEPARATION]
+    birth = curve.points[rows, min_end, n] > u[:, n]
     converged = found.converged & (residual_all <= 1e-10)
     return SpecialPoints(u, fold, birth, rows, steps, residual_all, converged)
 
@@ -262,22 +298,83 @@ def _stationary_residual(landscape: Landscape, u: Tensor) -> Tensor:
 
 
 def polish_folds(landscape: Landscape, u: Tensor) -> tuple[Tensor, Tensor]:
-    """Newton on (F, det H) = 0 in (mu, log sigma, d) at each row's weight, from u [M, 4].
+    """Newton on (F, det H) = 0 in (theta, d) at each row's weight, from u [M, n + 2].
 
     Returns (u, residual) with residual = max(|F|_inf, |det H| / |H|_F^2).
     """
     if u.shape[0] == 0:
         return u, u[:, 0]
-    w = u[:, WEIGHT:]
+    n = landscape.n_state
+    w = u[:, n + 1 :]
 
     def system(x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         jet = landscape.jet(torch.cat([x, w[rows]], -1), order=3)
         g = torch.cat([jet.gradient, jet.det.unsqueeze(-1)], -1)
-        return g, torch.cat([jet.second[:, :, :3], jet.det_grad[:, None, :3]], 1)
+        return g, torch.cat([jet.second[:, :, : n + 1], jet.det_grad[:, None, : n + 1]], 1)
 
-    x, _ = newton(system, u[:, :3])
+    x, _ = newton(system, u[:, : n + 1])
     point = torch.cat([x, w], -1)
     return point, _stationary_residual(landscape, point)
+
+
+def _on_mirror_subspace(landscape: Landscape, u: Tensor) -> Tensor:
+    """Rows [M] at weight 1/2 whose Q is centred: fixed by the mirror x -> 2c - x that swaps P's
+    components (Q's means at c; its scale is unchanged by the mirror). Within 1e-3: a branch point
+    bracketed along the curve drifts off the subspace (the bordered corrector is singular there)."""
+    n, k = landscape.n_state, landscape.n_mean
+    weight = (
+        u[:, n + 1] if landscape.parameters[1] == "weight" else torch.full_like(u[:, 0], landscape.weight)
+    )
+    centred = (u[:, :k] - landscape.center).abs().amax(-1) <= MIRROR_TOL
+    return (weight == 0.5) & centred
+
+
+def _mean_block(landscape: Landscape, u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(F [B, n], dF/du [B, n, n + 2], det H_mm [B], its gradient in u [B, n + 2]) at u, with H_mm
+    the Hessian's block in Q's means (third derivatives by autograd)."""
+    n, k = landscape.n_state, landscape.n_mean
+    u = u.detach().requires_grad_(True)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(landscape.loss(u).sum(), u, create_graph=True)
+        rows = [
+            torch.autograd.grad(grad[:, i].sum(), u, create_graph=True, retain_graph=True)[0]
+            for i in range(n)
+        ]
+        second = torch.stack(rows, 1)
+        block = second[:, :k, :k]
+        det = determinant(0.5 * (block + block.transpose(-1, -2)))
+        (det_grad,) = torch.autograd.grad(det.sum(), u)
+    return grad[:, :n].detach(), second.detach(), det.detach(), det_grad
+
+
+def polish_pitchforks(landscape: Landscape, u: Tensor) -> tuple[Tensor, Tensor]:
+    """Newton on the mirror-symmetric pitchfork system from u [M, n + 2] (weight 1/2, Q centred).
+
+    The mirror x -> 2c - x swaps P's components at weight 1/2 and maps Q's means m to 2c - m: on
+    its fixed subspace (m = c) the Hessian splits into the means' block H_mm and the scale's, and
+    the centred fit loses stability where det H_mm = 0 while the scale stays stationary. So
+    (F_scale, det H_mm) = 0 in (scale, d), with the means held at c: regular at the branch point,
+    where the bordered system of the continuation is not (two branches cross there).
+    Returns (u, residual) with residual = max(|F|_inf, |det H| / |H|_F^n).
+    """
+    if u.shape[0] == 0:
+        return u, u[:, 0]
+    n, k = landscape.n_state, landscape.n_mean
+    rest = u[:, n + 1 :]
+
+    def point(x: Tensor, rows: Tensor) -> Tensor:
+        means = torch.full((x.shape[0], k), landscape.center, dtype=x.dtype)
+        return torch.cat([means, x, rest[rows]], -1)
+
+    def system(x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        grad, second, det, det_grad = _mean_block(landscape, point(x, rows))
+        g = torch.cat([grad[:, k:], det.unsqueeze(-1)], -1)
+        jac = torch.cat([second[:, k:, k : n + 1], det_grad[:, None, k : n + 1]], 1)
+        return g, jac
+
+    x, _ = newton(system, u[:, k : n + 1])
+    polished = point(x, torch.arange(x.shape[0]))
+    return polished, _stationary_residual(landscape, polished)
 
 
 @dataclass
@@ -295,22 +392,25 @@ def continue_fold_lines(
     weight_range: tuple[float, float],
     options: Options | None = None,
 ) -> FoldLines:
-    """Trace the fold curve through every fold point u [M, 4], towards larger and smaller weight.
+    """Trace the fold curve through every fold point u [M, n + 2], towards larger and smaller
+    weight (the landscape's second parameter).
 
     Rows 0..M-1 head towards larger w, rows M..2M-1 towards smaller w (or, where the curve runs
     along w = const, the orientation the bordered tangent picks).
     """
+    n = landscape.n_state
+    lower, upper = landscape.state_bounds()
     options = options or Options(ds=0.02, ds_max=0.1, max_steps=600)
     options = replace(
         options,
-        lower=(-float("inf"), -12.0, separation_range[0], weight_range[0]),
-        upper=(float("inf"), 12.0, separation_range[1], weight_range[1]),
+        lower=(*lower, separation_range[0], weight_range[0]),
+        upper=(*upper, separation_range[1], weight_range[1]),
     )
     both = torch.cat([folds, folds])
     direction = torch.zeros_like(both)
-    direction[:, WEIGHT] = torch.cat([torch.ones(len(folds)), -torch.ones(len(folds))]).to(both.dtype)
+    direction[:, n + 1] = torch.cat([torch.ones(len(folds)), -torch.ones(len(folds))]).to(both.dtype)
     # The fold lines of the weight-1/2 pitchfork run along w; a small d-component breaks the tie.
-    direction[:, SEPARATION] = 1e-3 * direction[:, WEIGHT]
+    direction[:, n] = 1e-3 * direction[:, n + 1]
     problem = FoldProblem(landscape)
     return FoldLines(continuation(problem, both, direction, options), problem)
 
@@ -330,7 +430,7 @@ def cusp_points(fold_lines: FoldLines, options: Options | None = None) -> Locate
         if rows.numel():
             found.append(locate(fold_lines.problem, curve, rows, steps, name, options))
     if not found:
-        z = torch.empty(0, 4, dtype=curve.points.dtype)
+        z = torch.empty(0, curve.points.shape[-1], dtype=curve.points.dtype)
         return Located(z, z, {"t_d": z[:, 0], "t_w": z[:, 0]}, z[:, 0].bool())
     u = torch.cat([f.u for f in found])
     t = torch.cat([f.tangent for f in found])
@@ -349,31 +449,32 @@ def fold_residual(landscape: Landscape, u: Tensor) -> Tensor:
 def solve_maxwell(landscape: Landscape, first: Tensor, second: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Equal-loss points of two minima at one weight: Newton in (theta_1, theta_2, d).
 
-    ``first`` and ``second`` are u [M, 4] guesses (same d and w per row). Returns (u_1, u_2,
+    ``first`` and ``second`` are u [M, n + 2] guesses (same d and w per row). Returns (u_1, u_2,
     residual) with residual = max(|F_1|, |F_2|, |L_1 - L_2|).
     """
-    w = first[:, WEIGHT:]
+    n = landscape.n_state
+    w = first[:, n + 1 :]
 
     def unpack(x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-        d = x[:, 4:5]
-        return torch.cat([x[:, 0:2], d, w[rows]], -1), torch.cat([x[:, 2:4], d, w[rows]], -1)
+        d = x[:, 2 * n : 2 * n + 1]
+        return torch.cat([x[:, :n], d, w[rows]], -1), torch.cat([x[:, n : 2 * n], d, w[rows]], -1)
 
     def system(x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         a, b = unpack(x, rows)
         ja, jb = landscape.jet(a, 2), landscape.jet(b, 2)
         g = torch.cat([ja.gradient, jb.gradient, (ja.loss - jb.loss).unsqueeze(-1)], -1)
         m = x.shape[0]
-        jac = torch.zeros(m, 5, 5, dtype=x.dtype)
-        jac[:, 0:2, 0:2] = ja.hessian
-        jac[:, 0:2, 4] = ja.second[:, :, SEPARATION]
-        jac[:, 2:4, 2:4] = jb.hessian
-        jac[:, 2:4, 4] = jb.second[:, :, SEPARATION]
-        jac[:, 4, 0:2] = ja.gradient
-        jac[:, 4, 2:4] = -jb.gradient
-        jac[:, 4, 4] = ja.grad[:, SEPARATION] - jb.grad[:, SEPARATION]
+        jac = torch.zeros(m, 2 * n + 1, 2 * n + 1, dtype=x.dtype)
+        jac[:, :n, :n] = ja.hessian
+        jac[:, :n, 2 * n] = ja.second[:, :, n]
+        jac[:, n : 2 * n, n : 2 * n] = jb.hessian
+        jac[:, n : 2 * n, 2 * n] = jb.second[:, :, n]
+        jac[:, 2 * n, :n] = ja.gradient
+        jac[:, 2 * n, n : 2 * n] = -jb.gradient
+        jac[:, 2 * n, 2 * n] = ja.grad[:, n] - jb.grad[:, n]
         return g, jac
 
-    x0 = torch.cat([first[:, :2], second[:, :2], first[:, SEPARATION : SEPARATION + 1]], -1)
+    x0 = torch.cat([first[:, :n], second[:, :n], first[:, n : n + 1]], -1)
     x, g = newton(system, x0)
     a, b = unpack(x, torch.arange(x.shape[0]))
     return a, b, g.abs().amax(-1)

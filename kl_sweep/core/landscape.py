@@ -23,13 +23,16 @@ the loss itself. Rows are independent, so the gradient of a sum over rows is eve
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from kl_sweep.core.divergences import Divergence, divergence_value
 from kl_sweep.core.estimators import Quadrature
+from kl_sweep.core.gaussians import Family
 from kl_sweep.core.mixture import Mixture
+from kl_sweep.core.reduction import ReducedObjective, SharedPair, reverse_parts
 
 #: Rows per autograd graph in :meth:`Landscape.jet` (chunks, not configurations, are looped over).
 JET_CHUNK = 512
@@ -39,25 +42,28 @@ MU, LOG_SIGMA, SEPARATION, WEIGHT = range(4)
 
 @dataclass
 class Jet:
-    """Derivatives of L at a batch of points u [B, 4] (see :meth:`Landscape.jet`)."""
+    """Derivatives of L at a batch of points u [B, n + 2] (see :meth:`Landscape.jet`): n state
+    coordinates theta (2 on the line: mu, log sigma), then the two parameters."""
 
     loss: Tensor
-    #: dL/du, [B, 4]; its first two columns are the gradient F in theta.
+    #: dL/du, [B, n + 2]; its first n columns are the gradient F in theta.
     grad: Tensor
-    #: dF_i/du_j, [B, 2, 4]; its first two columns are the Hessian H in theta.
+    #: dF_i/du_j, [B, n, n + 2]; its first n columns are the Hessian H in theta.
     second: Tensor | None = None
-    #: d(det H)/du, [B, 4] (third derivatives of L).
+    #: d(det H)/du, [B, n + 2] (third derivatives of L).
     det_grad: Tensor | None = None
+    #: The number of state coordinates.
+    n: int = 2
 
     @property
     def gradient(self) -> Tensor:
-        """F = dL/dtheta, [B, 2]."""
-        return self.grad[:, :2]
+        """F = dL/dtheta, [B, n]."""
+        return self.grad[:, : self.n]
 
     @property
     def hessian(self) -> Tensor:
-        """H = d^2L/dtheta^2, [B, 2, 2], symmetrised."""
-        h = self.second[:, :, :2]
+        """H = d^2L/dtheta^2, [B, n, n], symmetrised."""
+        h = self.second[:, :, : self.n]
         return 0.5 * (h + h.transpose(-1, -2))
 
     @property
@@ -68,13 +74,44 @@ class Jet:
     @property
     def minimum(self) -> Tensor:
         """Rows whose Hessian is positive definite (a strict local minimum if F = 0)."""
-        h = self.hessian
-        return (h[:, 0, 0] > 0) & (self.det > 0)
+        return least_eigenvalue(self.hessian) > 0
 
 
 def determinant(h: Tensor) -> Tensor:
-    """Determinant of 2x2 matrices [B, 2, 2]."""
-    return h[:, 0, 0] * h[:, 1, 1] - h[:, 0, 1] * h[:, 1, 0]
+    """Determinant of square matrices [B, n, n] (2 x 2 by its closed form)."""
+    if h.shape[-1] == 2:
+        return h[:, 0, 0] * h[:, 1, 1] - h[:, 0, 1] * h[:, 1, 0]
+    return torch.linalg.det(h)
+
+
+def least_eigenvalue(h: Tensor) -> Tensor:
+    """The smallest eigenvalue of symmetric matrices [B, n, n]: positive exactly where H is
+    positive definite. Its sign changes where a minimum is born or dies, even where det H keeps
+    its sign (an even number of eigenvalues crossing zero together, as symmetry can make them)."""
+    if h.numel() == 0:
+        return h.new_empty(h.shape[0])
+    return torch.linalg.eigvalsh(h)[:, 0]
+
+
+def autograd_jet(loss_fn, u: Tensor, n: int, order: int) -> Jet:
+    """The loss and its derivatives at u [B, n + 2] by autograd, up to ``order`` (1, 2 or 3)."""
+    u = u.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(u)
+        (grad,) = torch.autograd.grad(loss.sum(), u, create_graph=order >= 2)
+        if order < 2:
+            return Jet(loss.detach(), grad.detach(), n=n)
+        rows = [
+            torch.autograd.grad(grad[:, i].sum(), u, create_graph=order >= 3, retain_graph=True)[0]
+            for i in range(n)  # over the state coordinates, not configurations
+        ]
+        second = torch.stack(rows, 1)
+        det_grad = None
+        if order >= 3:
+            h = second[:, :, :n]
+            (det_grad,) = torch.autograd.grad(determinant(0.5 * (h + h.transpose(-1, -2))).sum(), u)
+            det_grad = det_grad.detach()
+    return Jet(loss.detach(), grad.detach(), second.detach(), det_grad, n=n)
 
 
 @dataclass(frozen=True)
@@ -91,6 +128,20 @@ class Landscape:
     nodes_per_panel: int = 12
     #: The divergence's order (``divergence.alpha``) for the members that take one.
     alpha: float | None = None
+    #: The state's coordinates (mu, log sigma) and the parameters after them in u.
+    n_state: ClassVar[int] = 2
+    #: How many of the state's coordinates are Q's means (the rest are its scale).
+    n_mean: ClassVar[int] = 1
+    parameters: ClassVar[tuple[str, str]] = ("separation", "weight")
+
+    def state_bounds(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """(lower, upper) box of the state coordinates for continuation: |log sigma| <= 12."""
+        return (-float("inf"), -12.0), (float("inf"), 12.0)
+
+    def covering_ratio(self, u: Tensor) -> Tensor:
+        """sigma^2 / V* [B], V* = v + w(1 - w)d^2 P's variance: 1 for the covering fit."""
+        _, var = self.moment_matched(u[:, SEPARATION], u[:, WEIGHT])
+        return torch.exp(2 * u[:, LOG_SIGMA]) / var
 
     def _alpha(self, u: Tensor) -> Tensor | None:
         return None if self.alpha is None else torch.full_like(u[:, 0], self.alpha)
@@ -153,20 +204,113 @@ class Landscape:
         return self._jet(u, order)
 
     def _jet(self, u: Tensor, order: int) -> Jet:
-        u = u.detach().requires_grad_(True)
-        with torch.enable_grad():
-            loss = self.loss(u)
-            (grad,) = torch.autograd.grad(loss.sum(), u, create_graph=order >= 2)
-            if order < 2:
-                return Jet(loss.detach(), grad.detach())
-            rows = [
-                torch.autograd.grad(grad[:, i].sum(), u, create_graph=order >= 3, retain_graph=True)[0]
-                for i in range(2)
-            ]
-            second = torch.stack(rows, 1)
-            det_grad = None
-            if order >= 3:
-                h = second[:, :, :2]
-                (det_grad,) = torch.autograd.grad(determinant(0.5 * (h + h.transpose(-1, -2))).sum(), u)
-                det_grad = det_grad.detach()
-        return Jet(loss.detach(), grad.detach(), second.detach(), det_grad)
+        return autograd_jet(self.loss, u, self.n_state, order)
+
+
+@dataclass(frozen=True)
+class ReducedLandscape:
+    r"""The loss in d dimensions: two components with a shared equicorrelated covariance
+    (:class:`~kl_sweep.core.reduction.SharedPair`) and Q in a family (``full``, ``diag``, ``iso``).
+
+    A point is u = (theta, separation, p) with theta [P] the family's parameters (means, then the
+    log scales and off-diagonals of :class:`~kl_sweep.core.gaussians.Family`) and p the second
+    parameter, ``weight`` or ``correlation`` (:attr:`second`); the other one is fixed
+    (:attr:`weight`, :attr:`correlation`). The loss is the reverse KL through the exact 1-D
+    reduction, :math:`\mathrm{KL}(q_1\Vert p_1) + G` (:mod:`kl_sweep.core.reduction`): the 1-D
+    term on the same Gauss-Legendre panels as :class:`Landscape`, the closed form G by torch, so
+    autograd differentiates both in every coordinate of u. The forward KL has one minimum in every
+    family (it is convex in Q's natural parameters), so it has no structure to continue.
+    """
+
+    family: Family
+    direction: str = "axis"
+    center: float = 0.0
+    component_var: float = 1.0
+    #: Which parameter is the second coordinate of u after the separation.
+    second: str = "weight"
+    weight: float = 0.5
+    correlation: float = 0.0
+    nodes_per_panel: int = 12
+
+    def __post_init__(self) -> None:
+        if self.second not in ("weight", "correlation"):
+            raise ValueError(f"second must be 'weight' or 'correlation', not {self.second!r}")
+
+    @property
+    def divergence(self) -> Divergence:
+        from kl_sweep.core.divergences import DIVERGENCES
+
+        return DIVERGENCES["reverse"]
+
+    @property
+    def n_state(self) -> int:
+        return self.family.n_params
+
+    @property
+    def n_mean(self) -> int:
+        return self.family.dim
+
+    @property
+    def parameters(self) -> tuple[str, str]:
+        return ("separation", self.second)
+
+    def state_bounds(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """|log scale| <= 12 for the family's log scales; means and off-diagonals are free."""
+        mask = self.family.log_scale_mask().tolist()
+        lower = tuple(-12.0 if m else -float("inf") for m in mask)
+        return lower, tuple(-x for x in lower)
+
+    def target(self, u: Tensor) -> SharedPair:
+        """P at every row's parameters."""
+        n = self.n_state
+        sep, p = u[:, n], u[:, n + 1]
+        full = torch.ones_like(sep)
+        weight = p if self.second == "weight" else self.weight * full
+        rho = p if self.second == "correlation" else self.correlation * full
+        return SharedPair(
+            sep, weight, self.center * full, self.component_var * full, rho, self.family.dim, self.direction
+        )
+
+    def loss(self, u: Tensor) -> Tensor:
+        """KL(Q || P) in nats, [B], differentiable in every column of u."""
+        target = self.target(u)
+        phi, closed = reverse_parts(target, self.family, u[:, : self.n_state])
+        line = divergence_value(
+            self.divergence, Quadrature(self.nodes_per_panel), target.line(), phi[:, 0], phi[:, 1]
+        )
+        return line + closed
+
+    def theta_jet(self, u: Tensor) -> Jet:
+        """The loss, F and H at u from the fitting core's closed-form derivatives
+        (:class:`~kl_sweep.core.reduction.ReducedObjective`), without autograd; the parameter
+        columns of ``grad`` and ``second`` are NaN."""
+        n = self.n_state
+        theta = u[:, :n].detach()
+        objective = ReducedObjective.build(
+            self.divergence, Quadrature(self.nodes_per_panel), self.target(u.detach()), self.family
+        )
+        loss, grad, hess = objective.derivatives(theta, hessian=True)
+        nan = torch.full((len(u), 2), float("nan"), dtype=u.dtype)
+        second = torch.cat([hess, nan[:, None, :].expand(-1, n, 2)], -1)
+        return Jet(loss.detach(), torch.cat([grad, nan], -1), second, n=n)
+
+    def jet(self, u: Tensor, order: int = 2) -> Jet:
+        """The loss and its derivatives at u [B, P + 2] by autograd, up to ``order``."""
+        parts = [autograd_jet(self.loss, chunk, self.n_state, order) for chunk in u.split(JET_CHUNK)]
+        if len(parts) == 1:
+            return parts[0]
+        fields = ("loss", "grad", "second", "det_grad")
+        joined = (
+            None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
+            for f in fields
+        )
+        return Jet(*joined, n=self.n_state)
+
+    def covering_ratio(self, u: Tensor) -> Tensor:
+        r""":math:`u^TSu / u^T\mathrm{Cov}_P u` [B]: Q's variance along the separation over P's."""
+        target = self.target(u)
+        _, S = self.family.covariance(u[:, : self.n_state])
+        along = target.u
+        q_var = torch.einsum("i,bij,j->b", along, S, along)
+        p_var = torch.einsum("i,bij,j->b", along, target.covariance(), along)
+        return q_var / p_var

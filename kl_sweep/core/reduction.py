@@ -221,7 +221,7 @@ class _Scale:
         return torch.diag_embed(self.var)
 
 
-def _reverse_parts(target: SharedPair, family: Family, theta: Tensor) -> tuple[Tensor, Tensor]:
+def reverse_parts(target: SharedPair, family: Family, theta: Tensor) -> tuple[Tensor, Tensor]:
     """(phi [B, 2] = (m, log sd) of q_1, G [B]) of the reverse KL's reduction."""
     d = family.dim
     mean = theta[:, :d] - target.centre()
@@ -456,7 +456,7 @@ class ReducedObjective:
         mean; C and the trace are quadratic in the entries of L, each diagonal entry held as its
         log: the chain rule below is written once for all three families (``diag`` is ``full``
         with its diagonal entries only, ``iso`` ties those to one parameter). The same values as
-        autograd on :func:`_reverse_parts` (a test checks it), without a graph.
+        autograd on :func:`reverse_parts` (a test checks it), without a graph.
         """
         target, family = self.target, self.family
         d, B = family.dim, theta.shape[0]
@@ -537,7 +537,7 @@ class ReducedObjective:
         target, family = self.target, self.family
         with torch.no_grad():
             if a is None:
-                phi0, _ = _reverse_parts(target, family, theta)
+                phi0, _ = reverse_parts(target, family, theta)
                 finite = torch.ones(theta.shape[0], dtype=torch.bool)
             else:
                 phi0, _, finite = _alpha_parts(target, family, theta, a)
@@ -552,7 +552,7 @@ class ReducedObjective:
 
         def value(t: Tensor) -> Tensor:
             if a is None:
-                phi, G = _reverse_parts(target, family, t)
+                phi, G = reverse_parts(target, family, t)
             else:
                 phi, kappa, _ = _alpha_parts(target, family, t, a)
             step = phi - phi0
@@ -619,7 +619,7 @@ def _exact_of(kind: int, objective: ReducedObjective, theta: Tensor) -> Tensor:
     if kind == FORWARD:
         return _forward_value(target, family, theta, objective.entropy)
     if kind == REVERSE:
-        phi, G = _reverse_parts(target, family, theta)
+        phi, G = reverse_parts(target, family, theta)
         return divergence_exact(DIVERGENCES["reverse"], objective.line, phi[:, 0], phi[:, 1], 12) + G
     a = objective.orders(theta.shape[0], theta.dtype)
     phi, kappa, finite = _alpha_parts(target, family, theta, a)

@@ -202,7 +202,7 @@ static inline double relative_expm1(double y)
 
 /* e^x, but no less than e^lowest, lowest = exp_lowest = -708 (the least normal double is 2.2e-308).
  * A vector exp hands every lane that would underflow to the scalar exp: that made the alpha
- * family's far nodes (its tails) cost a quarter of its fits. A density below 1e-307 is not seen in
+ * family's far nodes (its tails) cost about a tenth of its fits. A density below 1e-307 is not seen in
  * any sum of the rule. exp_lowest is a variable the compiler cannot fold: with a constant it
  * computes e^x on every lane and picks e^-708 after. The reported values (pointwise_value) keep
  * the plain exp. */

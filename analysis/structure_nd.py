@@ -1,0 +1,349 @@
+r"""The exact phase structure of the reverse KL in d dimensions: folds and pitchforks.
+
+For a family of Q (``full``, ``diag``, ``iso``), a dimension, a direction of the separation and a
+weight, the fits are the stationary points of :class:`kl_sweep.core.landscape.ReducedLandscape`;
+their branches are continued in the separation with the same core as on the line
+(:mod:`kl_sweep.core.bifurcation`), one batch for every correlation at once (the correlation is
+the landscape's second parameter). Where a minimum is born or dies on a branch:
+
+- a **fold** (the branch turns in the separation): polished by Newton on (F, det H) = 0;
+- a **pitchfork** (it does not turn: another branch crosses it). At weight 1/2 the mirror
+  :math:`x \mapsto 2c - x` swaps P's components, and the centred fit loses stability by splitting
+  in two mirror-image fits; it is polished on the mirror's fixed subspace
+  (:func:`kl_sweep.core.bifurcation.polish_pitchforks`).
+
+``full`` needs no continuation: with a shared covariance the reverse KL of a full Gaussian is the
+1-D reverse KL of the Mahalanobis separation :math:`\Delta = s\sqrt{u^T\Sigma^{-1}u}` plus a term
+that vanishes at its optimum, so its special points are the line's at
+:math:`s = \Delta/\sqrt{u^T\Sigma^{-1}u}` (tests/test_structure_nd.py checks this by continuing
+the full family in d = 2 and 5 for both directions).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import torch
+
+from kl_sweep.core.continuation import Options
+from kl_sweep.core.gaussians import Family
+from kl_sweep.core.reduction import SharedPair, direction_vector
+
+#: The columns of a d-dimensional special point (``mu`` and ``sigma2``: Q's mean and variance along
+#: the separation's direction u, u^T m and u^T S u).
+ND_COLUMNS = [
+    "divergence",
+    "dim",
+    "q_family",
+    "direction",
+    "correlation",
+    "weight",
+    "kind",
+    "event",
+    "separation",
+    "mahalanobis",
+    "mu",
+    "sigma2",
+    "residual",
+]
+#: Two special points of one kind and event at one (correlation, weight) are the same within this
+#: (a fold is reached from the branches on both of its sides).
+SAME_SEPARATION = 1e-7
+#: Continuation's step control for d > 1 branches.
+BRANCH_OPTIONS = Options(ds=0.05, ds_max=0.2, max_steps=400)
+
+
+def mahalanobis_unit(dim: int, direction: str, correlation: float, component_var: float = 1.0) -> float:
+    r""":math:`\sqrt{u^T\Sigma^{-1}u}`: the Mahalanobis separation per unit of separation."""
+    one = torch.ones(1, dtype=torch.float64)
+    target = SharedPair(one, 0.5 * one, 0 * one, component_var * one, correlation * one, dim, direction)
+    return float(target.mahalanobis_unit())
+
+
+def seeds(landscape, correlations: np.ndarray, lo: float, hi: float) -> torch.Tensor:
+    """Stationary points u [S, n + 2] to continue from, for every correlation: the fits (by the
+    core) from each mode and from P's centre with a broad Q at separation ``hi``, and from the
+    centre near ``lo``."""
+    from kl_sweep.core.divergences import DIVERGENCES
+    from kl_sweep.core.estimators import Quadrature
+    from kl_sweep.core.fit import Problem, Settings, Status, fit
+    from kl_sweep.core.optim import Adam
+
+    family, c = landscape.family, landscape.center
+    rho = torch.tensor(np.repeat(correlations, 4), dtype=torch.float64)
+    sep = torch.tensor([hi, hi, hi, lo + 0.25] * len(correlations), dtype=torch.float64)
+    start = torch.tensor([-0.5 * hi, 0.5 * hi, 0.0, 0.0] * len(correlations), dtype=torch.float64)
+    var = torch.tensor([1.0, 1.0, 1.0 + 0.25 * hi * hi, 1.5] * len(correlations), dtype=torch.float64)
+    var = var * landscape.component_var
+    one = torch.ones_like(sep)
+    target = SharedPair(
+        sep,
+        landscape.weight * one,
+        c * one,
+        landscape.component_var * one,
+        rho,
+        family.dim,
+        landscape.direction,
+    )
+    problem = Problem(
+        target.line(), start, var, 0.05 * one, torch.full_like(sep, 20_000, dtype=torch.long),
+        1e-10 * one, target=target, family=family,
+    )  # fmt: skip
+    result = fit(problem, Settings(DIVERGENCES["reverse"], Quadrature(), Adam()))
+    ok = result.status == Status.CONVERGED
+    u = torch.cat([result.theta, sep[:, None], rho[:, None]], -1)
+    return u[ok]
+
+
+def continued_points(
+    family: Family, direction: str, weight: float, correlations, separation_range: tuple[float, float],
+    component_var: float = 1.0, center: float = 0.0,
+) -> pd.DataFrame:  # fmt: skip
+    """The folds and pitchforks of ``family`` at one weight, for every correlation (:data:`ND_COLUMNS`)."""
+    return _special(family, direction, weight, correlations, separation_range, component_var, center)[0]
+
+
+def _special(family, direction, weight, correlations, separation_range, component_var=1.0, center=0.0):
+    """(:func:`continued_points`' table, the points u [M, P + 2] of its rows, the landscape)."""
+    from kl_sweep.core.bifurcation import branch_special_points, continue_branches
+    from kl_sweep.core.landscape import ReducedLandscape
+
+    landscape = ReducedLandscape(
+        family, direction, center, component_var, second="correlation", weight=weight
+    )
+    lo, hi = separation_range
+    correlations = np.asarray(sorted(set(float(r) for r in correlations)), dtype=float)
+    start = seeds(landscape, correlations, lo, hi)
+    branches = continue_branches(landscape, start, (lo, hi), BRANCH_OPTIONS)
+    special = branch_special_points(landscape, branches)
+    n = landscape.n_state
+    u = special.u
+    rho = u[:, n + 1]
+    _, S = family.covariance(u[:, :n])
+    along = direction_vector(direction, family.dim)
+    frame = pd.DataFrame(
+        {
+            "divergence": "reverse",
+            "dim": family.dim,
+            "q_family": family.name,
+            "direction": direction,
+            "correlation": rho.numpy(),
+            "weight": weight,
+            "kind": np.where(special.fold.numpy(), "fold", "pitchfork"),
+            "event": np.where(special.birth.numpy(), "birth", "death"),
+            "separation": u[:, n].numpy(),
+            "mahalanobis": [
+                float(s) * mahalanobis_unit(family.dim, direction, float(r), component_var)
+                for s, r in zip(u[:, n].tolist(), rho.tolist())
+            ],
+            "mu": (u[:, : family.dim] @ along).numpy(),
+            "sigma2": torch.einsum("i,bij,j->b", along, S, along).numpy(),
+            "residual": special.residual.numpy(),
+        },
+        columns=ND_COLUMNS,
+    )
+    keep = special.converged.numpy()
+    frame = dedupe(frame[keep].assign(row=np.arange(int(keep.sum()))))
+    return frame.drop(columns="row"), u[keep][frame["row"].to_numpy().copy()], landscape
+
+
+def dedupe(frame: pd.DataFrame) -> pd.DataFrame:
+    """One row per special point: the same kind, event, correlation and weight within
+    :data:`SAME_SEPARATION` in the separation (and the mirror image at weight 1/2, which has the
+    same separation) count once; the smallest residual is kept."""
+    if frame.empty:
+        return frame.reset_index(drop=True)
+    frame = frame.sort_values(["correlation", "weight", "kind", "event", "separation"]).reset_index(drop=True)
+    keys = frame[["correlation", "weight", "kind", "event"]].astype(str).agg("|".join, axis=1)
+    new = (keys != keys.shift()) | (frame["separation"].diff().abs() > SAME_SEPARATION)
+    group = new.cumsum()
+    best = frame.groupby(group)["residual"].idxmin()
+    return frame.loc[best.to_numpy()].reset_index(drop=True)
+
+
+def full_points(line_points: pd.DataFrame, dim: int, direction: str, correlations) -> pd.DataFrame:
+    """The ``full`` family's folds and pitchforks: the line's special points (a 1-D structure's
+    ``points``, one weight or more) at the Mahalanobis separation (see the module docstring).
+    ``mu`` and ``sigma2`` are left NaN: the 1-D point is in whitened units."""
+    rows = []
+    line = line_points[line_points["kind"].isin(["fold", "pitchfork"])]
+    for rho in sorted(set(float(r) for r in correlations)):
+        scale = mahalanobis_unit(dim, direction, rho)
+        for _, p in line.iterrows():
+            rows.append(
+                {
+                    "divergence": "reverse", "dim": dim, "q_family": "full", "direction": direction,
+                    "correlation": rho, "weight": float(p["weight"]), "kind": p["kind"],
+                    "event": p["event"], "separation": float(p["separation"]) / scale,
+                    "mahalanobis": float(p["separation"]), "mu": math.nan, "sigma2": math.nan,
+                    "residual": float(p["residual"]),
+                }
+            )  # fmt: skip
+    return dedupe(pd.DataFrame(rows, columns=ND_COLUMNS))
+
+
+#: Families continued in more parameters than this are left out (each Newton step of the
+#: continuation forms a P x P Hessian by P backward passes); ``full`` is never continued.
+MAX_CONTINUED_PARAMS = 24
+#: The columns of a sweep's rows the d > 1 exact structure reads.
+NEEDED = (
+    "divergence",
+    "dim",
+    "q_family",
+    "direction",
+    "weight",
+    "correlation",
+    "separation",
+    "center",
+    "component_var",
+)
+#: The columns a d = 1 special point gets in the one table of a sweep's special points.
+LINE_DEFAULTS = {"dim": 1, "q_family": "full", "direction": "axis", "correlation": 0.0}
+
+
+def exact_points(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    """The folds and pitchforks of every (dim, family, direction, weight) among a sweep's
+    reverse-KL rows with dim > 1, at their correlations, over their separations: (points, notes on
+    what was left out). ``full`` comes from the line's exact structure at the Mahalanobis separation."""
+    from analysis.structure import exact_structure
+
+    missing = [k for k in NEEDED if k not in rows.columns]
+    if missing:
+        return pd.DataFrame(columns=ND_COLUMNS), [
+            f"the d > 1 exact structure needs the column(s) {', '.join(missing)}"
+        ]
+    rows = rows[rows["divergence"] == "reverse"]
+    if "target_file" in rows.columns:
+        rows = rows[rows["target_file"].isna()]
+    frames, notes = [], []
+    keys = ["dim", "q_family", "direction", "weight", "center", "component_var"]
+    for (dim, name, direction, weight, center, var), cell in rows.groupby(keys, dropna=False):
+        if center != 0.0 or var != 1.0:
+            notes.append("the d > 1 exact structure is drawn for center 0 and component_var 1 only")
+            continue
+        lo, hi = 0.0, float(cell["separation"].max())
+        correlations = sorted(cell["correlation"].unique())
+        family = Family(str(name), int(dim))
+        if name == "full":
+            reach = hi * max(mahalanobis_unit(int(dim), direction, r) for r in correlations)
+            line = exact_structure("reverse", [float(weight)], (0.0, max(reach, 1.0))).points
+            frames.append(full_points(line, int(dim), direction, correlations))
+        elif family.n_params > MAX_CONTINUED_PARAMS:
+            notes.append(
+                f"the exact structure of {name} Q in d = {dim} is not computed: {family.n_params} "
+                f"parameters (at most {MAX_CONTINUED_PARAMS} are continued)"
+            )
+        elif hi > 0:
+            frames.append(continued_points(family, str(direction), float(weight), correlations, (lo, hi)))
+    points = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ND_COLUMNS)
+    return points, sorted(set(notes))
+
+
+def one_table(line_points: pd.DataFrame, nd_points: pd.DataFrame | None) -> pd.DataFrame:
+    """Every special point of a sweep in one table: the line's (:data:`LINE_DEFAULTS` filled in)
+    and the d > 1 points, with ``dim``, ``correlation``, ``direction`` and ``q_family``."""
+    line = line_points.assign(**{k: v for k, v in LINE_DEFAULTS.items() if k not in line_points})
+    line = line.assign(mahalanobis=line["separation"]) if len(line) else line.assign(mahalanobis=np.nan)
+    frames = [f for f in (line, nd_points) if f is not None and len(f)]
+    if not frames:
+        return pd.DataFrame(columns=[*line_points.columns, *LINE_DEFAULTS, "mahalanobis"])
+    table = pd.concat(frames, ignore_index=True)
+    first = ND_COLUMNS[: ND_COLUMNS.index("separation") + 1]
+    return table[[*first, *[c for c in table.columns if c not in first]]]
+
+
+#: The correlations the exact lines are drawn over (R is positive definite for rho in (-1/(d-1), 1)).
+LINE_RHO = (-0.3, 0.95)
+#: A special point this close (in separation) to a traced line's chord is on that line.
+ON_LINE = 5e-3
+#: A traced line needs this many points (fewer: the continuation could not leave its seed).
+MIN_LINE_POINTS = 5
+
+
+def exact_lines(
+    family: Family, direction: str, weight: float, correlations, separation_range: tuple[float, float]
+) -> pd.DataFrame:
+    """The fold and pitchfork lines of ``family`` in the (separation, correlation) plane at one
+    weight: columns ``line``, ``kind``, ``event``, ``separation``, ``correlation``.
+
+    Folds: the fold system (F, det H) = 0 continued in (theta, separation, correlation)
+    (:func:`kl_sweep.core.bifurcation.continue_fold_lines`) from each fold found at the swept
+    correlations. Mirror pitchforks (weight 1/2): the pitchfork system solved by Newton
+    (:func:`kl_sweep.core.bifurcation.polish_pitchforks`) at each correlation of a fine grid, from
+    the previous one (they do not turn in the correlation). A line's points are exact, each to
+    the residuals of its system.
+    """
+    from kl_sweep.core.bifurcation import continue_fold_lines, polish_pitchforks
+
+    frame, u, landscape = _special(family, direction, weight, correlations, separation_range)
+    n = landscape.n_state
+    lo_rho = max(LINE_RHO[0], -1.0 / max(family.dim - 1, 1) + 0.02)
+    lines: list[pd.DataFrame] = []
+    options = Options(ds=0.02, ds_max=0.1, max_steps=300)
+    box = ((0.0, 2.0 * separation_range[1]), (lo_rho, LINE_RHO[1]))
+    for k in range(len(frame)):  # over the few special points; one already on a line is skipped
+        kind, event = frame["kind"].iloc[k], frame["event"].iloc[k]
+        if _on_a_line(lines, kind, frame["separation"].iloc[k], frame["correlation"].iloc[k]):
+            continue
+        if kind == "fold":
+            curves = continue_fold_lines(landscape, u[k : k + 1], *box, options).curve
+            parts = [curves.points[r][curves.valid[r]] for r in range(curves.points.shape[0])]
+            path = torch.cat([parts[1].flip(0), parts[0]])[:, n : n + 2].numpy()
+        else:
+            halves = []
+            for end in (lo_rho, LINE_RHO[1]):  # each way from the found point
+                point, half = u[k : k + 1].clone(), []
+                for rho in np.linspace(float(u[k, n + 1]), end, 30)[1:]:  # continuation steps
+                    point[:, n + 1] = rho
+                    point, residual = polish_pitchforks(landscape, point)
+                    if not bool(residual[0] <= 1e-9):
+                        break
+                    half.append((float(point[0, n]), rho))
+                halves.append(half)
+            path = np.array([*halves[0][::-1], (float(u[k, n]), float(u[k, n + 1])), *halves[1]])
+        if len(path) >= MIN_LINE_POINTS:
+            lines.append(
+                pd.DataFrame({"line": len(lines), "kind": kind, "event": event,
+                              "separation": path[:, 0], "correlation": path[:, 1]})
+            )  # fmt: skip
+    columns = ["line", "kind", "event", "separation", "correlation"]
+    return pd.concat(lines, ignore_index=True) if lines else pd.DataFrame(columns=columns)
+
+
+def _on_a_line(lines: list[pd.DataFrame], kind: str, separation: float, correlation: float) -> bool:
+    """Whether (separation, correlation) lies on one of ``lines`` of that kind (within
+    :data:`ON_LINE` of a segment's interpolation in the correlation)."""
+    for line in lines:
+        if line["kind"].iloc[0] != kind:
+            continue
+        r, s = line["correlation"].to_numpy(), line["separation"].to_numpy()
+        crossing = np.flatnonzero((r[:-1] - correlation) * (r[1:] - correlation) <= 0)
+        for i in crossing:
+            t = 0.0 if r[i + 1] == r[i] else (correlation - r[i]) / (r[i + 1] - r[i])
+            if abs(s[i] + t * (s[i + 1] - s[i]) - separation) <= ON_LINE:
+                return True
+    return False
+
+
+def full_lines(line_points: pd.DataFrame, dim: int, direction: str) -> pd.DataFrame:
+    """``full``'s fold lines in closed form: s = Delta_fold / sqrt(u^T Sigma^-1 u(rho))."""
+    lo_rho = max(LINE_RHO[0], -1.0 / max(dim - 1, 1) + 0.02)
+    rho = np.linspace(lo_rho, LINE_RHO[1], 120)
+    unit = np.array([mahalanobis_unit(dim, direction, float(r)) for r in rho])
+    line = line_points[line_points["kind"].isin(["fold", "pitchfork"])].reset_index(drop=True)
+    frames = [
+        pd.DataFrame(
+            {
+                "line": i,
+                "kind": p["kind"],
+                "event": p["event"],
+                "separation": float(p["separation"]) / unit,
+                "correlation": rho,
+            }
+        )  # fmt: skip
+        for i, p in line.iterrows()
+    ]
+    columns = ["line", "kind", "event", "separation", "correlation"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
