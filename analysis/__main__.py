@@ -14,13 +14,15 @@ import sys
 from pathlib import Path
 
 import matplotlib
+import pandas as pd
 
 matplotlib.use("Agg")
 
 from analysis.alpha import alpha_notes, analyse_alpha, split_family  # noqa: E402 (after the backend)
 from analysis.classify import DEFAULT_TOL  # noqa: E402
 from analysis.data import load_sweep, split_dimensions  # noqa: E402
-from analysis.dims import higher_rows, write_dims_figures  # noqa: E402
+from analysis.dims import higher_rows, weight_plane_figure, weight_planes, write_dims_figures  # noqa: E402
+from analysis.figures import save  # noqa: E402
 from analysis.pipeline import DEFAULT_WEIGHT, analyse  # noqa: E402
 from analysis.report import write_report  # noqa: E402
 from analysis.structure_nd import exact_points, one_table  # noqa: E402
@@ -88,6 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {len(higher)} rows with dim {dims} are left out of the 1-D figures and tables")
         nd_points, skipped = exact_points(higher_rows(higher))
         drawn, more = write_dims_figures(higher, args.sweep_dir / "figures")
+        planes = weight_planes(higher_rows(higher))
+        if isinstance(planes, str):
+            more.append(planes)
+        else:
+            lines, cusps, dim = planes
+            drawn += save(weight_plane_figure(lines, cusps, dim), args.sweep_dir / "figures", "weight_plane")
+            nd_points = pd.concat(
+                [p for p in (nd_points, cusps) if p is not None and len(p)], ignore_index=True
+            )
         print(f"wrote {len(drawn)} figure files of the d > 1 rows to {args.sweep_dir / 'figures'}")
         for note in skipped + more:
             print(f"note: {note}")

@@ -487,6 +487,82 @@ def exact_onsets(points: pd.DataFrame) -> Figure:
     return fig
 
 
+def weight_planes(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, int] | str:
+    """The fold lines and cusps in the (separation, weight) plane of the smallest d > 1 of the
+    sweep's reverse-KL rows, per family, direction and correlation, where the sweep has three
+    weights or more: (lines, cusps, d), or why there are none. ``full`` is the line's structure at
+    the Mahalanobis separation."""
+    from analysis.structure import exact_structure
+    from analysis.structure_nd import MAX_CONTINUED_PARAMS, ND_COLUMNS, NEEDED, mahalanobis_unit, weight_plane
+    from kl_sweep.core.gaussians import Family
+
+    if [k for k in NEEDED if k not in rows.columns]:
+        return "the (separation, weight) phase diagram needs the d > 1 keys of every row"
+    cells = rows[(rows["divergence"] == "reverse") & (rows["center"] == 0.0) & (rows["component_var"] == 1.0)]
+    if cells.empty or cells["weight"].nunique() < 3 or cells["separation"].nunique() < 3:
+        return "the (separation, weight) phase diagram needs reverse-KL rows over three weights or more"
+    dim = int(cells["dim"].min())
+    cells = cells[cells["dim"] == dim]
+    hi = float(cells["separation"].max())
+    lines, cusps = [], []
+    for (name, direction, rho), _ in cells.groupby(["q_family", "direction", "correlation"]):
+        keys = {"q_family": name, "direction": direction, "correlation": rho}
+        if name == "full":
+            scale = mahalanobis_unit(dim, str(direction), float(rho))
+            line = exact_structure("reverse", list(np.linspace(0.5, 0.99, 50)), (0.0, 1.5 * hi * scale))
+            lines.append(line.fold_lines.assign(separation=line.fold_lines["separation"] / scale, **keys))
+            cusp = line.points[line.points["kind"] == "cusp"]
+            cusps.append(
+                cusp.assign(
+                    dim=dim, mahalanobis=cusp["separation"], separation=cusp["separation"] / scale,
+                    mu=np.nan, sigma2=np.nan, **keys,
+                )
+            )  # fmt: skip
+        elif Family(str(name), dim).n_params <= MAX_CONTINUED_PARAMS:
+            found, cusp = weight_plane(Family(str(name), dim), str(direction), float(rho), (0.0, hi))
+            lines.append(found.assign(**keys))
+            cusps.append(cusp)
+    if not lines:
+        return "no family of the sweep's smallest d > 1 could be continued"
+    cusp_table = pd.concat(cusps, ignore_index=True).reindex(columns=ND_COLUMNS) if cusps else None
+    return pd.concat(lines, ignore_index=True), cusp_table, dim
+
+
+def weight_plane_figure(lines: pd.DataFrame, cusps: pd.DataFrame | None, dim: int) -> Figure:
+    """Fold lines and cusps in the (separation, weight) plane (:func:`weight_planes`): one panel
+    per direction and correlation, one colour per family."""
+    colours = dict(zip(("full", "diag", "iso"), (PALETTE[0], PALETTE[3], PALETTE[2])))
+    panels = lines[["direction", "correlation"]].drop_duplicates().sort_values(["direction", "correlation"])
+    with style():
+        fig = Figure(figsize=(max(4.2 * len(panels) + 2.4, 9.0), 4.4), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(1, len(panels), sharey=True))
+        for ax, (_, panel) in zip(axes, panels.iterrows()):
+            here = lines[
+                (lines["direction"] == panel["direction"]) & (lines["correlation"] == panel["correlation"])
+            ]
+            for (family, _), line in here.groupby(["q_family", "line"]):
+                ax.plot(line["separation"], line["weight"], color=colours[family], lw=1.8)
+            if cusps is not None and len(cusps):
+                at = cusps[
+                    (cusps["direction"] == panel["direction"])
+                    & (cusps["correlation"] == panel["correlation"])
+                ]
+                for family, part in at.groupby("q_family"):
+                    ax.plot(
+                        part["separation"], part["weight"], "*", color=colours[family], ms=13, mec="black"
+                    )
+            ax.set_title(f"modes along the {panel['direction']}, rho = {panel['correlation']:g}", fontsize=10)
+            ax.set_xlabel("separation of the modes (component sd)")
+            ax.set_ylim(0.5, 1.0)
+        axes[0].set_ylabel("weight of the first component")
+        families = [f for f in ("full", "diag", "iso") if f in set(lines["q_family"])]
+        handles = [Line2D([], [], color=colours[f], lw=1.8, label=f"{f} Q: fold lines") for f in families]
+        handles.append(Line2D([], [], color="grey", marker="*", ms=12, mec="black", lw=0, label="cusp"))
+        fig.legend(handles=handles, loc="outside right center", frameon=False, fontsize=9)
+        fig.suptitle(f"Reverse KL in d = {dim}: exact fold lines and cusps over separation and weight")
+    return fig
+
+
 FIGURES = {
     "bishop_10_2": bishop_10_2,
     "bishop_10_3": bishop_10_3,

@@ -401,29 +401,16 @@ def _special_frame(landscape, branches) -> pd.DataFrame:
 
 
 def _fold_lines(landscape, specials: pd.DataFrame, d_range, w_range) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Fold curves through the folds in ``specials``, traced in rounds until every fold is on one; cusps."""
+    """Fold curves through the folds in ``specials`` (:func:`trace_fold_lines`), as tables; cusps."""
     from kl_sweep.core import bifurcation as bf
 
     folds = specials[specials["kind"] == "fold"]
     empty_lines = pd.DataFrame(columns=["line", "separation", "weight", "mu", "sigma2"])
     if folds.empty or w_range[1] <= w_range[0]:
         return empty_lines, pd.DataFrame()
-    u = tensor(folds[["mu", "log_sigma", "separation", "weight"]].to_numpy())
-    covered = np.zeros(len(folds), dtype=bool)
-    lines, located = [], []
-    for _ in range(4):  # rounds of seeding, each one batch
-        todo = np.nonzero(~covered)[0]
-        if len(todo) == 0:
-            break
-        weights = folds["weight"].to_numpy()[todo]
-        values, counts = np.unique(weights, return_counts=True)
-        seed_weight = values[np.argmax(counts)]
-        seeds = u[todo[weights == seed_weight]]
-        traced = bf.continue_fold_lines(landscape, seeds, d_range, w_range)
-        new = _polylines_fold(traced)
-        lines += new
-        covered |= _on_lines(new, folds)
-        located.append(bf.cusp_points(traced))
+    lines, cusp_u = trace_fold_lines(
+        landscape, tensor(folds[["mu", "log_sigma", "separation", "weight"]].to_numpy()), d_range, w_range
+    )
     line_table = pd.concat(
         [
             pd.DataFrame(
@@ -439,9 +426,36 @@ def _fold_lines(landscape, specials: pd.DataFrame, d_range, w_range) -> tuple[pd
         ],
         ignore_index=True,
     )
-    cusp_u = torch.cat([c.u[c.converged] for c in located])
     cusps = _frame(cusp_u).assign(kind="cusp", event="", residual=bf.fold_residual(landscape, cusp_u).numpy())
     return line_table, dedupe(cusps, ["kind"], ("separation", "weight"))
+
+
+def trace_fold_lines(
+    landscape, folds: torch.Tensor, d_range, w_range, options=None
+) -> tuple[list[np.ndarray], torch.Tensor]:
+    """Fold curves through the fold points ``folds`` u [M, n + 2] in (separation, w), w the
+    landscape's second parameter, traced in rounds until every fold is on one: (one polyline
+    [k, n + 2] a curve, the cusps found on them u [C, n + 2])."""
+    from kl_sweep.core import bifurcation as bf
+
+    n = landscape.n_state
+    d, w = folds[:, n].numpy(), folds[:, n + 1].numpy()
+    covered = np.zeros(len(folds), dtype=bool)
+    lines, located = [], []
+    for _ in range(4):  # rounds of seeding, each one batch
+        todo = np.nonzero(~covered)[0]
+        if len(todo) == 0:
+            break
+        values, counts = np.unique(w[todo], return_counts=True)
+        seed_weight = values[np.argmax(counts)]
+        traced = bf.continue_fold_lines(
+            landscape, folds[todo[w[todo] == seed_weight]], d_range, w_range, options
+        )
+        new = _polylines_fold(traced)
+        lines += new
+        covered |= _on_lines(new, d, w, n)
+        located.append(bf.cusp_points(traced))
+    return lines, torch.cat([c.u[c.converged] for c in located])
 
 
 def _polylines_fold(fold_lines) -> list[np.ndarray]:
@@ -456,15 +470,15 @@ def _polylines_fold(fold_lines) -> list[np.ndarray]:
     return out
 
 
-def _on_lines(lines: list[np.ndarray], folds: pd.DataFrame) -> np.ndarray:
-    """Which folds lie on one of ``lines`` (a line crosses their weight near their separation)."""
-    on = np.zeros(len(folds), dtype=bool)
-    w, d = folds["weight"].to_numpy(), folds["separation"].to_numpy()
+def _on_lines(lines: list[np.ndarray], d: np.ndarray, w: np.ndarray, n: int = 2) -> np.ndarray:
+    """Which folds (separations ``d``, second parameters ``w``) lie on one of ``lines`` (points
+    u [k, n + 2]): a line crosses their w near their separation."""
+    on = np.zeros(len(d), dtype=bool)
     for p in lines:  # fold curves, not configurations
-        a, b = p[:-1, 3, None], p[1:, 3, None]
+        a, b = p[:-1, n + 1, None], p[1:, n + 1, None]
         k, j = np.nonzero((np.minimum(a, b) <= w) & (w <= np.maximum(a, b)) & (a != b))
-        frac = (w[j] - p[k, 3]) / (p[k + 1, 3] - p[k, 3])
-        dd = p[k, 2] + frac * (p[k + 1, 2] - p[k, 2])
+        frac = (w[j] - p[k, n + 1]) / (p[k + 1, n + 1] - p[k, n + 1])
+        dd = p[k, n] + frac * (p[k + 1, n] - p[k, n])
         hit = np.abs(dd - d[j]) <= ON_LINE_TOL * (1 + np.abs(d[j]))
         on[j[hit]] = True
     return on

@@ -156,7 +156,8 @@ def dedupe(frame: pd.DataFrame) -> pd.DataFrame:
     if frame.empty:
         return frame.reset_index(drop=True)
     frame = frame.sort_values(["correlation", "weight", "kind", "event", "separation"]).reset_index(drop=True)
-    keys = frame[["correlation", "weight", "kind", "event"]].astype(str).agg("|".join, axis=1)
+    keys = frame[["correlation", "weight"]].round(7).astype(str).agg("|".join, axis=1)
+    keys = keys + "|" + frame["kind"] + "|" + frame["event"]
     new = (keys != keys.shift()) | (frame["separation"].diff().abs() > SAME_SEPARATION)
     group = new.cumsum()
     best = frame.groupby(group)["residual"].idxmin()
@@ -256,8 +257,6 @@ def one_table(line_points: pd.DataFrame, nd_points: pd.DataFrame | None) -> pd.D
 
 #: The correlations the exact lines are drawn over (R is positive definite for rho in (-1/(d-1), 1)).
 LINE_RHO = (-0.3, 0.95)
-#: A special point this close (in separation) to a traced line's chord is on that line.
-ON_LINE = 5e-3
 #: A traced line needs this many points (fewer: the continuation could not leave its seed).
 MIN_LINE_POINTS = 5
 
@@ -266,65 +265,50 @@ def exact_lines(
     family: Family, direction: str, weight: float, correlations, separation_range: tuple[float, float]
 ) -> pd.DataFrame:
     """The fold and pitchfork lines of ``family`` in the (separation, correlation) plane at one
-    weight: columns ``line``, ``kind``, ``event``, ``separation``, ``correlation``.
+    weight: columns ``line``, ``kind``, ``separation``, ``correlation``.
 
-    Folds: the fold system (F, det H) = 0 continued in (theta, separation, correlation)
-    (:func:`kl_sweep.core.bifurcation.continue_fold_lines`) from each fold found at the swept
-    correlations. Mirror pitchforks (weight 1/2): the pitchfork system solved by Newton
-    (:func:`kl_sweep.core.bifurcation.polish_pitchforks`) at each correlation of a fine grid, from
-    the previous one (they do not turn in the correlation). A line's points are exact, each to
-    the residuals of its system.
+    Folds: the fold system (F, det H) = 0 continued in (theta, separation, correlation) from the
+    folds found at the swept correlations (:func:`analysis.structure.trace_fold_lines`, as on the
+    line across weights). Mirror pitchforks (weight 1/2): the pitchfork system solved by Newton
+    (:func:`kl_sweep.core.bifurcation.polish_pitchforks`) on a grid of correlations, each from
+    the previous one (they do not turn in the correlation). Every point is exact, to the
+    residuals of its system.
     """
-    from kl_sweep.core.bifurcation import continue_fold_lines, polish_pitchforks
+    from analysis.structure import _on_lines, trace_fold_lines
+    from kl_sweep.core.bifurcation import polish_pitchforks
 
     frame, u, landscape = _special(family, direction, weight, correlations, separation_range)
     n = landscape.n_state
-    lo_rho = max(LINE_RHO[0], -1.0 / max(family.dim - 1, 1) + 0.02)
-    lines: list[pd.DataFrame] = []
-    options = Options(ds=0.02, ds_max=0.1, max_steps=300)
-    box = ((0.0, 2.0 * separation_range[1]), (lo_rho, LINE_RHO[1]))
-    for k in range(len(frame)):  # over the few special points; one already on a line is skipped
-        kind, event = frame["kind"].iloc[k], frame["event"].iloc[k]
-        if _on_a_line(lines, kind, frame["separation"].iloc[k], frame["correlation"].iloc[k]):
+    rho_range = (max(LINE_RHO[0], -1.0 / max(family.dim - 1, 1) + 0.02), LINE_RHO[1])
+    folds = torch.as_tensor(frame["kind"].to_numpy() == "fold")
+    lines: list[tuple[str, np.ndarray]] = []
+    if bool(folds.any()):
+        options = Options(ds=0.02, ds_max=0.1, max_steps=300)
+        found, _ = trace_fold_lines(landscape, u[folds], (0.0, 2.0 * separation_range[1]), rho_range, options)
+        lines += [("fold", p) for p in found]
+    pitchforks: list[np.ndarray] = []
+    for k in np.flatnonzero(~folds.numpy()):  # over the few pitchforks; one on a traced line is skipped
+        if _on_lines(pitchforks, u[k : k + 1, n].numpy(), u[k : k + 1, n + 1].numpy(), n)[0]:
             continue
-        if kind == "fold":
-            curves = continue_fold_lines(landscape, u[k : k + 1], *box, options).curve
-            parts = [curves.points[r][curves.valid[r]] for r in range(curves.points.shape[0])]
-            path = torch.cat([parts[1].flip(0), parts[0]])[:, n : n + 2].numpy()
-        else:
-            halves = []
-            for end in (lo_rho, LINE_RHO[1]):  # each way from the found point
-                point, half = u[k : k + 1].clone(), []
-                for rho in np.linspace(float(u[k, n + 1]), end, 30)[1:]:  # continuation steps
-                    point[:, n + 1] = rho
-                    point, residual = polish_pitchforks(landscape, point)
-                    if not bool(residual[0] <= 1e-9):
-                        break
-                    half.append((float(point[0, n]), rho))
-                halves.append(half)
-            path = np.array([*halves[0][::-1], (float(u[k, n]), float(u[k, n + 1])), *halves[1]])
-        if len(path) >= MIN_LINE_POINTS:
-            lines.append(
-                pd.DataFrame({"line": len(lines), "kind": kind, "event": event,
-                              "separation": path[:, 0], "correlation": path[:, 1]})
-            )  # fmt: skip
-    columns = ["line", "kind", "event", "separation", "correlation"]
-    return pd.concat(lines, ignore_index=True) if lines else pd.DataFrame(columns=columns)
-
-
-def _on_a_line(lines: list[pd.DataFrame], kind: str, separation: float, correlation: float) -> bool:
-    """Whether (separation, correlation) lies on one of ``lines`` of that kind (within
-    :data:`ON_LINE` of a segment's interpolation in the correlation)."""
-    for line in lines:
-        if line["kind"].iloc[0] != kind:
-            continue
-        r, s = line["correlation"].to_numpy(), line["separation"].to_numpy()
-        crossing = np.flatnonzero((r[:-1] - correlation) * (r[1:] - correlation) <= 0)
-        for i in crossing:
-            t = 0.0 if r[i + 1] == r[i] else (correlation - r[i]) / (r[i + 1] - r[i])
-            if abs(s[i] + t * (s[i + 1] - s[i]) - separation) <= ON_LINE:
-                return True
-    return False
+        halves = []
+        for end in rho_range:  # each way from the found point
+            point, half = u[k : k + 1].clone(), []
+            for rho in np.linspace(float(u[k, n + 1]), end, 30)[1:]:  # continuation steps
+                point[:, n + 1] = rho
+                point, residual = polish_pitchforks(landscape, point)
+                if not bool(residual[0] <= 1e-9):
+                    break
+                half.append(point[0].numpy())
+            halves.append(half)
+        pitchforks.append(np.array([*halves[0][::-1], u[k].numpy(), *halves[1]]))
+    lines += [("pitchfork", p) for p in pitchforks]
+    frames = [
+        pd.DataFrame({"line": i, "kind": kind, "separation": p[:, n], "correlation": p[:, n + 1]})
+        for i, (kind, p) in enumerate(lines)
+        if len(p) >= MIN_LINE_POINTS
+    ]
+    columns = ["line", "kind", "separation", "correlation"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
 def full_lines(line_points: pd.DataFrame, dim: int, direction: str) -> pd.DataFrame:
@@ -347,3 +331,71 @@ def full_lines(line_points: pd.DataFrame, dim: int, direction: str) -> pd.DataFr
     ]
     columns = ["line", "kind", "event", "separation", "correlation"]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+#: The weights at which folds are sought to seed the fold lines of the (separation, weight) plane.
+SEED_WEIGHTS = (0.6, 0.75, 0.9)
+#: The weights the (separation, weight) plane spans (the mirror w -> 1 - w gives the rest).
+WEIGHT_RANGE = (0.5, 0.99)
+
+
+def weight_plane(
+    family: Family, direction: str, correlation: float, separation_range: tuple[float, float]
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The fold lines of ``family`` in the (separation, weight) plane at one correlation, and their
+    cusps: (lines with columns ``line``, ``separation``, ``weight``; cusps in :data:`ND_COLUMNS`).
+
+    The fold system (F, det H) = 0 is continued in (theta, separation, weight) from the folds found
+    at :data:`SEED_WEIGHTS` (:func:`analysis.structure.trace_fold_lines`, as on the line); a cusp
+    is where a fold curve's tangent has no (separation, weight) component, located to rounding.
+    """
+    from analysis.structure import trace_fold_lines
+    from kl_sweep.core.landscape import ReducedLandscape
+
+    landscape = ReducedLandscape(family, direction, second="weight", correlation=correlation)
+    n = landscape.n_state
+    folds = []
+    for weight in SEED_WEIGHTS:  # a few seeding weights, each one batch
+        frame, u, _ = _special(family, direction, weight, [correlation], separation_range)
+        u = u[torch.as_tensor(frame["kind"].to_numpy() == "fold")].clone()
+        u[:, n + 1] = weight  # the second coordinate is now the weight
+        folds.append(u)
+    folds = torch.cat(folds)
+    lines = pd.DataFrame(columns=["line", "separation", "weight"])
+    cusps = torch.empty(0, n + 2, dtype=torch.float64)
+    if len(folds):
+        options = Options(ds=0.02, ds_max=0.1, max_steps=300)
+        box = ((0.0, 1.5 * separation_range[1]), WEIGHT_RANGE)
+        found, cusps = trace_fold_lines(landscape, folds, *box, options)
+        parts = [
+            pd.DataFrame({"line": i, "separation": p[:, n], "weight": p[:, n + 1]})
+            for i, p in enumerate(found)
+        ]
+        lines = pd.concat(parts, ignore_index=True)
+    along = direction_vector(direction, family.dim)
+    _, S = family.covariance(cusps[:, :n])
+    table = pd.DataFrame(
+        {
+            "divergence": "reverse",
+            "dim": family.dim,
+            "q_family": family.name,
+            "direction": direction,
+            "correlation": correlation,
+            "weight": cusps[:, n + 1].numpy(),
+            "kind": "cusp",
+            "event": "",
+            "separation": cusps[:, n].numpy(),
+            "mahalanobis": cusps[:, n].numpy() * mahalanobis_unit(family.dim, direction, correlation),
+            "mu": (cusps[:, : family.dim] @ along).numpy(),
+            "sigma2": torch.einsum("i,bij,j->b", along, S, along).numpy(),
+            "residual": _fold_residuals(landscape, cusps),
+        },
+        columns=ND_COLUMNS,
+    )
+    return lines, dedupe(table)
+
+
+def _fold_residuals(landscape, u: torch.Tensor) -> np.ndarray:
+    from kl_sweep.core.bifurcation import fold_residual
+
+    return fold_residual(landscape, u).numpy() if len(u) else np.empty(0)

@@ -70,7 +70,7 @@ def test_full_folds_sit_at_the_lines_folds_of_the_mahalanobis_separation(dim, di
     weight, rho = 0.75, 0.5
     _, _, line_fold = ref_fold(2.4, 0.2, 5.4, weight)
     expected = line_fold / mahalanobis_unit(dim, direction, rho)
-    points = continued_points(Family("full", dim), direction, weight, [rho], (0.4 * expected, 1.6 * expected))
+    points = continued_points(Family("full", dim), direction, weight, [rho], (0.8 * expected, 1.25 * expected))
     folds = points[points["kind"] == "fold"]
     assert len(folds) == 1 and folds["event"].iloc[0] == "birth"
     assert folds["residual"].iloc[0] <= 1e-10
@@ -95,6 +95,26 @@ def test_diag_bistable_window_matches_a_multistart():
     assert counts == [1, 2, 1]
     assert len(_distinct(_fits(family, lighter - 0.02, 0.75, 0.5)[:, 0])) == 1
     assert len(_distinct(_fits(family, lighter + 0.02, 0.75, 0.5)[:, 0])) == 2
+
+
+@pytest.mark.slow
+def test_diag_fold_pair_comes_from_a_cusp_just_above_weight_075():
+    """The fold pair of the test above is born at a cusp of the (separation, weight) plane: just
+    below its weight the branches have the birth-death pair, just above they have none."""
+    from analysis.structure_nd import weight_plane
+
+    family = Family("diag", 2)
+    lines, cusps = weight_plane(family, "axis", 0.5, (0.0, 8.0))
+    assert len(cusps) == 1 and cusps["residual"].iloc[0] <= 1e-10 and len(lines)
+    s, w = float(cusps["separation"].iloc[0]), float(cusps["weight"].iloc[0])
+    assert 0.75 < w < 0.752 and 3.74 < s < 3.75
+    for side, pair in ((-1e-3, True), (1e-3, False)):
+        folds = continued_points(family, "axis", w + side, [0.5], (3.0, 4.5))
+        deaths = folds[(folds["event"] == "death") & (folds["kind"] == "fold")]
+        assert (len(deaths) == 1) == pair
+        if pair:  # the pair straddles the cusp's separation, closer the nearer the cusp
+            born = folds[folds["event"] == "birth"]["separation"]
+            assert (born < s + 0.01).any() and abs(deaths["separation"].iloc[0] - s) < 0.01
 
 
 @pytest.mark.slow
