@@ -296,9 +296,9 @@ def exact_lines(
             for rho in np.linspace(float(u[k, n + 1]), end, 30)[1:]:  # continuation steps
                 point[:, n + 1] = rho
                 point, residual = polish_pitchforks(landscape, point)
-                if not bool(residual[0] <= 1e-9):
+                if not (bool(residual[0] <= 1e-9) and _loses_a_minimum(landscape, point)):
                     break
-                half.append(point[0].numpy())
+                half.append(point[0].numpy().copy())  # (point is written in place next)
             halves.append(half)
         pitchforks.append(np.array([*halves[0][::-1], u[k].numpy(), *halves[1]]))
     lines += [("pitchfork", p) for p in pitchforks]
@@ -309,6 +309,16 @@ def exact_lines(
     ]
     columns = ["line", "kind", "separation", "correlation"]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def _loses_a_minimum(landscape, u: torch.Tensor) -> bool:
+    """Whether the pitchfork point u [1, n + 2] is where a minimum loses stability: every eigenvalue
+    of H but the one at zero is positive. (det H_mm = 0 also holds where a second eigenvalue of an
+    already unstable centred fit crosses zero; Newton from the previous correlation can slide onto
+    that root.)"""
+    h = landscape.theta_jet(u).hessian
+    second = torch.linalg.eigvalsh(h)[0, 1]
+    return bool(second > 1e-8 * h.abs().max())
 
 
 def full_lines(line_points: pd.DataFrame, dim: int, direction: str) -> pd.DataFrame:
