@@ -448,12 +448,12 @@ def trace_fold_lines(
             break
         values, counts = np.unique(w[todo], return_counts=True)
         seed_weight = values[np.argmax(counts)]
-        traced = bf.continue_fold_lines(
-            landscape, folds[todo[w[todo] == seed_weight]], d_range, w_range, options
-        )
+        seeds = todo[w[todo] == seed_weight]
+        traced = bf.continue_fold_lines(landscape, folds[seeds], d_range, w_range, options)
         new = _polylines_fold(traced)
         lines += new
         covered |= _on_lines(new, d, w, n)
+        covered[seeds] = True  # a seed whose curve could not leave it is not tried again
         located.append(bf.cusp_points(traced))
     return lines, torch.cat([c.u[c.converged] for c in located])
 

@@ -262,7 +262,12 @@ MIN_LINE_POINTS = 5
 
 
 def exact_lines(
-    family: Family, direction: str, weight: float, correlations, separation_range: tuple[float, float]
+    family: Family,
+    direction: str,
+    weight: float,
+    correlations,
+    separation_range: tuple[float, float],
+    pitchfork_steps: int = 30,
 ) -> pd.DataFrame:
     """The fold and pitchfork lines of ``family`` in the (separation, correlation) plane at one
     weight: columns ``line``, ``kind``, ``separation``, ``correlation``.
@@ -271,8 +276,8 @@ def exact_lines(
     folds found at the swept correlations (:func:`analysis.structure.trace_fold_lines`, as on the
     line across weights). Mirror pitchforks (weight 1/2): the pitchfork system solved by Newton
     (:func:`kl_sweep.core.bifurcation.polish_pitchforks`) on a grid of correlations, each from
-    the previous one (they do not turn in the correlation). Every point is exact, to the
-    residuals of its system.
+    the previous one (they do not turn in the correlation), ``pitchfork_steps`` each way. Every
+    point is exact, to the residuals of its system.
     """
     from analysis.structure import _on_lines, trace_fold_lines
     from kl_sweep.core.bifurcation import polish_pitchforks
@@ -293,7 +298,7 @@ def exact_lines(
         halves = []
         for end in rho_range:  # each way from the found point
             point, half = u[k : k + 1].clone(), []
-            for rho in np.linspace(float(u[k, n + 1]), end, 30)[1:]:  # continuation steps
+            for rho in np.linspace(float(u[k, n + 1]), end, pitchfork_steps)[1:]:  # continuation steps
                 point[:, n + 1] = rho
                 point, residual = polish_pitchforks(landscape, point)
                 if not (bool(residual[0] <= 1e-9) and _loses_a_minimum(landscape, point)):

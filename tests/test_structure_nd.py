@@ -70,7 +70,8 @@ def test_full_folds_sit_at_the_lines_folds_of_the_mahalanobis_separation(dim, di
     weight, rho = 0.75, 0.5
     _, _, line_fold = ref_fold(2.4, 0.2, 5.4, weight)
     expected = line_fold / mahalanobis_unit(dim, direction, rho)
-    points = continued_points(Family("full", dim), direction, weight, [rho], (0.8 * expected, 1.25 * expected))
+    window = (0.8 * expected, 1.25 * expected)
+    points = continued_points(Family("full", dim), direction, weight, [rho], window)
     folds = points[points["kind"] == "fold"]
     assert len(folds) == 1 and folds["event"].iloc[0] == "birth"
     assert folds["residual"].iloc[0] <= 1e-10
@@ -175,3 +176,19 @@ def test_a_sweeps_special_points_make_one_table():
     assert len(table) == len(line) + len(points)
     missing, why = exact_points(rows.drop(columns="q_family"))
     assert missing.empty and "q_family" in why[0]
+
+
+def test_a_pitchfork_lines_points_sit_at_their_own_correlations():
+    """A mean-field Q with the modes along the diagonal splits at a pitchfork. The line traced from
+    the pitchfork at rho = 0.5 passes rho = 0.8 (one of its steps) where the branches, continued
+    afresh at rho = 0.8, put the pitchfork."""
+    from analysis.structure_nd import exact_lines
+
+    family = Family("diag", 2)
+    lines = exact_lines(family, "diagonal", 0.5, [0.5], (0.0, 6.0), pitchfork_steps=4)
+    assert set(lines["kind"]) == {"pitchfork"} and len(lines) >= 5
+    at = lines[np.isclose(lines["correlation"], 0.8, rtol=0, atol=1e-12)]
+    fresh = continued_points(family, "diagonal", 0.5, [0.8], (0.0, 6.0))
+    assert list(fresh["kind"]) == ["pitchfork"] and len(at) == 1
+    assert abs(at["separation"].iloc[0] - fresh["separation"].iloc[0]) <= 1e-8
+    assert (np.diff(lines.sort_values("correlation")["separation"]) < 0).all()  # earlier as rho grows
