@@ -119,7 +119,13 @@ def _special(family, direction, weight, correlations, separation_range, componen
     branches = continue_branches(landscape, start, (lo, hi), BRANCH_OPTIONS)
     special = branch_special_points(landscape, branches)
     n = landscape.n_state
-    u = special.u
+    keep = special.converged
+    first, second, residual = _maxwell(landscape, branches)
+    u = torch.cat([special.u[keep], first])
+    kind = np.concatenate(
+        [np.where(special.fold[keep].numpy(), "fold", "pitchfork"), np.full(len(first), "maxwell")]
+    )
+    event = np.concatenate([np.where(special.birth[keep].numpy(), "birth", "death"), np.full(len(first), "")])
     rho = u[:, n + 1]
     _, S = family.covariance(u[:, :n])
     along = direction_vector(direction, family.dim)
@@ -131,8 +137,8 @@ def _special(family, direction, weight, correlations, separation_range, componen
             "direction": direction,
             "correlation": rho.numpy(),
             "weight": weight,
-            "kind": np.where(special.fold.numpy(), "fold", "pitchfork"),
-            "event": np.where(special.birth.numpy(), "birth", "death"),
+            "kind": kind,
+            "event": event,
             "separation": u[:, n].numpy(),
             "mahalanobis": [
                 float(s) * mahalanobis_unit(family.dim, direction, float(r), component_var)
@@ -140,13 +146,70 @@ def _special(family, direction, weight, correlations, separation_range, componen
             ],
             "mu": (u[:, : family.dim] @ along).numpy(),
             "sigma2": torch.einsum("i,bij,j->b", along, S, along).numpy(),
-            "residual": special.residual.numpy(),
+            "residual": torch.cat([special.residual[keep], residual]).numpy(),
         },
         columns=ND_COLUMNS,
     )
-    keep = special.converged.numpy()
-    frame = dedupe(frame[keep].assign(row=np.arange(int(keep.sum()))))
-    return frame.drop(columns="row"), u[keep][frame["row"].to_numpy().copy()], landscape
+    frame = dedupe(frame.assign(row=np.arange(len(frame))))
+    return frame.drop(columns="row"), u[frame["row"].to_numpy().copy()], landscape
+
+
+#: Separations on which two minimum branches' losses are compared for a coexistence point.
+MAXWELL_GRID = 200
+#: A coexistence point lies where both minima were continued, within this much separation.
+MAXWELL_REACH = 0.1
+
+
+def _maxwell(landscape, branches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Coexistence (Maxwell) points on continued branches: (u_1, u_2, residual) of every pair of
+    distinct minima whose losses cross at one (separation, second parameter), solved by Newton on
+    F(theta_1) = F(theta_2) = 0, L_1 = L_2 (:func:`kl_sweep.core.bifurcation.solve_maxwell`) from
+    where the two branches' interpolated losses cross; kept where both ends are distinct minima and
+    the residual is at most 1e-10. Mirror images (weight 1/2) have equal losses everywhere: no jump.
+    ``mu`` and ``sigma2`` of its row are the first minimum's."""
+    from itertools import combinations
+
+    from kl_sweep.core.bifurcation import solve_maxwell
+
+    n, curve = landscape.n_state, branches.curve
+    pieces = []  # each branch's runs of minima, as graphs over the separation
+    for r in range(curve.points.shape[0]):  # over the few continued branches
+        valid = curve.valid[r]
+        points, loss = curve.points[r][valid].numpy(), curve.monitors["loss"][r][valid].numpy()
+        minimum = np.flatnonzero(curve.monitors["least"][r][valid].numpy() > 0)
+        for run in np.split(minimum, np.flatnonzero(np.diff(minimum) > 1) + 1):
+            if len(run) >= 3:
+                order = run[np.argsort(points[run, n])]
+                pieces.append((float(branches.weight[r]), points[order], loss[order]))
+    firsts, seconds, brackets = [], [], []
+    for (pa, a, la), (pb, b, lb) in combinations(pieces, 2):  # pairs of branches, not configurations
+        lo, hi = max(a[0, n], b[0, n]), min(a[-1, n], b[-1, n])
+        if pa != pb or hi <= lo:
+            continue
+        grid = np.linspace(lo, hi, MAXWELL_GRID)
+        diff = np.interp(grid, a[:, n], la) - np.interp(grid, b[:, n], lb)
+        theta_a = np.stack([np.interp(grid, a[:, n], a[:, i]) for i in range(n)], -1)
+        theta_b = np.stack([np.interp(grid, b[:, n], b[:, i]) for i in range(n)], -1)
+        if np.abs(theta_a - theta_b).max() < 1e-6 or np.abs(diff).max() < 1e-10:
+            continue  # one branch traced twice, or mirror images
+        for k in np.flatnonzero(np.sign(diff[:-1]) * np.sign(diff[1:]) < 0):
+            f = diff[k] / (diff[k] - diff[k + 1])
+            s = grid[k] + f * (grid[k + 1] - grid[k])
+            firsts.append([*(theta_a[k] + f * (theta_a[k + 1] - theta_a[k])), s, pa])
+            seconds.append([*(theta_b[k] + f * (theta_b[k + 1] - theta_b[k])), s, pa])
+            brackets.append((lo, hi))
+    empty = torch.empty(0, n + 2, dtype=torch.float64)
+    if not firsts:
+        return empty, empty, empty[:, 0]
+    first, second, residual = solve_maxwell(
+        landscape, torch.tensor(firsts, dtype=torch.float64), torch.tensor(seconds, dtype=torch.float64)
+    )
+    apart = (first[:, :n] - second[:, :n]).abs().amax(-1) > 1e-4  # (not one point, as at a pitchfork)
+    both = landscape.theta_jet(first).minimum & landscape.theta_jet(second).minimum
+    lo, hi = (torch.tensor(b, dtype=torch.float64) for b in zip(*brackets))
+    inside = (first[:, n] >= lo - MAXWELL_REACH) & (first[:, n] <= hi + MAXWELL_REACH)  # (else it ran off)
+    ok = apart & both & inside & (residual <= 1e-10)
+    return first[ok], second[ok], residual[ok]
 
 
 def dedupe(frame: pd.DataFrame) -> pd.DataFrame:
@@ -169,7 +232,7 @@ def full_points(line_points: pd.DataFrame, dim: int, direction: str, correlation
     ``points``, one weight or more) at the Mahalanobis separation (see the module docstring).
     ``mu`` and ``sigma2`` are left NaN: the 1-D point is in whitened units."""
     rows = []
-    line = line_points[line_points["kind"].isin(["fold", "pitchfork"])]
+    line = line_points[line_points["kind"].isin(["fold", "pitchfork", "maxwell"])]
     for rho in sorted(set(float(r) for r in correlations)):
         scale = mahalanobis_unit(dim, direction, rho)
         for _, p in line.iterrows():
@@ -292,7 +355,7 @@ def exact_lines(
         found, _ = trace_fold_lines(landscape, u[folds], (0.0, 2.0 * separation_range[1]), rho_range, options)
         lines += [("fold", p) for p in found]
     pitchforks: list[np.ndarray] = []
-    for k in np.flatnonzero(~folds.numpy()):  # over the few pitchforks; one on a traced line is skipped
+    for k in np.flatnonzero(frame["kind"].to_numpy() == "pitchfork"):  # one on a traced line is skipped
         if _on_lines(pitchforks, u[k : k + 1, n].numpy(), u[k : k + 1, n + 1].numpy(), n)[0]:
             continue
         halves = []

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_structure import ref_fold
+from test_structure import ref_fold, ref_maxwell
 
 from analysis.structure_nd import continued_points, mahalanobis_unit
 from kl_sweep.core.divergences import DIVERGENCES
@@ -80,12 +80,29 @@ def test_full_folds_sit_at_the_lines_folds_of_the_mahalanobis_separation(dim, di
 
 
 @pytest.mark.slow
+def test_full_coexistence_point_is_the_lines_at_the_mahalanobis_separation():
+    """Weight 1/2, rho 0.5 along the axis: where the covering and the mode-seeking minima of a full
+    Q have equal loss is where scipy's root finder puts the line's coexistence point, scaled."""
+    rho, unit = 0.5, mahalanobis_unit(2, "axis", 0.5)
+    points = continued_points(Family("full", 2), "axis", 0.5, [rho], (3.0, 6.5))
+    maxwell = points[points["kind"] == "maxwell"]
+    assert len(maxwell) == 1 and maxwell["residual"].iloc[0] <= 1e-10
+    from analysis.structure import exact_structure
+
+    line = exact_structure("reverse", [0.5], (3.0, 8.0)).points
+    row = next(line[line["kind"] == "maxwell"].itertuples())  # scipy starts from it, rounded
+    start = [row.mu, 0.5 * np.log(row.sigma2), row.mu_other, 0.5 * np.log(row.sigma2_other), row.separation]
+    *_, line_maxwell = ref_maxwell(*np.round(start, 2), 0.5)
+    assert abs(maxwell["separation"].iloc[0] * unit - line_maxwell) <= 1e-6
+
+
+@pytest.mark.slow
 def test_diag_bistable_window_matches_a_multistart():
     """A mean-field Q, correlation 0.5 along the axis, weight 0.75: a minimum is born at s = 3.7488
     and dies at 3.7496 (a window 8e-4 wide), and the lighter mode's minimum is born at 4.92."""
     family = Family("diag", 2)
     points = continued_points(family, "axis", 0.75, [0.5], (0.0, 8.0))
-    folds = points.sort_values("separation")
+    folds = points[points["kind"] == "fold"].sort_values("separation")
     assert list(folds["kind"]) == ["fold"] * 3
     assert list(folds["event"]) == ["birth", "death", "birth"]
     assert (folds["residual"] <= 1e-10).all()
@@ -167,7 +184,7 @@ def test_a_sweeps_special_points_make_one_table():
     iso = points[points["q_family"] == "iso"]
     assert list(iso["kind"]) == ["pitchfork"] and iso["residual"].max() <= 1e-10
     line = exact_structure("reverse", [0.5], (0.0, 6.0)).points
-    full = points[points["q_family"] == "full"]
+    full = points[(points["q_family"] == "full") & (points["kind"] == "fold")]
     folds = line[line["kind"] == "fold"]
     np.testing.assert_allclose(full["separation"], folds["separation"].iloc[:1], atol=1e-12)  # rho = 0
     table = one_table(line, points)

@@ -88,9 +88,11 @@ def least_eigenvalue(h: Tensor) -> Tensor:
     """The smallest eigenvalue of symmetric matrices [B, n, n]: positive exactly where H is
     positive definite. Its sign changes where a minimum is born or dies, even where det H keeps
     its sign (an even number of eigenvalues crossing zero together, as symmetry can make them)."""
-    if h.numel() == 0:
-        return h.new_empty(h.shape[0])
-    return torch.linalg.eigvalsh(h)[:, 0]
+    out = torch.full((h.shape[0],), float("nan"), dtype=h.dtype)
+    finite = torch.isfinite(h).all(-1).all(-1)  # (a Newton iterate that ran away: NaN, not an error)
+    if bool(finite.any()):
+        out[finite] = torch.linalg.eigvalsh(h[finite])[:, 0]
+    return out
 
 
 def autograd_jet(loss_fn, u: Tensor, n: int, order: int) -> Jet:
