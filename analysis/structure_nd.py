@@ -418,13 +418,17 @@ WEIGHT_RANGE = (0.5, 0.99)
 
 
 def weight_plane(
-    family: Family, direction: str, correlation: float, separation_range: tuple[float, float]
+    family: Family,
+    direction: str,
+    correlation: float,
+    separation_range: tuple[float, float],
+    seed_weights: tuple[float, ...] = SEED_WEIGHTS,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The fold lines of ``family`` in the (separation, weight) plane at one correlation, and their
     cusps: (lines with columns ``line``, ``separation``, ``weight``; cusps in :data:`ND_COLUMNS`).
 
     The fold system (F, det H) = 0 is continued in (theta, separation, weight) from the folds found
-    at :data:`SEED_WEIGHTS` (:func:`analysis.structure.trace_fold_lines`, as on the line); a cusp
+    at ``seed_weights`` (:func:`analysis.structure.trace_fold_lines`, as on the line); a cusp
     is where a fold curve's tangent has no (separation, weight) component, located to rounding.
     """
     from analysis.structure import trace_fold_lines
@@ -433,7 +437,7 @@ def weight_plane(
     landscape = ReducedLandscape(family, direction, second="weight", correlation=correlation)
     n = landscape.n_state
     folds = []
-    for weight in SEED_WEIGHTS:  # a few seeding weights, each one batch
+    for weight in seed_weights:  # a few seeding weights, each one batch
         frame, u, _ = _special(family, direction, weight, [correlation], separation_range)
         u = u[torch.as_tensor(frame["kind"].to_numpy() == "fold")].clone()
         u[:, n + 1] = weight  # the second coordinate is now the weight

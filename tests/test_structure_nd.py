@@ -122,7 +122,7 @@ def test_diag_fold_pair_comes_from_a_cusp_just_above_weight_075():
     from analysis.structure_nd import weight_plane
 
     family = Family("diag", 2)
-    lines, cusps = weight_plane(family, "axis", 0.5, (0.0, 8.0))
+    lines, cusps = weight_plane(family, "axis", 0.5, (0.0, 8.0), seed_weights=(0.75,))
     assert len(cusps) == 1 and cusps["residual"].iloc[0] <= 1e-10 and len(lines)
     s, w = float(cusps["separation"].iloc[0]), float(cusps["weight"].iloc[0])
     assert 0.75 < w < 0.752 and 3.74 < s < 3.75
