@@ -88,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     if len(higher):
         dims = ", ".join(str(d) for d in sorted(higher["dim"].unique()))
         print(f"note: {len(higher)} rows with dim {dims} are left out of the 1-D figures and tables")
-        nd_points, skipped = exact_points(higher_rows(higher))
+        rows = higher_rows(higher)
+        nd_points, skipped = exact_points(rows)
         drawn, more = write_dims_figures(higher, args.sweep_dir / "figures")
-        planes = weight_planes(higher_rows(higher))
+        planes = weight_planes(rows)
         if isinstance(planes, str):
             more.append(planes)
         else:

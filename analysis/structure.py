@@ -452,7 +452,7 @@ def trace_fold_lines(
         traced = bf.continue_fold_lines(landscape, folds[seeds], d_range, w_range, options)
         new = _polylines_fold(traced)
         lines += new
-        covered |= _on_lines(new, d, w, n)
+        covered |= on_lines(new, d, w, n)
         covered[seeds] = True  # a seed whose curve could not leave it is not tried again
         located.append(bf.cusp_points(traced))
     return lines, torch.cat([c.u[c.converged] for c in located])
@@ -470,7 +470,7 @@ def _polylines_fold(fold_lines) -> list[np.ndarray]:
     return out
 
 
-def _on_lines(lines: list[np.ndarray], d: np.ndarray, w: np.ndarray, n: int = 2) -> np.ndarray:
+def on_lines(lines: list[np.ndarray], d: np.ndarray, w: np.ndarray, n: int = 2) -> np.ndarray:
     """Which folds (separations ``d``, second parameters ``w``) lie on one of ``lines`` (points
     u [k, n + 2]): a line crosses their w near their separation."""
     on = np.zeros(len(d), dtype=bool)

@@ -21,6 +21,7 @@ the full family in d = 2 and 5 for both directions).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -106,7 +107,19 @@ def continued_points(
 
 
 def _special(family, direction, weight, correlations, separation_range, component_var=1.0, center=0.0):
-    """(:func:`continued_points`' table, the points u [M, P + 2] of its rows, the landscape)."""
+    """(:func:`continued_points`' table, the points u [M, P + 2] of its rows, the landscape).
+    Remembered: ``python -m analysis`` asks for the same cell's points for its table and for the
+    phase_plane figure's lines (callers copy what they change)."""
+    key = tuple(sorted(set(float(r) for r in correlations)))
+    range_ = (float(separation_range[0]), float(separation_range[1]))
+    frame, u, landscape = _special_of(
+        family, str(direction), float(weight), key, range_, float(component_var), float(center)
+    )
+    return frame.copy(), u.clone(), landscape
+
+
+@functools.lru_cache(maxsize=32)
+def _special_of(family, direction, weight, correlations, separation_range, component_var, center):
     from kl_sweep.core.bifurcation import branch_special_points, continue_branches
     from kl_sweep.core.landscape import ReducedLandscape
 
@@ -114,7 +127,7 @@ def _special(family, direction, weight, correlations, separation_range, componen
         family, direction, center, component_var, second="correlation", weight=weight
     )
     lo, hi = separation_range
-    correlations = np.asarray(sorted(set(float(r) for r in correlations)), dtype=float)
+    correlations = np.asarray(correlations, dtype=float)
     start = seeds(landscape, correlations, lo, hi)
     branches = continue_branches(landscape, start, (lo, hi), BRANCH_OPTIONS)
     special = branch_special_points(landscape, branches)
@@ -342,12 +355,12 @@ def exact_lines(
     the previous one (they do not turn in the correlation), ``pitchfork_steps`` each way. Every
     point is exact, to the residuals of its system.
     """
-    from analysis.structure import _on_lines, trace_fold_lines
+    from analysis.structure import on_lines, trace_fold_lines
     from kl_sweep.core.bifurcation import polish_pitchforks
 
     frame, u, landscape = _special(family, direction, weight, correlations, separation_range)
     n = landscape.n_state
-    rho_range = (max(LINE_RHO[0], -1.0 / max(family.dim - 1, 1) + 0.02), LINE_RHO[1])
+    rho_range = _rho_range(family.dim)
     folds = torch.as_tensor(frame["kind"].to_numpy() == "fold")
     lines: list[tuple[str, np.ndarray]] = []
     if bool(folds.any()):
@@ -356,7 +369,7 @@ def exact_lines(
         lines += [("fold", p) for p in found]
     pitchforks: list[np.ndarray] = []
     for k in np.flatnonzero(frame["kind"].to_numpy() == "pitchfork"):  # one on a traced line is skipped
-        if _on_lines(pitchforks, u[k : k + 1, n].numpy(), u[k : k + 1, n + 1].numpy(), n)[0]:
+        if on_lines(pitchforks, u[k : k + 1, n].numpy(), u[k : k + 1, n + 1].numpy(), n)[0]:
             continue
         halves = []
         for end in rho_range:  # each way from the found point
@@ -389,10 +402,14 @@ def _loses_a_minimum(landscape, u: torch.Tensor) -> bool:
     return bool(second > 1e-8 * h.abs().max())
 
 
+def _rho_range(dim: int) -> tuple[float, float]:
+    """:data:`LINE_RHO`, kept inside (-1/(d - 1), 1) where R is positive definite."""
+    return max(LINE_RHO[0], -1.0 / max(dim - 1, 1) + 0.02), LINE_RHO[1]
+
+
 def full_lines(line_points: pd.DataFrame, dim: int, direction: str) -> pd.DataFrame:
     """``full``'s fold lines in closed form: s = Delta_fold / sqrt(u^T Sigma^-1 u(rho))."""
-    lo_rho = max(LINE_RHO[0], -1.0 / max(dim - 1, 1) + 0.02)
-    rho = np.linspace(lo_rho, LINE_RHO[1], 120)
+    rho = np.linspace(*_rho_range(dim), 120)
     unit = np.array([mahalanobis_unit(dim, direction, float(r)) for r in rho])
     line = line_points[line_points["kind"].isin(["fold", "pitchfork"])].reset_index(drop=True)
     frames = [

@@ -58,6 +58,7 @@ from kl_sweep.core.landscape import (
     WEIGHT,
     Jet,
     Landscape,
+    autograd_jet,
     determinant,
     least_eigenvalue,
 )
@@ -329,24 +330,6 @@ def _on_mirror_subspace(landscape: Landscape, u: Tensor) -> Tensor:
     return (weight == 0.5) & centred
 
 
-def _mean_block(landscape: Landscape, u: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(F [B, n], dF/du [B, n, n + 2], det H_mm [B], its gradient in u [B, n + 2]) at u, with H_mm
-    the Hessian's block in Q's means (third derivatives by autograd)."""
-    n, k = landscape.n_state, landscape.n_mean
-    u = u.detach().requires_grad_(True)
-    with torch.enable_grad():
-        (grad,) = torch.autograd.grad(landscape.loss(u).sum(), u, create_graph=True)
-        rows = [
-            torch.autograd.grad(grad[:, i].sum(), u, create_graph=True, retain_graph=True)[0]
-            for i in range(n)
-        ]
-        second = torch.stack(rows, 1)
-        block = second[:, :k, :k]
-        det = determinant(0.5 * (block + block.transpose(-1, -2)))
-        (det_grad,) = torch.autograd.grad(det.sum(), u)
-    return grad[:, :n].detach(), second.detach(), det.detach(), det_grad
-
-
 def polish_pitchforks(landscape: Landscape, u: Tensor) -> tuple[Tensor, Tensor]:
     """Newton on the mirror-symmetric pitchfork system from u [M, n + 2] (weight 1/2, Q centred).
 
@@ -367,9 +350,10 @@ def polish_pitchforks(landscape: Landscape, u: Tensor) -> tuple[Tensor, Tensor]:
         return torch.cat([means, x, rest[rows]], -1)
 
     def system(x: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-        grad, second, det, det_grad = _mean_block(landscape, point(x, rows))
-        g = torch.cat([grad[:, k:], det.unsqueeze(-1)], -1)
-        jac = torch.cat([second[:, k:, k : n + 1], det_grad[:, None, k : n + 1]], 1)
+        jet = autograd_jet(landscape.loss, point(x, rows), n, 3, block=k)  # det_grad: of det H_mm
+        det = determinant(jet.hessian[:, :k, :k])
+        g = torch.cat([jet.gradient[:, k:], det.unsqueeze(-1)], -1)
+        jac = torch.cat([jet.second[:, k:, k : n + 1], jet.det_grad[:, None, k : n + 1]], 1)
         return g, jac
 
     x, _ = newton(system, u[:, k : n + 1])

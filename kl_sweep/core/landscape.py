@@ -95,8 +95,20 @@ def least_eigenvalue(h: Tensor) -> Tensor:
     return out
 
 
-def autograd_jet(loss_fn, u: Tensor, n: int, order: int) -> Jet:
-    """The loss and its derivatives at u [B, n + 2] by autograd, up to ``order`` (1, 2 or 3)."""
+def autograd_jet(loss_fn, u: Tensor, n: int, order: int, block: int | None = None) -> Jet:
+    """The loss and its derivatives at u [B, n + 2] by autograd, up to ``order`` (1, 2 or 3), all
+    detached. ``det_grad`` is the gradient of det H, or with ``block`` of the determinant of H's
+    leading ``block`` x ``block`` block. Rows go through autograd in chunks of :data:`JET_CHUNK`, so
+    that each chunk's graph stays in cache (several times faster than one graph over thousands of
+    rows)."""
+    if len(u) > JET_CHUNK:
+        parts = [autograd_jet(loss_fn, chunk, n, order, block) for chunk in u.split(JET_CHUNK)]
+        fields = ("loss", "grad", "second", "det_grad")
+        joined = (
+            None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
+            for f in fields
+        )
+        return Jet(*joined, n=n)
     u = u.detach().requires_grad_(True)
     with torch.enable_grad():
         loss = loss_fn(u)
@@ -110,7 +122,7 @@ def autograd_jet(loss_fn, u: Tensor, n: int, order: int) -> Jet:
         second = torch.stack(rows, 1)
         det_grad = None
         if order >= 3:
-            h = second[:, :, :n]
+            h = second[:, : block or n, : block or n]
             (det_grad,) = torch.autograd.grad(determinant(0.5 * (h + h.transpose(-1, -2))).sum(), u)
             det_grad = det_grad.detach()
     return Jet(loss.detach(), grad.detach(), second.detach(), det_grad, n=n)
@@ -191,21 +203,9 @@ class Landscape:
     def jet(self, u: Tensor, order: int = 2) -> Jet:
         """The loss and its derivatives at u [B, 4], up to ``order`` (1, 2 or 3), all detached.
 
-        Order 1: the gradient in u. Order 2: also dF/du. Order 3: also d(det H)/du. Rows go through
-        autograd in chunks of :data:`JET_CHUNK` so that each chunk's graph stays in cache (several
-        times faster than one graph over thousands of rows).
+        Order 1: the gradient in u. Order 2: also dF/du. Order 3: also d(det H)/du
+        (:func:`autograd_jet`).
         """
-        if len(u) > JET_CHUNK:
-            parts = [self._jet(chunk, order) for chunk in u.split(JET_CHUNK)]
-            return Jet(
-                *(
-                    None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
-                    for f in ("loss", "grad", "second", "det_grad")
-                )
-            )
-        return self._jet(u, order)
-
-    def _jet(self, u: Tensor, order: int) -> Jet:
         return autograd_jet(self.loss, u, self.n_state, order)
 
 
@@ -298,15 +298,7 @@ class ReducedLandscape:
 
     def jet(self, u: Tensor, order: int = 2) -> Jet:
         """The loss and its derivatives at u [B, P + 2] by autograd, up to ``order``."""
-        parts = [autograd_jet(self.loss, chunk, self.n_state, order) for chunk in u.split(JET_CHUNK)]
-        if len(parts) == 1:
-            return parts[0]
-        fields = ("loss", "grad", "second", "det_grad")
-        joined = (
-            None if getattr(parts[0], f) is None else torch.cat([getattr(p, f) for p in parts])
-            for f in fields
-        )
-        return Jet(*joined, n=self.n_state)
+        return autograd_jet(self.loss, u, self.n_state, order)
 
     def covering_ratio(self, u: Tensor) -> Tensor:
         r""":math:`u^TSu / u^T\mathrm{Cov}_P u` [B]: Q's variance along the separation over P's."""
