@@ -21,7 +21,14 @@ matplotlib.use("Agg")
 from analysis.alpha import alpha_notes, analyse_alpha, split_family  # noqa: E402 (after the backend)
 from analysis.classify import DEFAULT_TOL  # noqa: E402
 from analysis.data import load_sweep, split_dimensions  # noqa: E402
-from analysis.dims import higher_rows, weight_plane_figure, weight_planes, write_dims_figures  # noqa: E402
+from analysis.dims import (  # noqa: E402
+    dimension_figure,
+    higher_rows,
+    onsets_by_dim,
+    weight_plane_figure,
+    weight_planes,
+    write_dims_figures,
+)
 from analysis.figures import save  # noqa: E402
 from analysis.pipeline import DEFAULT_WEIGHT, analyse  # noqa: E402
 from analysis.report import write_report  # noqa: E402
@@ -100,6 +107,14 @@ def main(argv: list[str] | None = None) -> int:
             nd_points = pd.concat(
                 [p for p in (nd_points, cusps) if p is not None and len(p)], ignore_index=True
             )
+        onsets = onsets_by_dim(nd_points)
+        if isinstance(onsets, str):
+            more.append(onsets)
+        else:
+            drawn += save(dimension_figure(onsets), args.sweep_dir / "figures", "dimension_onsets")
+            path = args.sweep_dir / "tables" / "onsets_by_dim.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text(onsets.to_csv(index=False), path)
         print(f"wrote {len(drawn)} figure files of the d > 1 rows to {args.sweep_dir / 'figures'}")
         for note in skipped + more:
             print(f"note: {note}")

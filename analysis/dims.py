@@ -317,6 +317,9 @@ def onset_figure(rows: pd.DataFrame) -> Figure | str:
     families = [f for f in ("full", "diag", "iso") if f in set(onsets["q_family"])]
     colours = dict(zip(("full", "diag", "iso"), (PALETTE[0], PALETTE[3], PALETTE[2])))
     dims = sorted(onsets["dim"].unique())
+    if len(dims) > 4:  # (four line styles: the smallest, the largest and two between)
+        dims = [dims[0], dims[len(dims) // 3], dims[2 * len(dims) // 3], dims[-1]]
+        onsets = onsets[onsets["dim"].isin(dims)]
     styles = dict(zip(dims, ("-", "--", ":", "-.")))
     markers = {"full": "o", "diag": "s", "iso": "^"}
     shift = {"full": -0.012, "diag": 0.0, "iso": 0.012}  # families that coincide stay visible
@@ -353,7 +356,7 @@ def plane_lines(rows: pd.DataFrame) -> tuple[pd.DataFrame, int, float] | str:
     d > 1 of the sweep's reverse-KL rows, at their most common weight, per family and direction:
     (lines with ``q_family`` and ``direction`` columns, d, weight), or why there are none."""
     from analysis.structure import exact_structure
-    from analysis.structure_nd import MAX_CONTINUED_PARAMS, NEEDED, exact_lines, full_lines
+    from analysis.structure_nd import NEEDED, exact_lines, full_lines
     from kl_sweep.core.gaussians import Family
 
     missing = [k for k in NEEDED if k not in rows.columns]
@@ -373,14 +376,14 @@ def plane_lines(rows: pd.DataFrame) -> tuple[pd.DataFrame, int, float] | str:
         if name == "full":
             line = exact_structure("reverse", [weight], (0.0, 3.0 * hi)).points
             lines = full_lines(line, dim, str(direction))
-        elif Family(str(name), dim).n_params <= MAX_CONTINUED_PARAMS:
-            lines = exact_lines(Family(str(name), dim), str(direction), weight, correlations, (0.0, hi))
         else:
-            continue
+            lines = exact_lines(Family(str(name), dim), str(direction), weight, correlations, (0.0, hi))
         frames.append(lines.assign(q_family=name, direction=direction))
-    if not frames:
-        return "no family of the sweep's smallest d > 1 could be continued"
     return pd.concat(frames, ignore_index=True), dim, weight
+
+
+#: (colour, line style) of each kind of exact line in the (separation, correlation) plane.
+LINE_STYLES = {"fold": (PALETTE[3], "-"), "pitchfork": (PALETTE[0], "--"), "maxwell": ("black", ":")}
 
 
 def phase_plane(rows: pd.DataFrame) -> Figure | str:
@@ -411,9 +414,8 @@ def phase_plane(rows: pd.DataFrame) -> Figure | str:
                 ax.scatter(here["separation"][many], here["correlation"][many], s=22, color=PALETTE[4], lw=0)
                 part = lines[(lines["q_family"] == family) & (lines["direction"] == direction)]
                 for _, line in part.groupby("line"):
-                    fold = line["kind"].iloc[0] == "fold"
-                    ax.plot(line["separation"], line["correlation"], color=PALETTE[3] if fold else PALETTE[0],
-                            ls="-" if fold else "--", lw=2.0)  # fmt: skip
+                    colour, ls = LINE_STYLES[line["kind"].iloc[0]]
+                    ax.plot(line["separation"], line["correlation"], color=colour, ls=ls, lw=2.0)
                 ax.set_xlim(0, top)
                 ax.set_ylim(-0.32, 0.97)
                 ax.set_title(f"{family} Q, modes along the {direction}", fontsize=10)
@@ -426,6 +428,9 @@ def phase_plane(rows: pd.DataFrame) -> Figure | str:
             Line2D(
                 [], [], color=PALETTE[0], lw=2, ls="--", label="pitchfork: the centred fit splits (exact)"
             ),
+            Line2D(
+                [], [], color="black", lw=2, ls=":", label="coexistence: the global minimum jumps (exact)"
+            ),
             Line2D([], [], color="0.75", marker="o", lw=0, label="sweep: one minimum found"),
             Line2D([], [], color=PALETTE[4], marker="o", lw=0, label="sweep: two or more minima found"),
         ]
@@ -436,13 +441,41 @@ def phase_plane(rows: pd.DataFrame) -> Figure | str:
     return fig
 
 
+#: Each family's colour, marker and marker size in the figures of exact onsets.
+FAMILY_COLOURS = dict(zip(("full", "diag", "iso"), (PALETTE[0], PALETTE[3], PALETTE[2])))
+FAMILY_MARKERS = {"full": "o", "diag": "s", "iso": "^"}
+FAMILY_SIZES = {"full": 7, "diag": 9, "iso": 6}
+
+
+def _family_kind_legend(fig: Figure, families: list[str]) -> None:
+    """The legend of the exact-onset figures: a line per family, filled fold and open pitchfork."""
+    handles = [
+        Line2D(
+            [],
+            [],
+            color=FAMILY_COLOURS[f],
+            lw=1.5,
+            marker=FAMILY_MARKERS[f],
+            ms=FAMILY_SIZES[f],
+            label=f"{f} Q",
+        )
+        for f in families
+    ]
+    handles += [
+        Line2D([], [], color="grey", marker="o", lw=0, label="fold: a minimum is born"),
+        Line2D(
+            [], [], color="grey", marker="o", mfc="white", lw=0, label="pitchfork: the centred fit splits"
+        ),
+    ]
+    fig.legend(handles=handles, loc="outside right center", frameon=False, fontsize=9)
+
+
 def exact_onsets(points: pd.DataFrame) -> Figure:
     """The separation where each family first has a second minimum, against the correlation, from
     exact special points (:func:`analysis.structure_nd.exact_points`): one panel per direction,
     filled markers for folds, open ones for pitchforks."""
     families = [f for f in ("full", "diag", "iso") if f in set(points["q_family"])]
-    colours = dict(zip(("full", "diag", "iso"), (PALETTE[0], PALETTE[3], PALETTE[2])))
-    markers, sizes = {"full": "o", "diag": "s", "iso": "^"}, {"full": 7, "diag": 9, "iso": 6}
+    colours, markers, sizes = FAMILY_COLOURS, FAMILY_MARKERS, FAMILY_SIZES
     directions = [d for d in ("axis", "diagonal") if d in set(points["direction"])]
     first = points.sort_values("separation").groupby(["q_family", "direction", "correlation"]).head(1)
     with style():
@@ -467,17 +500,7 @@ def exact_onsets(points: pd.DataFrame) -> Figure:
             ax.set_title(f"modes along the {direction}")
             ax.set_xlabel("correlation rho in each component")
         axes[0].set_ylabel("separation (component sd)")
-        handles = [
-            Line2D([], [], color=colours[f], lw=1.5, marker=markers[f], ms=sizes[f], label=f"{f} Q")
-            for f in families
-        ]
-        handles += [
-            Line2D([], [], color="grey", marker="o", lw=0, label="fold: a minimum is born"),
-            Line2D(
-                [], [], color="grey", marker="o", mfc="white", lw=0, label="pitchfork: the centred fit splits"
-            ),
-        ]
-        fig.legend(handles=handles, loc="outside right center", frameon=False, fontsize=9)
+        _family_kind_legend(fig, families)
         weight = ", ".join(f"{w:g}" for w in sorted(points["weight"].unique()))
         dims = ", ".join(str(d) for d in sorted(points["dim"].unique()))
         fig.suptitle(
@@ -493,7 +516,7 @@ def weight_planes(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, int] 
     weights or more: (lines, cusps, d), or why there are none. ``full`` is the line's structure at
     the Mahalanobis separation."""
     from analysis.structure import exact_structure
-    from analysis.structure_nd import MAX_CONTINUED_PARAMS, ND_COLUMNS, NEEDED, mahalanobis_unit, weight_plane
+    from analysis.structure_nd import ND_COLUMNS, NEEDED, mahalanobis_unit, weight_plane
     from kl_sweep.core.gaussians import Family
 
     if [k for k in NEEDED if k not in rows.columns]:
@@ -518,12 +541,10 @@ def weight_planes(rows: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, int] 
                     mu=np.nan, sigma2=np.nan, **keys,
                 )
             )  # fmt: skip
-        elif Family(str(name), dim).n_params <= MAX_CONTINUED_PARAMS:
+        else:
             found, cusp = weight_plane(Family(str(name), dim), str(direction), float(rho), (0.0, hi))
             lines.append(found.assign(**keys))
             cusps.append(cusp)
-    if not lines:
-        return "no family of the sweep's smallest d > 1 could be continued"
     cusp_table = pd.concat(cusps, ignore_index=True).reindex(columns=ND_COLUMNS) if cusps else None
     return pd.concat(lines, ignore_index=True), cusp_table, dim
 
@@ -589,3 +610,96 @@ def write_dims_figures(table: pd.DataFrame, directory: Path) -> tuple[list[Path]
     multistability_onsets(rows).to_csv(tables / "dims_onsets.csv", index=False)
     written.append(tables / "dims_onsets.csv")
     return written, notes
+
+
+#: The kinds of special point where a second minimum can first appear along the separation.
+ONSET_KINDS = ("fold", "pitchfork")
+
+
+def onsets_by_dim(points: pd.DataFrame) -> pd.DataFrame | str:
+    """The exact onset of multistability against the dimension: per family, direction, correlation
+    and d of the d > 1 special points (:func:`analysis.structure_nd.exact_points`), at their most
+    common weight, the smallest separation where a minimum is born (a fold) or the centred fit
+    splits (a pitchfork), with its kind and Mahalanobis separation; d = 1 (where the families are
+    one) from the line's own structure, and ``full`` where the sweep has none from the line's at
+    the Mahalanobis separation. Or why there is none: it needs two dimensions above 1."""
+    from analysis.structure import exact_structure
+    from analysis.structure_nd import mahalanobis_unit
+
+    points = points[points["kind"].isin(ONSET_KINDS) & (points["dim"] > 1)]
+    if points.empty or points["dim"].nunique() < 2:
+        return "the onset against the dimension needs the exact points of two dimensions above 1"
+    weight = float(points["weight"].mode().iloc[0])
+    points = points[np.isclose(points["weight"], weight)]
+    keys = ["q_family", "direction", "correlation", "dim"]
+    first = points.sort_values("separation").groupby(keys).head(1)
+    columns = [*keys, "weight", "kind", "separation", "mahalanobis"]
+    reach = max(float(first["mahalanobis"].max()) + 1.0, 10.0)
+    line = exact_structure("reverse", [weight], (0.0, reach)).points
+    line = line[line["kind"].isin(ONSET_KINDS)].sort_values("separation").head(1)
+    if len(line):
+        kind, sep = line["kind"].iloc[0], float(line["separation"].iloc[0])
+        # full Q's, where the sweep has none: the line's at the Mahalanobis separation (exact)
+        cells = (
+            points[["direction", "correlation"]]
+            .drop_duplicates()
+            .merge(pd.DataFrame({"dim": sorted(points["dim"].unique())}), how="cross")
+        )
+        have = set(
+            map(tuple, first.loc[first["q_family"] == "full", ["direction", "correlation", "dim"]].values)
+        )
+        cells = cells[[tuple(c) not in have for c in cells.values]]
+        unit = [mahalanobis_unit(int(d), str(u), float(r)) for u, r, d in cells.values]
+        full = cells.assign(
+            q_family="full", weight=weight, kind=kind, separation=sep / np.array(unit), mahalanobis=sep
+        )
+        # d = 1, where the families are one and the correlation and direction mean nothing
+        ones = first[["q_family", "direction", "correlation"]].drop_duplicates()
+        ones = pd.concat([ones, full[["q_family", "direction", "correlation"]]]).drop_duplicates()
+        first = pd.concat(
+            [first, full, ones.assign(dim=1, weight=weight, kind=kind, separation=sep, mahalanobis=sep)]
+        )
+    return first[columns].sort_values(keys).reset_index(drop=True)
+
+
+def dimension_figure(onsets: pd.DataFrame) -> Figure:
+    """The exact onset of multistability against d (:func:`onsets_by_dim`): one panel per direction
+    (rows) and correlation (columns), one line per family, filled markers for folds and open ones
+    for pitchforks."""
+    families = [f for f in ("full", "diag", "iso") if f in set(onsets["q_family"])]
+    colours, markers, sizes = FAMILY_COLOURS, FAMILY_MARKERS, FAMILY_SIZES
+    directions = [d for d in ("axis", "diagonal") if d in set(onsets["direction"])]
+    correlations = sorted(onsets["correlation"].unique())
+    dims = sorted(onsets["dim"].unique())
+    with style():
+        width = max(3.6 * len(correlations) + 2.2, 8.5)
+        fig = Figure(figsize=(width, 3.2 * len(directions) + 0.6), layout="constrained")
+        axes = fig.subplots(len(directions), len(correlations), sharex=True, sharey="row", squeeze=False)
+        for i, direction in enumerate(directions):
+            for j, rho in enumerate(correlations):
+                ax = axes[i, j]
+                cell = onsets[(onsets["direction"] == direction) & np.isclose(onsets["correlation"], rho)]
+                for family in families:
+                    part = cell[cell["q_family"] == family].sort_values("dim")
+                    colour, marker = colours[family], markers[family]
+                    ax.plot(part["dim"], part["separation"], color=colour, lw=1.5, alpha=0.9)
+                    for kind, fill in (("fold", colour), ("pitchfork", "white")):
+                        sub = part[part["kind"] == kind]
+                        ax.plot(
+                            sub["dim"], sub["separation"], marker, color=colour, mfc=fill, ms=sizes[family]
+                        )
+                ax.set_xscale("log")
+                ax.set_xticks(dims if len(dims) <= 8 else [d for d in (1, 2, 5, 10, 20, 50) if d <= dims[-1]])
+                ax.xaxis.set_major_formatter(lambda x, _: f"{x:g}")
+                ax.xaxis.set_minor_formatter(NullFormatter())
+                ax.set_title(f"modes along the {direction}, rho = {rho:g}", fontsize=10)
+                if i == len(directions) - 1:
+                    ax.set_xlabel("dimension d")
+            axes[i, 0].set_ylabel("onset separation (component sd)")
+        _family_kind_legend(fig, families)
+        weight = ", ".join(f"{w:g}" for w in sorted(onsets["weight"].unique()))
+        gap = " " if len(correlations) > 1 else "\n"
+        fig.suptitle(
+            f"Reverse KL, weight {weight}:{gap}the exact separation where a second minimum first appears"
+        )
+    return fig

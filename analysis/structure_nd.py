@@ -66,17 +66,27 @@ def mahalanobis_unit(dim: int, direction: str, correlation: float, component_var
 def seeds(landscape, correlations: np.ndarray, lo: float, hi: float) -> torch.Tensor:
     """Stationary points u [S, n + 2] to continue from, for every correlation: the fits (by the
     core) from each mode and from P's centre with a broad Q at separation ``hi``, and from the
-    centre near ``lo``."""
+    centre near ``lo``. At weight 1/2 the right mode's fit is the mirror image of the left one's,
+    whose branch has the same special points: it is left out."""
     from kl_sweep.core.divergences import DIVERGENCES
     from kl_sweep.core.estimators import Quadrature
     from kl_sweep.core.fit import Problem, Settings, Status, fit
     from kl_sweep.core.optim import Adam
 
     family, c = landscape.family, landscape.center
-    rho = torch.tensor(np.repeat(correlations, 4), dtype=torch.float64)
-    sep = torch.tensor([hi, hi, hi, lo + 0.25] * len(correlations), dtype=torch.float64)
-    start = torch.tensor([-0.5 * hi, 0.5 * hi, 0.0, 0.0] * len(correlations), dtype=torch.float64)
-    var = torch.tensor([1.0, 1.0, 1.0 + 0.25 * hi * hi, 1.5] * len(correlations), dtype=torch.float64)
+    starts = [
+        (hi, -0.5 * hi, 1.0),
+        (hi, 0.5 * hi, 1.0),
+        (hi, 0.0, 1.0 + 0.25 * hi * hi),
+        (lo + 0.25, 0.0, 1.5),
+    ]
+    if landscape.weight == 0.5:
+        del starts[1]
+    k = len(starts)
+    rho = torch.tensor(np.repeat(correlations, k), dtype=torch.float64)
+    sep, start, var = (
+        torch.tensor([s[i] for s in starts] * len(correlations), dtype=torch.float64) for i in range(3)
+    )
     var = var * landscape.component_var
     one = torch.ones_like(sep)
     target = SharedPair(
@@ -94,37 +104,56 @@ def seeds(landscape, correlations: np.ndarray, lo: float, hi: float) -> torch.Te
     )  # fmt: skip
     result = fit(problem, Settings(DIVERGENCES["reverse"], Quadrature(), Adam()))
     ok = result.status == Status.CONVERGED
-    u = torch.cat([result.theta, sep[:, None], rho[:, None]], -1)
+    theta = result.theta
+    if landscape.embedding is not None:  # (a fit started symmetric stays symmetric: its z)
+        theta = torch.linalg.lstsq(landscape.embedding, theta.T).solution.T
+    u = torch.cat([theta, sep[:, None], rho[:, None]], -1)
     return u[ok]
 
 
 def continued_points(
     family: Family, direction: str, weight: float, correlations, separation_range: tuple[float, float],
-    component_var: float = 1.0, center: float = 0.0,
+    component_var: float = 1.0, center: float = 0.0, symmetric: bool | None = None,
 ) -> pd.DataFrame:  # fmt: skip
-    """The folds and pitchforks of ``family`` at one weight, for every correlation (:data:`ND_COLUMNS`)."""
-    return _special(family, direction, weight, correlations, separation_range, component_var, center)[0]
+    """The folds and pitchforks of ``family`` at one weight, for every correlation (:data:`ND_COLUMNS`).
+    ``symmetric`` (the default for ``diag`` and ``iso``): continued on the target's
+    permutation-symmetric subspace (:func:`kl_sweep.core.landscape.symmetric_embedding`), in 2 to 4
+    coordinates at any d; ``False``: in all the family's parameters."""
+    return _special(
+        family, direction, weight, correlations, separation_range, component_var, center, symmetric
+    )[0]
 
 
-def _special(family, direction, weight, correlations, separation_range, component_var=1.0, center=0.0):
-    """(:func:`continued_points`' table, the points u [M, P + 2] of its rows, the landscape).
-    Remembered: ``python -m analysis`` asks for the same cell's points for its table and for the
-    phase_plane figure's lines (callers copy what they change)."""
+def _special(
+    family, direction, weight, correlations, separation_range, component_var=1.0, center=0.0, symmetric=None
+):  # fmt: skip
+    """(:func:`continued_points`' table, the points u [M, n + 2] of its rows, the landscape, and
+    for a coexistence row the other minimum's point, NaN elsewhere). Remembered: ``python -m
+    analysis`` asks for the same cell's points for its table and for the phase_plane figure's
+    lines (callers copy what they change)."""
     key = tuple(sorted(set(float(r) for r in correlations)))
+    symmetric = family.name != "full" if symmetric is None else symmetric
     range_ = (float(separation_range[0]), float(separation_range[1]))
-    frame, u, landscape = _special_of(
-        family, str(direction), float(weight), key, range_, float(component_var), float(center)
+    frame, u, landscape, partner = _special_of(
+        family,
+        str(direction),
+        float(weight),
+        key,
+        range_,
+        float(component_var),
+        float(center),
+        bool(symmetric),
     )
-    return frame.copy(), u.clone(), landscape
+    return frame.copy(), u.clone(), landscape, partner.clone()
 
 
 @functools.lru_cache(maxsize=32)
-def _special_of(family, direction, weight, correlations, separation_range, component_var, center):
-    from kl_sweep.core.bifurcation import branch_special_points, continue_branches
+def _special_of(family, direction, weight, correlations, separation_range, component_var, center, symmetric):
+    from kl_sweep.core.bifurcation import branch_special_points, continue_branches, mirror_pitchforks
     from kl_sweep.core.landscape import ReducedLandscape
 
     landscape = ReducedLandscape(
-        family, direction, center, component_var, second="correlation", weight=weight
+        family, direction, center, component_var, second="correlation", weight=weight, symmetric=symmetric
     )
     lo, hi = separation_range
     correlations = np.asarray(correlations, dtype=float)
@@ -134,13 +163,24 @@ def _special_of(family, direction, weight, correlations, separation_range, compo
     n = landscape.n_state
     keep = special.converged
     first, second, residual = _maxwell(landscape, branches)
-    u = torch.cat([special.u[keep], first])
+    mirror = torch.empty(0, n + 2, dtype=torch.float64)
+    mirror_birth, mirror_residual = torch.empty(0, dtype=torch.bool), torch.empty(0, dtype=torch.float64)
+    if weight == 0.5:  # (the centred fit's pitchforks, which a branch can step past)
+        rho = torch.tensor(correlations, dtype=torch.float64)
+        mirror, mirror_birth, mirror_residual = mirror_pitchforks(landscape, rho, (lo, hi))
+    u = torch.cat([special.u[keep], mirror, first])
     kind = np.concatenate(
-        [np.where(special.fold[keep].numpy(), "fold", "pitchfork"), np.full(len(first), "maxwell")]
+        [
+            np.where(special.fold[keep].numpy(), "fold", "pitchfork"),
+            np.full(len(mirror), "pitchfork"),
+            np.full(len(first), "maxwell"),
+        ]
     )
-    event = np.concatenate([np.where(special.birth[keep].numpy(), "birth", "death"), np.full(len(first), "")])
+    birth = torch.cat([special.birth[keep], mirror_birth]).numpy()
+    event = np.concatenate([np.where(birth, "birth", "death"), np.full(len(first), "")])
     rho = u[:, n + 1]
-    _, S = family.covariance(u[:, :n])
+    theta = landscape.theta(u)
+    _, S = family.covariance(theta)
     along = direction_vector(direction, family.dim)
     frame = pd.DataFrame(
         {
@@ -157,14 +197,23 @@ def _special_of(family, direction, weight, correlations, separation_range, compo
                 float(s) * mahalanobis_unit(family.dim, direction, float(r), component_var)
                 for s, r in zip(u[:, n].tolist(), rho.tolist())
             ],
-            "mu": (u[:, : family.dim] @ along).numpy(),
+            "mu": (theta[:, : family.dim] @ along).numpy(),
             "sigma2": torch.einsum("i,bij,j->b", along, S, along).numpy(),
-            "residual": torch.cat([special.residual[keep], residual]).numpy(),
+            "residual": torch.cat([special.residual[keep], mirror_residual, residual]).numpy(),
         },
         columns=ND_COLUMNS,
     )
+    partner = torch.cat([torch.full_like(u[: len(u) - len(second)], float("nan")), second])
     frame = dedupe(frame.assign(row=np.arange(len(frame))))
-    return frame.drop(columns="row"), u[frame["row"].to_numpy().copy()], landscape
+    keep_rows = frame["row"].to_numpy().copy()
+    u, partner = u[keep_rows], partner[keep_rows]
+    frame = frame.drop(columns="row")
+    # On the symmetric subspace: continued minima that are saddles of the whole space (the block of
+    # the Hessian that breaks the symmetry not positive definite). None were found (docs/dimensions.md).
+    curve = branches.curve
+    off = curve.valid & (curve.monitors["least"] > 0) & (curve.monitors["breaking"] < 0)
+    frame.attrs["off_subspace"] = int(off.sum())
+    return frame, u, landscape, partner
 
 
 #: Separations on which two minimum branches' losses are compared for a coexistence point.
@@ -261,9 +310,6 @@ def full_points(line_points: pd.DataFrame, dim: int, direction: str, correlation
     return dedupe(pd.DataFrame(rows, columns=ND_COLUMNS))
 
 
-#: Families continued in more parameters than this are left out (each Newton step of the
-#: continuation forms a P x P Hessian by P backward passes); ``full`` is never continued.
-MAX_CONTINUED_PARAMS = 24
 #: The columns of a sweep's rows the d > 1 exact structure reads.
 NEEDED = (
     "divergence",
@@ -307,13 +353,14 @@ def exact_points(rows: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
             reach = hi * max(mahalanobis_unit(int(dim), direction, r) for r in correlations)
             line = exact_structure("reverse", [float(weight)], (0.0, max(reach, 1.0))).points
             frames.append(full_points(line, int(dim), direction, correlations))
-        elif family.n_params > MAX_CONTINUED_PARAMS:
-            notes.append(
-                f"the exact structure of {name} Q in d = {dim} is not computed: {family.n_params} "
-                f"parameters (at most {MAX_CONTINUED_PARAMS} are continued)"
-            )
         elif hi > 0:
-            frames.append(continued_points(family, str(direction), float(weight), correlations, (lo, hi)))
+            points = continued_points(family, str(direction), float(weight), correlations, (lo, hi))
+            if points.attrs.get("off_subspace"):
+                notes.append(
+                    f"{name} Q in d = {dim} along the {direction}: a continued minimum of the symmetric "
+                    "subspace is a saddle off it; the table holds the subspace's special points"
+                )
+            frames.append(points)
     points = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=ND_COLUMNS)
     return points, sorted(set(notes))
 
@@ -345,20 +392,21 @@ def exact_lines(
     separation_range: tuple[float, float],
     pitchfork_steps: int = 30,
 ) -> pd.DataFrame:
-    """The fold and pitchfork lines of ``family`` in the (separation, correlation) plane at one
+    """The fold, pitchfork and coexistence lines of ``family`` in the (separation, correlation) plane at one
     weight: columns ``line``, ``kind``, ``separation``, ``correlation``.
 
     Folds: the fold system (F, det H) = 0 continued in (theta, separation, correlation) from the
     folds found at the swept correlations (:func:`analysis.structure.trace_fold_lines`, as on the
     line across weights). Mirror pitchforks (weight 1/2): the pitchfork system solved by Newton
     (:func:`kl_sweep.core.bifurcation.polish_pitchforks`) on a grid of correlations, each from
-    the previous one (they do not turn in the correlation), ``pitchfork_steps`` each way. Every
-    point is exact, to the residuals of its system.
+    the previous one (they do not turn in the correlation), ``pitchfork_steps`` each way.
+    Coexistence lines (kind ``maxwell``) the same way from each coexistence point
+    (:func:`_maxwell_lines`). Every point is exact, to the residuals of its system.
     """
     from analysis.structure import on_lines, trace_fold_lines
     from kl_sweep.core.bifurcation import polish_pitchforks
 
-    frame, u, landscape = _special(family, direction, weight, correlations, separation_range)
+    frame, u, landscape, partner = _special(family, direction, weight, correlations, separation_range)
     n = landscape.n_state
     rho_range = _rho_range(family.dim)
     folds = torch.as_tensor(frame["kind"].to_numpy() == "fold")
@@ -383,6 +431,14 @@ def exact_lines(
             halves.append(half)
         pitchforks.append(np.array([*halves[0][::-1], u[k].numpy(), *halves[1]]))
     lines += [("pitchfork", p) for p in pitchforks]
+    coexist = torch.as_tensor(frame["kind"].to_numpy() == "maxwell")
+    if bool(coexist.any()):
+        coexistence: list[np.ndarray] = []
+        for p in _maxwell_lines(landscape, u[coexist], partner[coexist], rho_range, pitchfork_steps):
+            mid = p[len(p) // 2 : len(p) // 2 + 1]  # (an inner point: the ends may differ by rounding)
+            if len(p) and not any(on_lines(coexistence, mid[:, n], mid[:, n + 1], n)):
+                coexistence.append(p)  # (a line through two swept correlations is traced twice)
+        lines += [("maxwell", p) for p in coexistence]
     frames = [
         pd.DataFrame({"line": i, "kind": kind, "separation": p[:, n], "correlation": p[:, n + 1]})
         for i, (kind, p) in enumerate(lines)
@@ -390,6 +446,45 @@ def exact_lines(
     ]
     columns = ["line", "kind", "separation", "correlation"]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
+
+
+def _maxwell_lines(
+    landscape, first: torch.Tensor, second: torch.Tensor, rho_range, steps: int
+) -> list[np.ndarray]:
+    """Coexistence lines in (separation, correlation): from each coexistence point (its two minima
+    ``first`` and ``second`` [M, n + 2]), :func:`kl_sweep.core.bifurcation.solve_maxwell` on
+    ``steps`` correlations each way to the ends of ``rho_range``, each from the previous one, all
+    points at once. A line ends where the system has no solution within 1e-10 whose ends are two
+    distinct minima (the two minima merge at a cusp, or one of them dies at a fold)."""
+    from kl_sweep.core.bifurcation import solve_maxwell
+
+    n = landscape.n_state
+    halves = []
+    for end in rho_range:  # each way from the found points
+        a, b, start = first.clone(), second.clone(), first[:, n + 1].clone()
+        alive = torch.ones(len(a), dtype=torch.bool)
+        half: list[list[np.ndarray]] = [[] for _ in range(len(a))]
+        for t in np.linspace(0.0, 1.0, steps)[1:]:  # continuation steps
+            rows = alive.nonzero()[:, 0]
+            if rows.numel() == 0:
+                break
+            rho = start[rows] + float(t) * (end - start[rows])
+            ga, gb = a[rows].clone(), b[rows].clone()
+            ga[:, n + 1], gb[:, n + 1] = rho, rho
+            na, nb, residual = solve_maxwell(landscape, ga, gb)
+            apart = (na[:, :n] - nb[:, :n]).abs().amax(-1) > 1e-4
+            ok = (
+                (residual <= 1e-10)
+                & apart
+                & landscape.theta_jet(na).minimum
+                & landscape.theta_jet(nb).minimum
+            )
+            a[rows[ok]], b[rows[ok]] = na[ok], nb[ok]
+            alive[rows[~ok]] = False
+            for i in rows[ok].tolist():
+                half[i].append(a[i].numpy().copy())
+        halves.append(half)
+    return [np.array([*lo[::-1], p.numpy(), *hi]) for lo, hi, p in zip(*halves, first)]
 
 
 def _loses_a_minimum(landscape, u: torch.Tensor) -> bool:
@@ -411,7 +506,7 @@ def full_lines(line_points: pd.DataFrame, dim: int, direction: str) -> pd.DataFr
     """``full``'s fold lines in closed form: s = Delta_fold / sqrt(u^T Sigma^-1 u(rho))."""
     rho = np.linspace(*_rho_range(dim), 120)
     unit = np.array([mahalanobis_unit(dim, direction, float(r)) for r in rho])
-    line = line_points[line_points["kind"].isin(["fold", "pitchfork"])].reset_index(drop=True)
+    line = line_points[line_points["kind"].isin(["fold", "pitchfork", "maxwell"])].reset_index(drop=True)
     frames = [
         pd.DataFrame(
             {
@@ -451,11 +546,13 @@ def weight_plane(
     from analysis.structure import trace_fold_lines
     from kl_sweep.core.landscape import ReducedLandscape
 
-    landscape = ReducedLandscape(family, direction, second="weight", correlation=correlation)
+    landscape = ReducedLandscape(
+        family, direction, second="weight", correlation=correlation, symmetric=family.name != "full"
+    )
     n = landscape.n_state
     folds = []
     for weight in seed_weights:  # a few seeding weights, each one batch
-        frame, u, _ = _special(family, direction, weight, [correlation], separation_range)
+        frame, u, _, _ = _special(family, direction, weight, [correlation], separation_range)
         u = u[torch.as_tensor(frame["kind"].to_numpy() == "fold")].clone()
         u[:, n + 1] = weight  # the second coordinate is now the weight
         folds.append(u)
@@ -472,7 +569,8 @@ def weight_plane(
         ]
         lines = pd.concat(parts, ignore_index=True)
     along = direction_vector(direction, family.dim)
-    _, S = family.covariance(cusps[:, :n])
+    theta = landscape.theta(cusps)
+    _, S = family.covariance(theta)
     table = pd.DataFrame(
         {
             "divergence": "reverse",
@@ -485,7 +583,7 @@ def weight_plane(
             "event": "",
             "separation": cusps[:, n].numpy(),
             "mahalanobis": cusps[:, n].numpy() * mahalanobis_unit(family.dim, direction, correlation),
-            "mu": (cusps[:, : family.dim] @ along).numpy(),
+            "mu": (theta[:, : family.dim] @ along).numpy(),
             "sigma2": torch.einsum("i,bij,j->b", along, S, along).numpy(),
             "residual": _fold_residuals(landscape, cusps),
         },

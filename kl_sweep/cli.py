@@ -133,8 +133,11 @@ def _field_names(schema: type) -> list[str]:
 
 
 def _first_line(ex: BaseException) -> str:
-    text = str(ex).strip()
-    return text.splitlines()[0] if text else type(ex).__name__
+    """The message's first line, joined to the next one when it only announces it (ends with ':')."""
+    lines = [line.strip() for line in str(ex).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(ex).__name__
+    return f"{lines[0]} {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else lines[0]
 
 
 def ensure_plugin_discoverable() -> None:

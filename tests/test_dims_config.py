@@ -737,3 +737,19 @@ def test_a_copied_target_plans_the_same_hashes(tmp_path):
     a = plan("dim=2", f"target.file={EXAMPLE}", "separation=1,2")
     b = plan("dim=2", f"target.file={tmp_path / 'copy.yaml'}", "separation=1,2")
     assert a.rows["hash"].tolist() == b.rows["hash"].tolist()
+
+
+def test_a_composition_error_keeps_the_line_that_says_what_is_wrong():
+    """Hydra announces a merge error on one line and says it on the next: both are printed (a
+    preset that sets a config group to a string once printed only the announcement)."""
+    from kl_sweep.cli import _first_line
+
+    error = RuntimeError(
+        "In 'experiment/mine': ValidationError raised while composing config:\n"
+        "Merge error: str is not a subclass of DivergenceConf. value: reverse\n    full_key: \n"
+    )
+    assert _first_line(error) == (
+        "In 'experiment/mine': ValidationError raised while composing config: "
+        "Merge error: str is not a subclass of DivergenceConf. value: reverse"
+    )
+    assert _first_line(RuntimeError("one line\nand more")) == "one line"

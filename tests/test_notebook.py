@@ -76,14 +76,16 @@ def test_notebook_runs_top_to_bottom_on_a_real_sweep(tmp_path, monkeypatch):
     images = [out for out in outputs if "image/png" in out.get("data", {})]
     # phase diagram, exact phase diagram, bifurcation, basin map, fit overlays, loss landscape, notebook
     # cases; then the alpha section's phase diagram, folds against alpha and fits across alpha; then
-    # the d = 2 section's exact onsets against the correlation
-    assert len(images) == 11
+    # the d = 2 section's exact onsets against the correlation, and the onsets against d
+    assert len(images) == 12
     text = "".join(out.get("text", "") for out in outputs)
     assert f"{len(table)} runs from {sweep}" in text
     assert "special points:" in text and "'fold'" in text  # the exact structure of the real sweep
     assert f"{len(alpha_table)} alpha runs from {alpha_sweep}" in text
     found = text.split("special points in d = 2:")[1].splitlines()[0]
     assert "'fold'" in found and "'pitchfork'" in found and "'maxwell'" in found
+    by_dim = text.split("the onset against d:")[1].splitlines()[0]  # diag's folds, iso's pitchforks
+    assert "'diag': ['fold', 'pitchfork']" in by_dim and "'iso': ['fold', 'pitchfork']" in by_dim
     # Nothing is written into the sweeps: the notebook only displays.
     assert sorted(p.name for p in sweep.iterdir()) == ["0", "multirun.yaml", "results.parquet"]
     assert sorted(p.name for p in alpha_sweep.iterdir()) == ["0", "multirun.yaml", "results.parquet"]

@@ -45,6 +45,7 @@ other equations of its system (det H relative to :math:`\lVert H\rVert^2` for fo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -115,7 +116,16 @@ class BranchProblem:
             "least": least_eigenvalue(h) / _frobenius(h),
             "t_d": tangent[:, jet.n],
             "ratio": self.landscape.covering_ratio(self.full(u)) - COVERING_RATIO,
+            # on a symmetric subspace: the least eigenvalue on the directions that break the
+            # symmetry (> 0: a minimum of the subspace is one of the whole space); else +1
+            "breaking": self._breaking(u, h),
         }
+
+    def _breaking(self, u: Tensor, h: Tensor) -> Tensor:
+        block = self.landscape.breaking_block(self.full(u))
+        if block is None:
+            return torch.ones_like(h[:, 0, 0])
+        return least_eigenvalue(block) / _frobenius(h)
 
     def take(self, index: Tensor) -> BranchProblem:
         return BranchProblem(self.landscape, self.weight[index])
@@ -361,6 +371,56 @@ def polish_pitchforks(landscape: Landscape, u: Tensor) -> tuple[Tensor, Tensor]:
     return polished, _stationary_residual(landscape, polished)
 
 
+def mirror_pitchforks(
+    landscape: Landscape, second: Tensor, separation_range: tuple[float, float], samples: int = 100
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The centred fit's pitchforks at weight 1/2, found on the mirror's fixed subspace itself.
+
+    A branch continued through a pitchfork can step onto the branch that crosses it there, and
+    then the centred fit's loss of stability is not seen (which branch it takes is decided by
+    rounding). On the fixed subspace (Q's means at c) no branch crosses: the centred fit is solved
+    by Newton in its scale coordinates from each of ``samples`` separations of
+    ``separation_range`` to the next, for every value [P] of the landscape's second parameter at
+    once (weight 1/2 throughout). Where the least eigenvalue of its whole Hessian changes sign, the
+    bracket is polished by :func:`polish_pitchforks`. Two pitchforks within one step of the grid
+    are not seen. Returns (u [M, n + 2], birth [M]: the centred fit is a minimum above the point,
+    residual [M]).
+    """
+    n, k = landscape.n_state, landscape.n_mean
+    lower, _ = landscape.state_bounds()
+    log_scale = torch.tensor([b > -float("inf") for b in lower[k:]])
+    lo, hi = separation_range
+    m = len(second)
+    means = torch.full((m, k), landscape.center, dtype=torch.float64)
+    x = torch.zeros(m, n - k, dtype=torch.float64)
+    x[:, log_scale] = 0.5 * math.log(landscape.component_var + 0.25 * lo * lo)
+    points, least, good = [], [], []
+    for sep in torch.linspace(lo, hi, samples, dtype=torch.float64).tolist():  # continuation steps
+        params = torch.stack([torch.full((m,), sep, dtype=torch.float64), second.to(torch.float64)], -1)
+
+        def system(y: Tensor, rows: Tensor, params: Tensor = params) -> tuple[Tensor, Tensor]:
+            jet = landscape.theta_jet(torch.cat([means[rows], y, params[rows]], -1))
+            return jet.gradient[:, k:], jet.hessian[:, k:, k:]
+
+        x, _ = newton(system, x, tol=1e-8, final=False)  # (a bracket; polish_pitchforks does the rest)
+        u = torch.cat([means, x, params], -1)
+        jet = landscape.theta_jet(u)
+        points.append(u)
+        least.append(least_eigenvalue(jet.hessian))
+        good.append(jet.gradient.isfinite().all(-1) & (jet.gradient.abs().amax(-1) <= 1e-9))
+    points, least, good = torch.stack(points, 1), torch.stack(least, 1), torch.stack(good, 1)
+    change = good[:, :-1] & good[:, 1:] & (torch.sign(least[:, :-1]) * torch.sign(least[:, 1:]) < 0)
+    rows, steps = change.nonzero(as_tuple=True)
+    a, b = least[rows, steps], least[rows, steps + 1]
+    f = (a / (a - b)).unsqueeze(-1)
+    start = points[rows, steps] + f * (points[rows, steps + 1] - points[rows, steps])
+    u, residual = polish_pitchforks(landscape, start)
+    step = (hi - lo) / max(samples - 1, 1)
+    inside = (u[:, n] - start[:, n]).abs() <= step
+    ok = inside & (residual <= 1e-10)
+    return u[ok], (b > 0)[ok], residual[ok]
+
+
 @dataclass
 class FoldLines:
     """Fold curves in u = (mu, log sigma, d, w): ``curve`` rows, traced from fold seeds both ways."""
@@ -501,6 +561,7 @@ __all__ = [
     "edge_pitchfork",
     "cusp_points",
     "fold_residual",
+    "mirror_pitchforks",
     "newton",
     "polish_folds",
     "solve_crossover",
