@@ -50,6 +50,26 @@ def real_alpha_sweep(directory: Path) -> pd.DataFrame:
     return pd.read_parquet(directory / "results.parquet")
 
 
+def real_dims_sweeps(bishop: Path, dims: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The d > 1 section's sweeps: the bishop preset, and mean-field fits to a single correlated
+    Gaussian (separation 0) in d = 2 and 5 by both KLs, for the shrinkage figure."""
+    proc = run_cli("-m", "experiment=bishop", f"hydra.sweep.dir={bishop}", "hydra.sweeper.latest_link=null")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_cli(
+        "-m",
+        "dim=2,5",
+        "q_family=diag",
+        "correlation=0,0.5,0.9",
+        "separation=0",
+        "init_mu=0",
+        "divergence=reverse,forward",
+        f"hydra.sweep.dir={dims}",
+        "hydra.sweeper.latest_link=null",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return pd.read_parquet(bishop / "results.parquet"), pd.read_parquet(dims / "results.parquet")
+
+
 def test_notebook_is_committed_without_outputs():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
@@ -65,6 +85,9 @@ def test_notebook_runs_top_to_bottom_on_a_real_sweep(tmp_path, monkeypatch):
     alpha_table = real_alpha_sweep(alpha_sweep)
     monkeypatch.setenv("KL_SWEEP_DIR", str(sweep))
     monkeypatch.setenv("KL_SWEEP_ALPHA_DIR", str(alpha_sweep))
+    bishop, dims = real_dims_sweeps(tmp_path / "bishop", tmp_path / "dims")
+    monkeypatch.setenv("KL_SWEEP_BISHOP_DIR", str(tmp_path / "bishop"))
+    monkeypatch.setenv("KL_SWEEP_DIMS_DIR", str(tmp_path / "dims"))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(
@@ -76,8 +99,9 @@ def test_notebook_runs_top_to_bottom_on_a_real_sweep(tmp_path, monkeypatch):
     images = [out for out in outputs if "image/png" in out.get("data", {})]
     # phase diagram, exact phase diagram, bifurcation, basin map, fit overlays, loss landscape, notebook
     # cases; then the alpha section's phase diagram, folds against alpha and fits across alpha; then
-    # the d = 2 section's exact onsets against the correlation, and the onsets against d
-    assert len(images) == 12
+    # the d = 2 section's exact onsets against the correlation, the onsets against d, Bishop's
+    # figures 10.2 and 10.3 and the shrinkage figure
+    assert len(images) == 15
     text = "".join(out.get("text", "") for out in outputs)
     assert f"{len(table)} runs from {sweep}" in text
     assert "special points:" in text and "'fold'" in text  # the exact structure of the real sweep
@@ -86,6 +110,8 @@ def test_notebook_runs_top_to_bottom_on_a_real_sweep(tmp_path, monkeypatch):
     assert "'fold'" in found and "'pitchfork'" in found and "'maxwell'" in found
     by_dim = text.split("the onset against d:")[1].splitlines()[0]  # diag's folds, iso's pitchforks
     assert "'diag': ['fold', 'pitchfork']" in by_dim and "'iso': ['fold', 'pitchfork']" in by_dim
+    for rows in (bishop, dims):  # (the figures draw the converged rows)
+        assert f"{int(rows['converged'].sum())} d > 1 runs from" in text
     # Nothing is written into the sweeps: the notebook only displays.
     assert sorted(p.name for p in sweep.iterdir()) == ["0", "multirun.yaml", "results.parquet"]
     assert sorted(p.name for p in alpha_sweep.iterdir()) == ["0", "multirun.yaml", "results.parquet"]
