@@ -332,3 +332,46 @@ def test_a_coexistence_line_reaches_the_lines_coexistence_point_at_rho_0():
     at_zero = line[np.abs(line[:, n + 1]) < 1e-12]
     *_, line_maxwell = ref_maxwell(-2.3, -0.1, 0.0, 0.6, 5.6, 0.5)
     assert len(at_zero) == 1 and abs(at_zero[0, n] - line_maxwell) <= 1e-8
+
+
+@pytest.mark.slow
+def test_a_fold_at_d50_holds_for_a_multistart_in_all_100_parameters():
+    """d = 50, a mean-field Q along the axis, rho 0.5: continued on the symmetric subspace (4
+    coordinates), the mode-seeking minimum is born at a fold. scipy's L-BFGS in all 100 parameters
+    (the core's closed-form loss and gradient), from the mode, the centre and random asymmetric
+    starts, finds one minimum (the centred covering fit) 0.01 below the fold and two or more (the
+    covering fit and a mode's) 0.01 above it."""
+    from scipy.optimize import minimize
+
+    family = Family("diag", 50)
+    points = continued_points(family, "axis", 0.5, [0.5], (0.0, 5.0))
+    fold = points[points["kind"] == "fold"].iloc[0]
+    assert fold["event"] == "birth" and fold["residual"] <= 1e-10
+    s = float(fold["separation"])
+    rng = np.random.default_rng(5)
+    for side, expected in ((-0.01, 1), (0.01, 2)):
+        sep = s + side
+        target = SharedPair(
+            *(torch.tensor([x], dtype=torch.float64) for x in (sep, 0.5, 0.0, 1.0, 0.5)), 50, "axis"
+        )
+        objective = ReducedObjective.build(DIVERGENCES["reverse"], Quadrature(12), target, family)
+
+        def loss(x, objective=objective):
+            value, grad, _ = objective.derivatives(torch.from_numpy(x)[None], hessian=False)
+            return float(value[0]), grad[0].numpy()
+
+        ends = []
+        for mode in (-0.5 * sep, 0.0, 0.5 * sep, None, None):
+            x0 = np.concatenate([rng.normal(0, 0.5, 50), rng.normal(0, 0.2, 50)])
+            if mode is not None:
+                x0[:50], x0[50:] = 0.0, 0.0
+                x0[0] = mode
+            options = {"gtol": 1e-10, "ftol": 1e-16, "maxiter": 20000}
+            theta = torch.from_numpy(minimize(loss, x0, jac=True, method="L-BFGS-B", options=options).x)
+            for _ in range(8):  # Newton from L-BFGS's end, to rounding
+                _, grad, hess = objective.derivatives(theta[None], hessian=True)
+                theta = theta - torch.linalg.solve(hess[0], grad[0])
+            _, grad, hess = objective.derivatives(theta[None], hessian=True)
+            assert grad.abs().max() < 1e-9 and torch.linalg.eigvalsh(hess)[0, 0] > 0
+            ends.append(round(abs(float(theta[0])), 2))  # |mu_1|: 0 for the covering fit
+        assert len(set(ends)) == expected, ends
