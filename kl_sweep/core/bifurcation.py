@@ -409,8 +409,7 @@ def mirror_pitchforks(
         least.append(least_eigenvalue(jet.hessian))
         good.append(jet.gradient.isfinite().all(-1) & (jet.gradient.abs().amax(-1) <= 1e-9))
     points, least, good = torch.stack(points, 1), torch.stack(least, 1), torch.stack(good, 1)
-    change = good[:, :-1] & good[:, 1:] & (torch.sign(least[:, :-1]) * torch.sign(least[:, 1:]) < 0)
-    rows, steps = change.nonzero(as_tuple=True)
+    rows, steps = _sign_changes(least, good)
     a, b = least[rows, steps], least[rows, steps + 1]
     f = (a / (a - b)).unsqueeze(-1)
     start = points[rows, steps] + f * (points[rows, steps + 1] - points[rows, steps])
