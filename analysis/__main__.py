@@ -1,6 +1,8 @@
 """``python -m analysis [SWEEP_DIR]``: figures to SWEEP_DIR/figures/, tables to SWEEP_DIR/tables/.
 
-Rows of the alpha family (``divergence=alpha``) are analysed apart (:mod:`analysis.alpha`): their
+The sweep's rows are read once, a batch of whole cells at a time
+(:func:`analysis.stream.analyse_sweep`), so its memory does not grow with the number of rows. Rows
+of the alpha family (``divergence=alpha``) are analysed apart (:mod:`analysis.alpha`): their
 tables and figures are named ``alpha_*`` and their section ends ``summary.md``.
 
 Exit codes: 0 on success; 2 when SWEEP_DIR does not exist or holds no usable results (one line
@@ -18,22 +20,23 @@ import pandas as pd
 
 matplotlib.use("Agg")
 
-from analysis.alpha import alpha_notes, analyse_alpha, split_family  # noqa: E402 (after the backend)
+from analysis.alpha import alpha_notes  # noqa: E402 (after the backend)
 from analysis.classify import DEFAULT_TOL  # noqa: E402
-from analysis.data import load_sweep, split_dimensions  # noqa: E402
 from analysis.dims import (  # noqa: E402
     dimension_figure,
-    higher_rows,
     onsets_by_dim,
     weight_plane_figure,
     weight_planes,
     write_dims_figures,
 )
 from analysis.figures import save  # noqa: E402
-from analysis.pipeline import DEFAULT_WEIGHT, analyse  # noqa: E402
+from analysis.pipeline import DEFAULT_WEIGHT  # noqa: E402
 from analysis.report import write_report  # noqa: E402
+from analysis.source import Sweep  # noqa: E402
+from analysis.stream import analyse_sweep  # noqa: E402
 from analysis.structure_nd import exact_points, one_table  # noqa: E402
 from kl_sweep.allocator import keep_freed_memory, small_pages  # noqa: E402
+from kl_sweep.collect import DamagedFileError  # noqa: E402
 from kl_sweep.io import write_text  # noqa: E402
 
 
@@ -68,37 +71,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def bad_input(sweep_dir: Path, err: Exception) -> int:
+    """Say on one line why ``sweep_dir`` cannot be analysed; the exit code 2."""
+    message = str(err).removeprefix("kl_sweep: ")  # the collect step names itself; say it once
+    message = message if str(sweep_dir) in message else f"{sweep_dir}: {message}"
+    print(f"analysis: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     keep_freed_memory()  # the exact structure's fits and continuations reuse their temporaries
     small_pages()  # reading a million-row table stalls less (kl_sweep.allocator)
     try:
-        table = load_sweep(args.sweep_dir)
-    except (FileNotFoundError, ValueError) as err:
-        message = str(err).removeprefix("kl_sweep: ")  # the collect step names itself; say it once
-        message = message if str(args.sweep_dir) in message else f"{args.sweep_dir}: {message}"
-        print(f"analysis: {message}", file=sys.stderr)
-        return 2
-    table, higher = split_dimensions(table)
-    family, rest = split_family(table)
-    result = analyse(rest, tol=args.tol) if len(rest) else None
-    alpha = analyse_alpha(family, tol=args.tol) if len(family) else None
-    written = write_report(result, args.sweep_dir, weight=args.weight, alpha=alpha) if len(table) else []
-    for folder, kind in (("tables", "table"), ("figures", "figure")) if len(table) else ():
+        sweep = Sweep.open(args.sweep_dir)  # every check but a page damaged inside a file
+        report = analyse_sweep(sweep, tol=args.tol, weight=args.weight)
+    except (FileNotFoundError, DamagedFileError) as err:
+        return bad_input(args.sweep_dir, err)
+    except ValueError as err:
+        if "sweep" in locals():  # (raised by the analysis of a readable sweep: not bad input)
+            raise
+        return bad_input(args.sweep_dir, err)
+    result, alpha, higher = report.result, report.alpha, report.higher
+    lines = result is not None or alpha is not None
+    written = write_report(result, args.sweep_dir, weight=args.weight, alpha=alpha) if lines else []
+    for folder, kind in (("tables", "table"), ("figures", "figure")) if lines else ():
         files = [p for p in written if p.parent.name == folder]
         print(f"wrote {len(files)} {kind} files to {args.sweep_dir / folder}")
     for note in result.notes if result is not None else []:  # what the exact structure could not do
         print(f"note: {note}")
     for note in alpha_notes(alpha) if alpha is not None else []:
         print(f"note: {note}")
+    for note in report.notes:  # the figures that draw a regular sub-grid of a very large sweep's runs
+        print(f"note: {note}")
     nd_points = None
-    if len(higher):
-        dims = ", ".join(str(d) for d in sorted(higher["dim"].unique()))
-        print(f"note: {len(higher)} rows with dim {dims} are left out of the 1-D figures and tables")
-        rows = higher_rows(higher)
-        nd_points, skipped = exact_points(rows)
+    if higher is not None:
+        dims = ", ".join(str(d) for d in report.higher_dims)
+        print(f"note: {report.higher_rows} rows with dim {dims} are left out of the 1-D figures and tables")
+        nd_points, skipped = exact_points(higher.grid)
         drawn, more = write_dims_figures(higher, args.sweep_dir / "figures")
-        planes = weight_planes(rows)
+        planes = weight_planes(higher.grid)
         if isinstance(planes, str):
             more.append(planes)
         else:

@@ -34,7 +34,7 @@ Separations are in component standard deviations when component_var = 1 (as ever
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -451,8 +451,15 @@ def onset_table(
     it every converged optimum counts as a minimum (for hand-made tables).
     """
     runs = table[table["divergence"] == ALPHA]
-    runs = in_context(runs, primary_context(runs))
-    optima, cells = classify_alpha(runs, tol, check_stability)
+    context = primary_context(runs)
+    optima, cells = classify_alpha(in_context(runs, context), tol, check_stability)
+    return onsets_of(optima, cells, folds, context)
+
+
+def onsets_of(
+    optima: pd.DataFrame, cells: pd.DataFrame, folds: pd.DataFrame | None, context: dict[str, object]
+) -> pd.DataFrame:
+    """:func:`onset_table` from the optima and cells of :func:`classify_alpha` (of one context)."""
     work = cells.assign(divergence=cells["alpha"].map(_group_label))
     bounds = classify.phase_boundaries(work, optima.assign(divergence=optima["alpha"].map(_group_label)))
     alpha_of = dict(zip(work["divergence"], work["alpha"], strict=False))
@@ -464,12 +471,12 @@ def onset_table(
     out["edge_split"] = np.nan
     if folds is not None:
         out = _with_exact_onset(out, folds, cells)
-        out = _with_edge_split(out, runs)
+        out = _with_edge_split(out, context)
     out["exact_onset"] = out[["fold_separation", "edge_split"]].min(axis=1)
     return out[ONSET_COLUMNS].sort_values(["weight", "alpha"], ignore_index=True)
 
 
-def _with_edge_split(out: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
+def _with_edge_split(out: pd.DataFrame, context: dict[str, object]) -> pd.DataFrame:
     """``edge_split`` at weight 1/2 and a < 0: where the covering fit, held on the edge of the finite
     region, splits into two edge minima (:func:`kl_sweep.core.bifurcation.edge_pitchfork`; at
     a = -1 it is at separation pi). Where it comes before the interior fold, it is the onset."""
@@ -478,7 +485,7 @@ def _with_edge_split(out: pd.DataFrame, runs: pd.DataFrame) -> pd.DataFrame:
     from kl_sweep.core.landscape import Landscape
 
     out = out.copy()
-    center, var = float(runs["center"].iloc[0]), float(runs["component_var"].iloc[0])
+    center, var = float(context["center"]), float(context["component_var"])
     with float64(), torch.no_grad():
         for i, row in out.iterrows():  # (weight, alpha) rows: tens
             if not (np.isclose(row["weight"], 0.5) and row["alpha"] < 0):
@@ -593,13 +600,14 @@ def _compare(row: pd.Series, intervals: list[tuple[float, float]], cells: pd.Dat
 class AlphaAnalysis:
     """The alpha rows of a sweep, analysed (see the module docstring).
 
-    - ``runs``: the alpha rows (main context); ``optima``, ``cells``: :func:`classify_alpha`.
+    - ``statuses``: how many of the alpha rows (main context) ended with each ``status``
+      (columns ``status``, ``runs``); ``optima``, ``cells``: :func:`classify_alpha`.
     - ``folds``: :func:`fold_versus_alpha` at the swept weights (empty without ``exact``).
     - ``onsets``: :func:`onset_table` with the exact columns from ``folds``.
     - ``notes``: what could not be computed, and why.
     """
 
-    runs: pd.DataFrame
+    statuses: pd.DataFrame
     optima: pd.DataFrame
     cells: pd.DataFrame
     folds: pd.DataFrame
@@ -610,7 +618,53 @@ class AlphaAnalysis:
 
     @property
     def weights(self) -> np.ndarray:
-        return np.unique(self.runs["weight"].to_numpy(float))
+        return np.unique(self.cells["weight"].to_numpy(float))
+
+    @property
+    def alphas(self) -> np.ndarray:
+        return np.unique(self.cells["alpha"].to_numpy(float))
+
+    @property
+    def separations(self) -> np.ndarray:
+        return np.unique(self.cells["separation"].to_numpy(float))
+
+    @property
+    def n_runs(self) -> int:
+        return int(self.statuses["runs"].sum())
+
+
+@dataclass
+class AlphaBatch:
+    """What one batch of whole cells leaves: its optima and cells, and its runs counted by status."""
+
+    optima: pd.DataFrame
+    cells: pd.DataFrame
+    statuses: pd.DataFrame
+
+
+def alpha_batch(
+    table: pd.DataFrame,
+    context: dict[str, object],
+    tol: float = classify.DEFAULT_TOL,
+    check_stability: bool = True,
+) -> AlphaBatch:
+    """:func:`classify_alpha` of a batch's alpha rows in ``context`` (the batch holds whole cells)."""
+    runs = in_context(table[table["divergence"] == ALPHA], context).reset_index(drop=True)
+    optima, cells = classify_alpha(runs, tol, check_stability)
+    statuses = runs.groupby("status").size().rename("runs").reset_index()
+    return AlphaBatch(optima, cells, statuses)
+
+
+def _by_label(frames: Iterable[pd.DataFrame], keys: list[str]) -> pd.DataFrame:
+    """The batches' frames as one, in the order :func:`classify_alpha` gives one batch's: by the
+    alpha's group label, then ``keys``."""
+    frames = list(frames)
+    frames = [f for f in frames if len(f)] or frames[:1]
+    if len(frames) == 1:
+        return frames[0].reset_index(drop=True)
+    out = pd.concat(frames, ignore_index=True)
+    out["_label"] = out["alpha"].map(_group_label)
+    return out.sort_values(["_label", *keys], ignore_index=True).drop(columns="_label")
 
 
 def analyse_alpha(
@@ -621,15 +675,36 @@ def analyse_alpha(
 ) -> AlphaAnalysis:
     """The alpha section of a sweep: optima, cells, exact folds against alpha and the onset table.
 
-    ``alphas``: where the folds are reported (default :data:`DEFAULT_ALPHAS`); the swept alphas
-    are always added, so every row of the onset table can have its exact fold.
+    ``table`` is analysed as one batch (:func:`alpha_batch`, :func:`combine_alpha`). ``alphas``:
+    where the folds are reported (default :data:`DEFAULT_ALPHAS`); the swept alphas are always
+    added, so every row of the onset table can have its exact fold.
     """
     runs = table[table["divergence"] == ALPHA]
     context = primary_context(runs)
-    runs = in_context(runs, context).reset_index(drop=True)
-    optima, cells = classify_alpha(runs, tol)
+    several = len(in_context(runs, context)) < len(runs)
+    return combine_alpha([alpha_batch(runs, context, tol)], context, tol, several, exact, alphas)
+
+
+def combine_alpha(
+    batches: list[AlphaBatch],
+    context: dict[str, object],
+    tol: float,
+    several_contexts: bool = False,
+    exact: bool = True,
+    alphas: Sequence[float] | None = None,
+) -> AlphaAnalysis:
+    """The alpha section from the batches' optima and cells (of ``context``; the list is emptied
+    once they are joined): the exact folds at
+    the swept weights and alphas, then the onset table. ``several_contexts``: the sweep's alpha
+    rows hold other contexts too (a note says which is shown)."""
+    rest = [k for k in CELL_KEYS if k != "divergence"]
+    optima = _by_label((b.optima for b in batches), rest + ["optimum"])
+    cells = _by_label((b.cells for b in batches), rest)
+    statuses = pd.concat([b.statuses for b in batches], ignore_index=True)
+    statuses = statuses.groupby("status", as_index=False)["runs"].sum()
+    batches.clear()  # (joined: each is held once)
     notes = []
-    if len(in_context(table[table["divergence"] == ALPHA], context)) < (table["divergence"] == ALPHA).sum():
+    if several_contexts:
         notes.append(
             "alpha: several contexts swept; shown: " + ", ".join(f"{k}={v}" for k, v in context.items())
         )
@@ -637,25 +712,25 @@ def analyse_alpha(
     if exact:
         # The swept alphas, and the reporting grid within the swept range (up to a = 1 when the
         # sweep reaches it: the folds are followed until they pass MAX_SEPARATION).
-        swept = np.unique(runs["alpha"].to_numpy(float))
+        swept = np.unique(cells["alpha"].to_numpy(float))
         targets = np.concatenate([np.asarray(DEFAULT_ALPHAS if alphas is None else alphas, float), swept])
         high = 1.0 if swept.max() >= 1.0 else swept.max() + 1e-12
         targets = targets[(targets >= swept.min() - 1e-12) & (targets <= high) & (targets < 1.0)]
         if len(targets):
             folds = fold_versus_alpha(
-                np.unique(runs["weight"].to_numpy(float)),
+                np.unique(cells["weight"].to_numpy(float)),
                 targets,
                 center=float(context["center"]),
                 component_var=float(context["component_var"]),
             )
-    onsets = onset_table(runs, folds if exact else None, tol)
-    return AlphaAnalysis(runs, optima, cells, folds, onsets, context, tol, notes)
+    onsets = onsets_of(optima, cells, folds if exact else None, context)
+    return AlphaAnalysis(statuses, optima, cells, folds, onsets, context, tol, notes)
 
 
 def alpha_notes(analysis: AlphaAnalysis) -> list[str]:
     """Lines for the command line: per weight, where the sweep finds multistability, where folds end."""
     lines = list(analysis.notes)
-    top = float(analysis.runs["separation"].max())
+    top = float(analysis.separations.max())
     for weight, part in analysis.onsets.groupby("weight"):  # the swept weights
         seen = part.dropna(subset=["onset_grid"])
         text = f"alpha, weight {weight:g}: "

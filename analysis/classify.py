@@ -105,6 +105,41 @@ def label_runs(table: pd.DataFrame, tol: float = DEFAULT_TOL) -> np.ndarray:
     return labels
 
 
+def group_means(groups: np.ndarray, values: np.ndarray, n_groups: int) -> np.ndarray:
+    """The mean of ``values`` in each group (``groups`` numbers them 0 .. n_groups - 1), NaN left out.
+
+    Each group's values are added in their order by Kahan's compensated summation (as pandas'
+    groupby mean does for a table not sorted by group), one position of every group at a time.
+    A group's mean so depends on its own values and their order only, never on the rest of the
+    table: a cell's optima are the same whether its batch holds one cell or a million.
+    """
+    order = np.argsort(groups, kind="stable")
+    groups, values = groups[order], values[order]
+    valid = ~np.isnan(values)
+    groups, values = groups[valid], values[valid]
+    counts = np.bincount(groups, minlength=n_groups)
+    position = np.arange(len(groups)) - (np.cumsum(counts) - counts)[groups]
+    by_position = np.lexsort((groups, position))
+    ends = np.cumsum(np.bincount(position)) if len(position) else np.zeros(0, dtype=np.int64)
+    total, compensation = np.zeros(n_groups), np.zeros(n_groups)
+    start = 0
+    with np.errstate(invalid="ignore", divide="ignore"):  # (infinite values: see below; empty groups)
+        for end in ends:  # positions within a group: as many as the largest group's values
+            rows = by_position[start:end]
+            g, y = groups[rows], values[rows] - compensation[groups[rows]]
+            t = total[g] + y
+            compensation[g] = t - total[g] - y
+            total[g] = t
+            start = end
+        means = total / counts
+    # An infinite value makes the compensation NaN: such a group's mean is its plain one.
+    odd = ~np.isfinite(means) & (counts > 0)
+    if odd.any():
+        plain = np.bincount(groups, weights=values, minlength=n_groups) / np.maximum(counts, 1)
+        means[odd] = plain[odd]
+    return means
+
+
 def distinct_optima(table: pd.DataFrame, labels: np.ndarray) -> pd.DataFrame:
     """One row per (cell, optimum) with its mean mu, sigma2, loss, KLs, runs reaching it and its type.
 
@@ -114,18 +149,12 @@ def distinct_optima(table: pd.DataFrame, labels: np.ndarray) -> pd.DataFrame:
     :func:`analysis.stability.stationary_kind`.
     """
     conv = table.assign(optimum=labels)[labels >= 0]
-    optima = (
-        conv.groupby(CELL_KEYS + ["optimum"], sort=True, dropna=False)
-        .agg(
-            mu=("mu", "mean"),
-            sigma2=("sigma2", "mean"),
-            loss=("loss", "mean"),
-            kl_forward=("kl_forward", "mean"),
-            kl_reverse=("kl_reverse", "mean"),
-            n_runs=("mu", "size"),
-        )
-        .reset_index()
-    )
+    grouped = conv.groupby(CELL_KEYS + ["optimum"], sort=True, dropna=False)
+    optima = grouped.size().rename("n_runs").reset_index()
+    groups = grouped.ngroup().to_numpy()
+    for k, column in enumerate(("mu", "sigma2", "loss", "kl_forward", "kl_reverse")):
+        values = conv[column].to_numpy(float)
+        optima.insert(len(CELL_KEYS) + 1 + k, column, group_means(groups, values, len(optima)))
     cell_runs = optima.groupby(CELL_KEYS, dropna=False)["n_runs"].transform("sum")
     optima["share"] = optima["n_runs"] / cell_runs
     _, var = moment_matched(optima)

@@ -17,6 +17,18 @@ import pandas as pd
 
 from kl_sweep.collect import read_sweep
 
+#: What fixes a d > 1 objective (one line of the exact structure's grid): a d > 1 cell's keys.
+ND_GRID_KEYS = (
+    "divergence",
+    "dim",
+    "q_family",
+    "direction",
+    "weight",
+    "correlation",
+    "separation",
+    "center",
+    "component_var",
+)
 #: Columns without which nothing can be analysed.
 REQUIRED_COLUMNS = ("divergence", "separation", "weight", "init_mu", "mu", "sigma2", "loss")
 #: Columns the contract promises but a hand-made table may omit, with the value assumed then.
@@ -63,10 +75,7 @@ def prepare(table: pd.DataFrame) -> pd.DataFrame:
         missing.append("converged (or status)")
     if missing:
         raise ValueError(f"the results table lacks the column(s) {', '.join(missing)}")
-    table = table.copy()
-    for column, default in OPTIONAL_DEFAULTS.items():
-        if column not in table.columns:
-            table[column] = default
+    table = with_defaults(table)
     flag = table["converged"] if "converged" in table.columns else table["status"] == "converged"
     finite = np.isfinite(table[["mu", "sigma2", "loss"]].to_numpy(dtype=float)).all(axis=1)
     table["converged"] = (
@@ -78,6 +87,15 @@ def prepare(table: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index(drop=True)
 
 
+def with_defaults(table: pd.DataFrame) -> pd.DataFrame:
+    """A copy of ``table``, every optional column it lacks set to its default (:data:`OPTIONAL_DEFAULTS`)."""
+    table = table.copy()
+    for column, default in OPTIONAL_DEFAULTS.items():
+        if column not in table.columns:
+            table[column] = default
+    return table
+
+
 def divergence_order(names: pd.Series | list[str]) -> list[str]:
     """Forward first, then reverse, then any other divergence alphabetically."""
     present = set(names)
@@ -85,9 +103,14 @@ def divergence_order(names: pd.Series | list[str]) -> list[str]:
     return known + sorted(present - set(known))
 
 
-def primary_context(table: pd.DataFrame) -> dict[str, object]:
-    """The (estimator, center, component_var) with the most rows: the one the figures show."""
-    counts = table.groupby(CONTEXT_KEYS, dropna=False).size()
+def primary_context(table: pd.DataFrame, count: str | None = None) -> dict[str, object]:
+    """The (estimator, center, component_var) with the most rows: the one the figures show.
+
+    ``count``: a column holding how many rows each row of ``table`` stands for (a census,
+    :class:`analysis.source.Census`); without it each row is one.
+    """
+    grouped = table.groupby(CONTEXT_KEYS, dropna=False)
+    counts = grouped.size() if count is None else grouped[count].sum()
     return dict(zip(CONTEXT_KEYS, counts.idxmax(), strict=True))
 
 

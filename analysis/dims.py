@@ -1,9 +1,12 @@
 r"""Figures of d-dimensional sweeps (``dim`` > 1): Bishop's figures 10.2 and 10.3 and the
 shrinkage-delinkage trade-off of a mean-field Q.
 
-Each figure is drawn from the sweep's rows (``mean``, ``cov`` and the keys). A sweep that lacks the
-rows a figure needs gets a one-line note instead of the figure. The closed forms drawn through the
-points are written out here from their textbook formulas, independently of the core:
+Each figure is drawn from the sweep's rows (``mean``, ``cov`` and the keys), or from what
+:class:`HigherRows` keeps of them when ``python -m analysis`` reads a sweep a batch at a time: the
+rows the figures drawn from single rows choose from, the minima found in every cell and the grid
+of swept values. A sweep that lacks the rows a figure needs gets a one-line note instead of the
+figure. The closed forms drawn through the points are written out here from their textbook
+formulas, independently of the core:
 
 - Bishop fig. 10.2: P = N(c, v R) in 2-D with correlation rho. A diagonal Q under the reverse KL
   has variances :math:`v/(R^{-1})_{ii} = v(1 - \rho^2)`, and under the forward KL it has v.
@@ -17,6 +20,7 @@ points are written out here from their textbook formulas, independently of the c
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +31,9 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Ellipse
 from matplotlib.ticker import NullFormatter
 
+from analysis.data import ND_GRID_KEYS
 from analysis.figures import DIVERGENCE_COLOURS, PALETTE, save, style
+from analysis.source import numpy_lists
 
 
 def higher_rows(table: pd.DataFrame) -> pd.DataFrame:
@@ -89,13 +95,35 @@ def _pick(rows: pd.DataFrame, **equal) -> pd.DataFrame:
     return rows[mask]
 
 
+def bishop_10_2_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows :func:`bishop_10_2` chooses from: d = 2, separation 0, a diagonal Q, either KL."""
+    cells = _pick(rows, dim=2, separation=0.0, q_family="diag")
+    return cells[cells["divergence"].isin(["forward", "reverse"])]
+
+
+def bishop_10_3_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows :func:`bishop_10_3` chooses from: d = 2, a full Q, the largest separation above 0."""
+    cells = _pick(rows, dim=2)
+    cells = cells[(cells["separation"] > 0) & (cells["q_family"] == "full")]
+    return _pick(cells, separation=float(cells["separation"].max())) if len(cells) else cells
+
+
+def shrinkage_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows :func:`shrinkage` draws: separation 0, a diagonal Q, component_var 1."""
+    cells = _pick(rows, separation=0.0, q_family="diag")
+    return cells[cells["component_var"].astype(float) == 1.0]
+
+
+#: The rows each of the figures drawn from single rows chooses from.
+FIGURE_ROWS = (bishop_10_2_rows, bishop_10_3_rows, shrinkage_rows)
+
+
 # --- Bishop fig. 10.2 ---------------------------------------------------------------------------
 
 
 def bishop_10_2(rows: pd.DataFrame) -> Figure | str:
     """P = N(c, v R) in 2-D (separation 0) with a diagonal Q by the forward and the reverse KL."""
-    cells = _pick(rows, dim=2, separation=0.0, q_family="diag")
-    cells = cells[cells["divergence"].isin(["forward", "reverse"])]
+    cells = bishop_10_2_rows(rows)
     if cells.empty or set(cells["divergence"]) != {"forward", "reverse"}:
         return "Bishop fig. 10.2 needs dim=2, separation=0, q_family=diag rows of both KLs"
     rho = float(cells["correlation"].max())
@@ -135,12 +163,10 @@ def bishop_10_2(rows: pd.DataFrame) -> Figure | str:
 
 def bishop_10_3(rows: pd.DataFrame) -> Figure | str:
     """A 2-D two-component mixture: the forward KL covers it, the reverse KL locks onto either mode."""
-    cells = _pick(rows, dim=2)
-    cells = cells[(cells["separation"] > 0) & (cells["q_family"] == "full")]
+    cells = bishop_10_3_rows(rows)
     if cells.empty or set(cells["divergence"]) < {"forward", "reverse"}:
         return "Bishop fig. 10.3 needs dim=2, separation > 0, q_family=full rows of both KLs"
     separation = float(cells["separation"].max())
-    cells = _pick(cells, separation=separation)
     cells = _pick(cells, correlation=float(cells["correlation"].min()))
     reverse = cells[cells["divergence"] == "reverse"]
     modes = reverse.assign(side=np.sign(reverse["mu"].round(6))).drop_duplicates("side")
@@ -210,8 +236,7 @@ def diag_reverse_entropy_gap(dim: np.ndarray, rho: np.ndarray) -> np.ndarray:
 def shrinkage(rows: pd.DataFrame) -> Figure | str:
     """Variance ratio and entropy gap of the diag fit against d and rho (P a single Gaussian), with
     the reverse KL's closed forms drawn through the points and the other divergences beside."""
-    cells = _pick(rows, separation=0.0, q_family="diag")
-    cells = cells[cells["component_var"].astype(float) == 1.0]
+    cells = shrinkage_rows(rows)
     if cells.empty or "reverse" not in set(cells["divergence"]):
         return (
             "the shrinkage figure needs separation=0, q_family=diag, component_var=1 rows of the reverse KL"
@@ -296,19 +321,20 @@ def minima_found(rows: pd.DataFrame) -> pd.DataFrame:
     return rows.groupby(keys, dropna=False)["mu"].apply(count).rename("minima").reset_index()
 
 
-def multistability_onsets(rows: pd.DataFrame) -> pd.DataFrame:
+def multistability_onsets(found: pd.DataFrame) -> pd.DataFrame:
     """Per (divergence, direction, dim, family, correlation, weight): the smallest swept separation
     where the starts reached two or more minima (NaN: none in the swept range), and the largest
-    swept separation. A sweep-based figure: it is as fine as the separation grid and the starts."""
-    found = minima_found(rows)
+    swept separation, from the minima of every cell (:func:`minima_found`). A sweep-based figure:
+    it is as fine as the separation grid and the starts."""
     onset = found[found["minima"] >= 2].groupby(ONSET_KEYS, dropna=False)["separation"].min()
     largest = found.groupby(ONSET_KEYS, dropna=False)["separation"].max().rename("largest_separation")
     return pd.concat([onset.rename("onset_separation"), largest], axis=1).reset_index()
 
 
-def onset_figure(rows: pd.DataFrame) -> Figure | str:
-    """Onset of multistability against correlation, per family (colour), direction (panel) and d."""
-    cells = rows[rows["divergence"] == "reverse"]
+def onset_figure(found: pd.DataFrame) -> Figure | str:
+    """Onset of multistability against correlation, per family (colour), direction (panel) and d,
+    from the minima of every cell (:func:`minima_found`)."""
+    cells = found[found["divergence"] == "reverse"]
     if cells.empty or cells["correlation"].nunique() < 2 or cells["separation"].nunique() < 3:
         return "the onset figure needs reverse-KL rows over several correlations and separations"
     onsets = multistability_onsets(cells)
@@ -351,10 +377,18 @@ def onset_figure(rows: pd.DataFrame) -> Figure | str:
     return fig
 
 
+def most_rows(rows: pd.DataFrame, key: str) -> float:
+    """The value of ``key`` the most rows have (the smallest of a tie); a row with a count ``n``
+    (:attr:`HigherRows.grid`) stands for that many."""
+    counts = rows.groupby(key)["n"].sum() if "n" in rows.columns else rows.groupby(key).size()
+    return float(counts.idxmax())
+
+
 def plane_lines(rows: pd.DataFrame) -> tuple[pd.DataFrame, int, float] | str:
     """The exact fold and pitchfork lines in the (separation, correlation) plane of the smallest
-    d > 1 of the sweep's reverse-KL rows, at their most common weight, per family and direction:
-    (lines with ``q_family`` and ``direction`` columns, d, weight), or why there are none."""
+    d > 1 of the sweep's reverse-KL rows (or their :attr:`HigherRows.grid`), at their most common
+    weight, per family and direction: (lines with ``q_family`` and ``direction`` columns, d,
+    weight), or why there are none."""
     from analysis.structure import exact_structure
     from analysis.structure_nd import NEEDED, exact_lines, full_lines
     from kl_sweep.core.gaussians import Family
@@ -367,7 +401,7 @@ def plane_lines(rows: pd.DataFrame) -> tuple[pd.DataFrame, int, float] | str:
         return "the (separation, correlation) phase diagram needs reverse-KL rows over several separations"
     dim = int(cells["dim"].min())
     cells = cells[cells["dim"] == dim]
-    weight = float(cells["weight"].mode().iloc[0])
+    weight = most_rows(cells, "weight")
     cells = cells[np.isclose(cells["weight"], weight)]
     hi = float(cells["separation"].max())
     frames = []
@@ -386,20 +420,20 @@ def plane_lines(rows: pd.DataFrame) -> tuple[pd.DataFrame, int, float] | str:
 LINE_STYLES = {"fold": (PALETTE[3], "-"), "pitchfork": (PALETTE[0], "--"), "maxwell": ("black", ":")}
 
 
-def phase_plane(rows: pd.DataFrame) -> Figure | str:
+def phase_plane(rows: pd.DataFrame, found: pd.DataFrame) -> Figure | str:
     """Reverse KL: the exact fold and pitchfork lines in the (separation, correlation) plane per
-    family (columns) and direction (rows), over the sweep's multistart counts."""
-    found = plane_lines(rows)
-    if isinstance(found, str):
-        return found
-    lines, dim, weight = found
-    cells = rows[
-        (rows["divergence"] == "reverse") & (rows["dim"] == dim) & np.isclose(rows["weight"], weight)
+    family (columns) and direction (rows), over the sweep's multistart counts (``found``:
+    :func:`minima_found`; ``rows``: the sweep's d > 1 rows or their :attr:`HigherRows.grid`)."""
+    planes = plane_lines(rows)
+    if isinstance(planes, str):
+        return planes
+    lines, dim, weight = planes
+    counts = found[
+        (found["divergence"] == "reverse") & (found["dim"] == dim) & np.isclose(found["weight"], weight)
     ]
-    counts = minima_found(cells)
     families = [f for f in ("full", "diag", "iso") if f in set(lines["q_family"])]
     directions = [d for d in ("axis", "diagonal") if d in set(lines["direction"])]
-    top = float(cells["separation"].max())
+    top = float(counts["separation"].max())
     with style():
         fig = Figure(figsize=(3.9 * len(families) + 1.6, 3.6 * len(directions) + 0.8), layout="constrained")
         axes = np.atleast_2d(
@@ -584,30 +618,111 @@ def weight_plane_figure(lines: pd.DataFrame, cusps: pd.DataFrame | None, dim: in
     return fig
 
 
+#: Most rows kept for the figures drawn from single rows (:data:`FIGURE_ROWS`); beyond it they are
+#: thinned to a regular sub-grid of the swept starting means.
+MAX_FIGURE_ROWS = 100_000
+#: What the exact structure and the planes read of the d > 1 rows (with ``target_file``, if present).
+GRID_COLUMNS = [*ND_GRID_KEYS, "target_file"]
+
+
+@dataclass
+class HigherRows:
+    """What the d > 1 figures, tables and exact structure need of a sweep's rows with ``dim`` > 1,
+    gathered a batch of whole cells at a time (:meth:`add`) in bounded memory.
+
+    - ``grid``: the converged rows' distinct values of :data:`GRID_COLUMNS`, each with its number
+      of rows ``n``: what :func:`analysis.structure_nd.exact_points`, :func:`weight_planes` and
+      :func:`plane_lines` read;
+    - ``found``: the distinct minima the starts reached in every cell (:func:`minima_found`);
+    - ``rows``: the converged rows the figures drawn from single rows choose from
+      (:data:`FIGURE_ROWS`), at most :data:`MAX_FIGURE_ROWS`: beyond it, the rows of every k-th
+      swept starting mean (``inits``, sorted), and ``notes`` says so.
+    """
+
+    inits: np.ndarray
+    grid: pd.DataFrame = field(default_factory=pd.DataFrame)
+    found: pd.DataFrame = field(default_factory=pd.DataFrame)
+    rows: pd.DataFrame = field(default_factory=pd.DataFrame)
+    step: int = 1
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, table: pd.DataFrame) -> HigherRows:
+        """The summary of a table in memory (its d > 1 rows as one batch)."""
+        return cls(np.unique(table["init_mu"].to_numpy(float)) if "init_mu" in table else np.empty(0)).add(
+            table
+        )
+
+    def add(self, table: pd.DataFrame) -> HigherRows:
+        """Take in a batch of whole cells (its rows with ``dim`` > 1; other rows are ignored)."""
+        rows = higher_rows(table)
+        if rows.empty:
+            return self
+        keys = [c for c in GRID_COLUMNS if c in rows.columns]
+        grid = rows.groupby(keys, dropna=False).size().rename("n").reset_index()
+        self.grid = _joined(self.grid, grid).groupby(keys, dropna=False)["n"].sum().reset_index()
+        found = _joined(self.found, minima_found(rows))
+        self.found = found.sort_values([*ONSET_KEYS, "separation"], ignore_index=True)
+        chosen = np.zeros(len(rows), dtype=bool)
+        for pick in FIGURE_ROWS:
+            chosen[rows.index.get_indexer(pick(rows).index)] = True
+        kept = _joined(self.rows, numpy_lists(rows[chosen]))
+        kept = kept.loc[np.unique(np.concatenate([pick(kept).index.to_numpy() for pick in FIGURE_ROWS]))]
+        self.rows = self._thinned(kept.reset_index(drop=True))
+        return self
+
+    def _thinned(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """``rows`` at every ``step``-th swept starting mean, ``step`` doubled until at most
+        :data:`MAX_FIGURE_ROWS` are left."""
+        if len(rows) <= MAX_FIGURE_ROWS and self.step == 1:
+            return rows
+        while len(rows[rows["init_mu"].isin(self.inits[:: self.step])]) > MAX_FIGURE_ROWS:
+            self.step *= 2
+        if self.step > 1:
+            rows = rows[rows["init_mu"].isin(self.inits[:: self.step])].reset_index(drop=True)
+            self.notes = [
+                f"d > 1 figures (Bishop's, shrinkage): over the cap of {MAX_FIGURE_ROWS} rows, drawn "
+                f"from one swept starting mean in {self.step} "
+                f"({len(self.inits[:: self.step])} of {len(self.inits)})"
+            ]
+        return rows
+
+    def drawn_rows(self) -> pd.DataFrame:
+        """The kept rows in job order (the order the figures pick their first rows in)."""
+        if "job_num" not in self.rows.columns:
+            return self.rows
+        return self.rows.sort_values("job_num", kind="stable", ignore_index=True)
+
+
+def _joined(old: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    return new.reset_index(drop=True) if old.empty else pd.concat([old, new], ignore_index=True)
+
+
 FIGURES = {
-    "bishop_10_2": bishop_10_2,
-    "bishop_10_3": bishop_10_3,
-    "shrinkage": shrinkage,
-    "multistability_onset": onset_figure,
-    "phase_plane": phase_plane,
+    "bishop_10_2": lambda higher: bishop_10_2(higher.drawn_rows()),
+    "bishop_10_3": lambda higher: bishop_10_3(higher.drawn_rows()),
+    "shrinkage": lambda higher: shrinkage(higher.drawn_rows()),
+    "multistability_onset": lambda higher: onset_figure(higher.found),
+    "phase_plane": lambda higher: phase_plane(higher.grid, higher.found),
 }
 
 
-def write_dims_figures(table: pd.DataFrame, directory: Path) -> tuple[list[Path], list[str]]:
-    """Every figure of :data:`FIGURES` the sweep's d > 1 rows allow: (paths written, notes for the rest)."""
-    rows = higher_rows(table)
+def write_dims_figures(table: pd.DataFrame | HigherRows, directory: Path) -> tuple[list[Path], list[str]]:
+    """Every figure of :data:`FIGURES` the sweep's d > 1 rows allow (``table``: the rows, or their
+    :class:`HigherRows`): (paths written, notes for the rest)."""
+    higher = table if isinstance(table, HigherRows) else HigherRows.of(table)
     written, notes = [], []
-    if rows.empty:
+    if higher.grid.empty:
         return written, notes
     for name, make in FIGURES.items():
-        fig = make(rows)
+        fig = make(higher)
         if isinstance(fig, str):
             notes.append(fig)
         else:
             written += save(fig, directory, name)
     tables = directory.parent / "tables"
     tables.mkdir(parents=True, exist_ok=True)
-    multistability_onsets(rows).to_csv(tables / "dims_onsets.csv", index=False)
+    multistability_onsets(higher.found).to_csv(tables / "dims_onsets.csv", index=False)
     written.append(tables / "dims_onsets.csv")
     return written, notes
 

@@ -32,6 +32,7 @@ from matplotlib.patches import Patch
 
 from analysis import classify
 from analysis.data import RUN_KEYS, divergence_order, in_context, nearest_value
+from analysis.drawn import pick_evenly
 from analysis.numerics import divergence_grid, float64, gaussian_density, mixture_density
 from analysis.pipeline import NOT_CONVERGED, SweepAnalysis
 from analysis.tables import divergence_title
@@ -120,8 +121,8 @@ def patches(categories: list[str], names: dict[str, str] | None = None) -> list[
 
 def context_note(result: SweepAnalysis) -> str:
     """A subtitle naming the context shown, when the sweep holds more than one."""
-    runs = result.runs
-    if len(in_context(runs, result.context)) == len(runs):
+    cells = result.cells
+    if len(in_context(cells, result.context)) == len(cells):
         return ""
     return "\n(shown: " + ", ".join(f"{k}={v}" for k, v in result.context.items()) + ")"
 
@@ -510,14 +511,6 @@ def notebook_cases(structure, cases: pd.DataFrame) -> Figure:
     return fig
 
 
-def pick_evenly(values: np.ndarray, most: int) -> np.ndarray:
-    """At most ``most`` of the sorted unique ``values``, evenly spaced by index, ends included."""
-    v = np.unique(values)
-    if v.size <= most:
-        return v
-    return v[np.unique(np.round(np.linspace(0, v.size - 1, most)).astype(int))]
-
-
 def broken_line(part: pd.DataFrame, y: str) -> tuple[np.ndarray, np.ndarray]:
     """x (separation) and y of every run's line, sorted by ``unit`` then separation, with NaN gaps.
 
@@ -532,27 +525,23 @@ def broken_line(part: pd.DataFrame, y: str) -> tuple[np.ndarray, np.ndarray]:
     )
 
 
-def bifurcation_diagram(result: SweepAnalysis, max_weights: int = 6, max_inits: int = 40) -> Figure:
+def bifurcation_diagram(result: SweepAnalysis) -> Figure:
     """Final mu (top) and sigma^2 (bottom) against separation: a colour per weight, a line per initialisation.
 
     Converged runs only. Each initialisation (init_mu, init_sigma2, optimizer, lr) is followed
     across separations, so where the fits branch the lines of one weight split; a line is cut where
-    its run jumps to another type of optimum (another basin). At most
-    ``max_weights`` weights and ``max_inits`` initialisations per weight are drawn (evenly chosen).
+    its run jumps to another type of optimum (another basin). At most 6 weights and 40 starting
+    means per weight are drawn, evenly chosen among the swept ones (:mod:`analysis.drawn`, which
+    also thins the separations of a very large sweep).
     """
-    runs = in_context(result.runs, result.context)
-    divergences = divergence_order(runs["divergence"])
-    weights = pick_evenly(runs["weight"].to_numpy(float), max_weights)
-    n_skipped = int((~runs["converged"]).sum())
-    runs = runs[runs["converged"]]
+    drawn = result.drawn
+    divergences = divergence_order(in_context(result.cells, result.context)["divergence"])
+    weights = drawn.bifurcation_weights
+    n_skipped = int(in_context(result.cells, result.context)["n_not_converged"].sum())
+    runs = result.runs[drawn.in_bifurcation(result.runs)]
     colours = dict(zip(weights, sns.color_palette("viridis", len(weights)), strict=True))
-    runs = runs[runs["weight"].isin(weights)]
     unit_id = runs.groupby(["weight", *RUN_KEYS], dropna=False).ngroup().to_numpy()
     runs = runs.assign(unit=unit_id).sort_values(["unit", "separation"])
-    inits = runs.groupby("weight")["init_mu"].transform(
-        lambda s: s.isin(pick_evenly(s.to_numpy(), max_inits))
-    )
-    runs = runs[inits.astype(bool)]
     seps = np.unique(runs["separation"])
     centre = float(result.context["center"]) if pd.notna(result.context["center"]) else 0.0
     with style():
@@ -621,10 +610,15 @@ def bifurcation_diagram(result: SweepAnalysis, max_weights: int = 6, max_inits: 
     return fig
 
 
-def most_common(table: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """The rows of ``table`` sharing the most frequent combination of ``keys``."""
-    best = table.groupby(keys, dropna=False).size().idxmax()
-    return in_context(table, dict(zip(keys, best if isinstance(best, tuple) else (best,), strict=True)))
+def drawn_weight(result: SweepAnalysis, weight: float) -> float:
+    """The swept weight of the figures' context nearest ``weight``: the one whose runs were kept."""
+    weight = nearest_value(in_context(result.cells, result.context)["weight"], weight)
+    if weight != result.drawn.weight:
+        raise ValueError(
+            f"the runs of weight {weight:g} were not kept: analyse(..., weight={weight:g}) keeps them "
+            f"(this analysis kept weight {result.drawn.weight:g})"
+        )
+    return weight
 
 
 def basin_map(result: SweepAnalysis, weight: float) -> Figure:
@@ -633,9 +627,8 @@ def basin_map(result: SweepAnalysis, weight: float) -> Figure:
     Only runs with the most common (optimizer, lr, init_sigma2) are shown, so each grid cell is one run.
     Dashed lines: the component means; dotted: the mixture mean (the moment-matched fit).
     """
-    runs = in_context(result.runs, result.context)
-    weight = nearest_value(runs["weight"], weight)
-    runs = most_common(runs[runs["weight"] == weight], ["optimizer", "lr", "init_sigma2"])
+    weight = drawn_weight(result, weight)
+    runs = result.runs[result.drawn.in_basin(result.runs)]
     divergences = divergence_order(runs["divergence"])
     order = [classify.COVERING, classify.HEAVIER, classify.LIGHTER, classify.SADDLE, NOT_CONVERGED]
     categories = [c for c in order if c in set(runs["reached"]) or c in order[:3]]
@@ -674,9 +667,9 @@ def basin_map(result: SweepAnalysis, weight: float) -> Figure:
 
 def overlay_separations(result: SweepAnalysis, weight: float) -> list[float]:
     """A small separation (the swept one nearest 2 component sd) and the largest swept one."""
-    runs = in_context(result.runs, result.context)
-    seps = np.unique(runs.loc[runs["weight"] == weight, "separation"])
-    sd = float(np.sqrt(runs["component_var"].iloc[0]))
+    cells = in_context(result.cells, result.context)
+    seps = np.unique(cells.loc[cells["weight"] == weight, "separation"])
+    sd = float(np.sqrt(cells["component_var"].iloc[0]))
     small, large = nearest_value(seps, 2.0 * sd), float(seps.max())
     return [small] if small == large else [small, large]
 
@@ -687,7 +680,8 @@ def fit_overlays(result: SweepAnalysis, weight: float, separations: list[float] 
     The legend gives each fit's type and the share of converged initialisations that reached it.
     """
     optima = in_context(result.optima, result.context)
-    weight = nearest_value(in_context(result.runs, result.context)["weight"], weight)
+    cells = in_context(result.cells, result.context)
+    weight = nearest_value(cells["weight"], weight)
     separations = separations or overlay_separations(result, weight)
     minima = optima[classify.is_minimum(optima) & (optima["weight"] == weight)]
     styles = ["-", "--", ":", "-."]
@@ -697,9 +691,7 @@ def fit_overlays(result: SweepAnalysis, weight: float, separations: list[float] 
         axes = fig.subplots(1, len(separations), squeeze=False)[0]
         for ax, separation in zip(axes, separations, strict=True):
             here = minima[minima["separation"] == separation]
-            cell = in_context(result.runs, result.context).query(
-                "weight == @weight and separation == @separation"
-            )
+            cell = cells.query("weight == @weight and separation == @separation")
             cell = cell.iloc[0][["separation", "weight", "center", "component_var"]].astype(float)
             sd = np.sqrt(cell["component_var"])
             left, right = cell["center"] - separation / 2, cell["center"] + separation / 2
@@ -740,11 +732,11 @@ def fit_overlays(result: SweepAnalysis, weight: float, separations: list[float] 
 
 def landscape_cell(result: SweepAnalysis, weight: float, divergence: str) -> pd.Series:
     """The configuration the landscape shows: ``divergence`` at ``weight`` and the largest separation."""
-    runs = in_context(result.runs, result.context)
-    runs = runs[runs["divergence"] == divergence]
-    weight = nearest_value(runs["weight"], weight)
-    runs = runs[runs["weight"] == weight]
-    return runs[runs["separation"] == runs["separation"].max()].iloc[0]
+    cells = in_context(result.cells, result.context)
+    cells = cells[cells["divergence"] == divergence]
+    weight = nearest_value(cells["weight"], weight)
+    cells = cells[cells["weight"] == weight]
+    return cells[cells["separation"] == cells["separation"].max()].iloc[0]
 
 
 def loss_landscape(result: SweepAnalysis, weight: float, divergence: str | None = None) -> Figure:
@@ -753,14 +745,15 @@ def loss_landscape(result: SweepAnalysis, weight: float, divergence: str | None 
     Filled contours on a log scale (one batched quadrature evaluation of the whole grid); white
     circles are the starting points, joined by a straight line to where each run ended (not its
     path); stars are the distinct minima (an X a saddle); the plus sign is the moment-matched fit.
-    Defaults to the reverse KL.
+    Defaults to the reverse KL (the runs of the cell :mod:`analysis.drawn` kept).
     """
-    names = set(result.runs["divergence"])
-    divergence = divergence or ("reverse" if "reverse" in names else divergence_order(list(names))[0])
+    divergence = divergence or result.drawn.landscape["divergence"]
     cell = landscape_cell(result, weight, divergence)
+    keys = ["divergence", "separation", "weight"]
+    if any(cell[k] != result.drawn.landscape[k] for k in keys):
+        raise ValueError(f"the runs of {divergence} at weight {cell['weight']:g} were not kept")
     keys = ["separation", "weight"]
-    runs = in_context(result.runs, result.context)
-    runs = runs[(runs["divergence"] == divergence) & (runs[keys] == cell[keys]).all(axis=1)]
+    runs = result.runs[result.drawn.in_landscape(result.runs)]
     optima = in_context(result.optima, result.context)
     optima = optima[(optima["divergence"] == divergence) & (optima[keys] == cell[keys]).all(axis=1)]
     c, s, v, w = (float(cell[k]) for k in ("center", "separation", "component_var", "weight"))
@@ -1160,7 +1153,7 @@ def _edge_split_curve(analysis, weight: float) -> pd.DataFrame:
     from kl_sweep.core.divergences import get_divergence
     from kl_sweep.core.landscape import Landscape
 
-    low = float(analysis.runs["alpha"].min())
+    low = float(analysis.alphas.min())
     rows = []
     with float64(), torch.no_grad():
         for a in np.linspace(low, -0.02, 40):  # points of one curve
@@ -1189,7 +1182,7 @@ def alpha_fold_curve(analysis) -> Figure:
     folds, onsets = analysis.folds, analysis.onsets
     weights = analysis.weights
     colours = dict(zip(weights, sns.color_palette("colorblind", len(weights)), strict=True))
-    top = float(analysis.runs["separation"].max())
+    top = float(analysis.separations.max())
     shift = dict(zip(weights, 0.012 * (np.arange(len(weights)) - (len(weights) - 1) / 2), strict=True))
     with style():
         fig = Figure(figsize=(13.2, 5.8), layout="constrained")
@@ -1309,10 +1302,10 @@ def alpha_fits(
     the edge of the finite region.
     """
     optima = analysis.optima[classify.is_minimum(analysis.optima)]
-    swept = np.unique(analysis.runs["alpha"].to_numpy(float))
+    swept = analysis.alphas
     chosen = [(a, swept[np.argmin(np.abs(swept - a))]) for a in alphas]
     chosen = [(a, s) for a, s in chosen if abs(s - a) <= 0.05]
-    separations = list(dict.fromkeys(nearest_value(analysis.runs["separation"], d) for d in separations))
+    separations = list(dict.fromkeys(nearest_value(analysis.separations, d) for d in separations))
     palette = sns.color_palette("viridis", len(chosen) + 1)[: len(chosen)]
     widths = np.linspace(3.4, 1.4, len(chosen))
     names = {0.0: " (reverse KL)", 0.5: " (4 H^2)", 1.0: " (forward KL)"}

@@ -64,23 +64,38 @@ def gaussian_density(x: np.ndarray, mu: np.ndarray, sigma2: np.ndarray) -> np.nd
         return torch.exp(log_q).numpy()
 
 
+#: Points of a divergence grid evaluated in one batch.
+GRID_CHUNK = 8192
+
+
 def divergence_grid(divergence: str, cell: pd.Series, mu: np.ndarray, log_sigma: np.ndarray) -> np.ndarray:
     """The divergence (nats) between N(mu, exp(2 log_sigma)) and the cell's P: [len(log_sigma), len(mu)].
 
-    The whole grid is one batch of the core's accurate quadrature: no loop over grid points.
+    The grid goes through the core's accurate quadrature in batches of :data:`GRID_CHUNK` points
+    (a point's value does not depend on its batch; one batch of the whole grid would hold about
+    0.3 GB of quadrature temporaries at once).
     """
     from kl_sweep.core.divergences import DIVERGENCES, divergence_value
     from kl_sweep.core.estimators import Quadrature
 
     mm, ll = np.meshgrid(mu, log_sigma)
     cells = pd.DataFrame(
-        {k: np.full(mm.size, float(cell[k])) for k in ("separation", "weight", "center", "component_var")}
+        {k: np.full(GRID_CHUNK, float(cell[k])) for k in ("separation", "weight", "center", "component_var")}
     )
+    mus, log_sigmas = mm.ravel(), ll.ravel()
+    loss = np.empty(mm.size)
     with float64(), torch.no_grad():
-        loss = divergence_value(
-            DIVERGENCES[divergence], Quadrature(), mixtures(cells), tensor(mm.ravel()), tensor(ll.ravel())
-        )
-    return loss.numpy().reshape(mm.shape)
+        for start in range(0, mm.size, GRID_CHUNK):  # chunks of the grid, each a batch
+            part = slice(start, start + GRID_CHUNK)
+            n = len(mus[part])
+            loss[part] = divergence_value(
+                DIVERGENCES[divergence],
+                Quadrature(),
+                mixtures(cells.iloc[:n]),
+                tensor(mus[part]),
+                tensor(log_sigmas[part]),
+            ).numpy()
+    return loss.reshape(mm.shape)
 
 
 def hessian_eigenvalues(

@@ -1,11 +1,17 @@
 """From a sweep's table to everything the figures and tables show.
 
-:func:`analyse` is the one place the classification steps are chained; :mod:`analysis.report`
-writes what it returns (``figures`` and ``tables`` import this module, never the other way round).
+:func:`analyse` is the one place the classification steps are chained. The steps go one batch of
+whole cells at a time (:func:`analyse_batch`: distinct optima, their stability, cell outcomes, and
+the runs the per-run figures draw, :mod:`analysis.drawn`); :func:`combine` joins the batches'
+small outputs and computes what needs every cell (boundaries, the exact structure). A table in
+memory is one batch; :func:`analysis.stream.analyse_sweep` feeds a sweep directory's rows batch by
+batch, in bounded memory. :mod:`analysis.report` writes what they return (``figures`` and
+``tables`` import this module, never the other way round).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,11 +19,10 @@ import pandas as pd
 
 from analysis import classify
 from analysis.alpha import split_family
-from analysis.data import CELL_KEYS, in_context, nearest_value, primary_context
+from analysis.data import CELL_KEYS, in_context, nearest_value
+from analysis.drawn import DEFAULT_WEIGHT, RUN_COLUMNS, Drawn
 from analysis.structure import POINT_COLUMNS, Structure, exact_structure
 
-#: Weight shown by the single-weight figures unless asked otherwise (the nearest swept one).
-DEFAULT_WEIGHT = 0.75
 #: What a non-converged run "reached" in the per-run table.
 NOT_CONVERGED = "not converged"
 
@@ -26,12 +31,15 @@ NOT_CONVERGED = "not converged"
 class SweepAnalysis:
     """Everything derived from one sweep table.
 
-    - ``runs``: the table with ``optimum`` (index within the cell, -1 if not converged) and
-      ``reached`` (type of the optimum reached, ``saddle``, or ``not converged``).
+    - ``runs``: the runs the per-run figures draw (``drawn``; the columns
+      :data:`analysis.drawn.RUN_COLUMNS`), with ``optimum`` (index within the cell, -1 if not
+      converged) and ``reached`` (type of the optimum reached, ``saddle``, or
+      ``not converged``). Every count over all runs is in ``cells``.
     - ``optima``: one row per distinct optimum (:func:`analysis.classify.distinct_optima`).
     - ``cells``: one row per cell (:func:`analysis.classify.cell_outcomes`).
     - ``boundaries``: :func:`analysis.classify.phase_boundaries`.
     - ``context``: the estimator, center and component_var the figures show.
+    - ``drawn``: which runs each per-run figure draws (:class:`analysis.drawn.Drawn`).
     - ``structures``: the exact structure (:func:`analysis.structure.exact_structure`) of each
       divergence in that context, over the sweep's weights and separations; ``notes`` says why a
       divergence has none (or what is missing from it).
@@ -43,6 +51,7 @@ class SweepAnalysis:
     boundaries: pd.DataFrame
     context: dict[str, object]
     tol: float
+    drawn: Drawn
     structures: dict[str, Structure] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
@@ -53,16 +62,21 @@ class SweepAnalysis:
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=POINT_COLUMNS)
 
     def default_weight(self, target: float | None = None) -> float:
-        """The swept weight nearest ``target`` (default 0.75) in the figures' context."""
-        return nearest_value(self.runs["weight"], DEFAULT_WEIGHT if target is None else target)
+        """The swept weight nearest ``target`` (default 0.75) among all the sweep's cells."""
+        return nearest_value(self.cells["weight"], DEFAULT_WEIGHT if target is None else target)
 
 
 def analyse(
-    table: pd.DataFrame, tol: float = classify.DEFAULT_TOL, check_stability: bool = True, exact: bool = True
+    table: pd.DataFrame,
+    tol: float = classify.DEFAULT_TOL,
+    check_stability: bool = True,
+    exact: bool = True,
+    weight: float | None = None,
 ) -> SweepAnalysis:
     """Distinct optima, their stability, cell outcomes and phase boundaries of a prepared table.
 
-    ``table`` comes from :func:`analysis.data.load_sweep` (or :func:`analysis.data.prepare`).
+    ``table`` comes from :func:`analysis.data.load_sweep` (or :func:`analysis.data.prepare`); it is
+    analysed as one batch (:func:`analyse_batch`, :func:`combine`).
     Rows of the alpha family (``divergence=alpha``) are left out: their objective depends on
     ``alpha``, which the cell keys do not hold; :func:`analysis.alpha.analyse_alpha` analyses them.
     With ``check_stability`` the Hessian of every distinct optimum is checked by the core
@@ -70,13 +84,34 @@ def analyse(
     exact structure of every divergence of the main context is computed by continuation
     (:mod:`analysis.structure`): the boundary table then takes its onset and switch from it (the
     grid values stay as ``onset_grid`` and ``switch_grid``) and every cell gets its exact number
-    of minima, ``n_minima_exact``.
+    of minima, ``n_minima_exact``. ``weight``: the single-weight figures' weight, whose runs are
+    kept (default: nearest 0.75).
     """
+    from analysis.source import Census
+
     family, table = split_family(table)
     if table.empty:
         raise ValueError(
             f"all {len(family)} rows are of the alpha family: analyse them with analysis.alpha.analyse_alpha"
         )
+    census = Census.of_frame(table)
+    drawn = Drawn.plan(census.grid, census.starts, weight)
+    return combine([analyse_batch(table, drawn, tol, check_stability)], drawn, tol, exact)
+
+
+@dataclass
+class Batch:
+    """What one batch of whole cells leaves: its optima, its cells and the runs some figure draws."""
+
+    optima: pd.DataFrame
+    cells: pd.DataFrame
+    runs: pd.DataFrame
+
+
+def analyse_batch(
+    table: pd.DataFrame, drawn: Drawn, tol: float = classify.DEFAULT_TOL, check_stability: bool = True
+) -> Batch:
+    """The per-cell steps on a prepared batch of whole cells (no alpha rows; see :func:`analyse`)."""
     labels = classify.label_runs(table, tol)
     optima = classify.distinct_optima(table, labels)
     if check_stability and not optima.empty:
@@ -84,31 +119,53 @@ def analyse(
 
         optima["kind"] = stationary_kind(optima)
     cells = classify.cell_outcomes(table, optima)
-    boundaries = classify.phase_boundaries(cells, optima)
+    keep = drawn.keep(table)
     reached = optima.assign(
         reached=np.where(optima["kind"] == classify.SADDLE, classify.SADDLE, optima["type"])
     )
-    runs = table.assign(optimum=labels).merge(
-        reached[CELL_KEYS + ["optimum", "reached"]], on=CELL_KEYS + ["optimum"], how="left"
+    runs = (
+        table.loc[keep, [c for c in RUN_COLUMNS if c in table.columns]]
+        .assign(optimum=labels[keep])
+        .merge(reached[CELL_KEYS + ["optimum", "reached"]], on=CELL_KEYS + ["optimum"], how="left")
     )
     runs["reached"] = runs["reached"].fillna(NOT_CONVERGED)
-    context = primary_context(table)
-    result = SweepAnalysis(runs, optima, cells, boundaries, context, tol)
+    return Batch(optima, cells, runs)
+
+
+def concat(frames: Iterable[pd.DataFrame], by: list[str] | None = None) -> pd.DataFrame:
+    """The batches' frames as one (the empty ones only where all are), sorted by ``by`` if given."""
+    frames = list(frames)
+    full = [f for f in frames if len(f)] or frames[:1]
+    out = pd.concat(full, ignore_index=True) if len(full) > 1 else full[0].reset_index(drop=True)
+    return out.sort_values(by, ignore_index=True) if by and len(full) > 1 else out
+
+
+def combine(batches: list[Batch], drawn: Drawn, tol: float, exact: bool = True) -> SweepAnalysis:
+    """The analysis of the batches' cells together: their optima, cells and runs joined (the list
+    is emptied), then the phase boundaries and (with ``exact``) the exact structures, which need
+    every cell."""
+    optima = concat((b.optima for b in batches), CELL_KEYS + ["optimum"])
+    cells = concat((b.cells for b in batches), CELL_KEYS)
+    runs = concat(b.runs for b in batches)
+    batches.clear()  # (joined: each is held once)
+    boundaries = classify.phase_boundaries(cells, optima)
+    result = SweepAnalysis(runs, optima, cells, boundaries, drawn.context, tol, drawn)
     if exact:
-        result.structures, result.notes = exact_structures(table, optima, context)
+        result.structures, result.notes = exact_structures(cells, optima, drawn.context)
         result.boundaries = exact_boundaries(boundaries, result.structures)
         result.cells = exact_counts(cells, result.structures)
     return result
 
 
 def exact_structures(
-    table: pd.DataFrame, optima: pd.DataFrame, context: dict[str, object]
+    cells: pd.DataFrame, optima: pd.DataFrame, context: dict[str, object]
 ) -> tuple[dict[str, Structure], list[str]]:
-    """The exact structure of each divergence of the context, over its swept weights and separations."""
+    """The exact structure of each divergence of the context, over its swept weights and separations
+    (those of its ``cells``: the cost depends on the values swept, not on the number of runs)."""
     from kl_sweep.core.divergences import DIVERGENCES
 
     structures, notes = {}, []
-    runs = in_context(table, context)
+    runs = in_context(cells, context)
     minima = in_context(optima, context)
     minima = minima[classify.is_minimum(minima)]
     for divergence, part in runs.groupby("divergence"):  # one batched computation per divergence

@@ -40,5 +40,5 @@ def write_report(
             summary.write_text(section)
             written.append(summary)
         else:
-            summary.write_text(summary.read_text() + "\n" + section)
+            tables.write_pieces(["\n", section], summary, mode="a")  # (the line's summary can be long)
     return written

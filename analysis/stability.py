@@ -25,12 +25,14 @@ def stationary_kind(optima: pd.DataFrame) -> pd.Series:
     """``minimum``, ``saddle`` or ``unchecked`` for every row of the optima table (see module doc)."""
     from kl_sweep.core.divergences import DIVERGENCES
 
-    kind = pd.Series(UNCHECKED, index=optima.index, dtype=object)
+    kind = np.full(len(optima), UNCHECKED, dtype=object)
     for divergence, part in optima.groupby("divergence"):  # one batch per divergence
         if divergence not in DIVERGENCES:
             continue
         eig = hessian_eigenvalues(part, divergence)
         saddle = eig[:, 0] < -HESSIAN_RTOL * np.maximum(1.0, np.abs(eig[:, 1]))
         finite = np.isfinite(eig).all(axis=1)
-        kind[part.index] = np.where(finite, np.where(saddle, SADDLE, MINIMUM), UNCHECKED)
-    return kind
+        kind[optima.index.get_indexer(part.index)] = np.where(
+            finite, np.where(saddle, SADDLE, MINIMUM), UNCHECKED
+        )
+    return pd.Series(kind, index=optima.index, dtype="str")  # (a string column, as ``type``)

@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from analysis.data import ND_GRID_KEYS
 from kl_sweep.core.continuation import Options
 from kl_sweep.core.gaussians import Family
 from kl_sweep.core.reduction import SharedPair, direction_vector
@@ -311,17 +312,7 @@ def full_points(line_points: pd.DataFrame, dim: int, direction: str, correlation
 
 
 #: The columns of a sweep's rows the d > 1 exact structure reads.
-NEEDED = (
-    "divergence",
-    "dim",
-    "q_family",
-    "direction",
-    "weight",
-    "correlation",
-    "separation",
-    "center",
-    "component_var",
-)
+NEEDED = ND_GRID_KEYS
 #: The columns a d = 1 special point gets in the one table of a sweep's special points.
 LINE_DEFAULTS = {"dim": 1, "q_family": "full", "direction": "axis", "correlation": 0.0}
 

@@ -12,6 +12,7 @@ Files written by :func:`write_tables` into ``SWEEP_DIR/tables/``:
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,16 +48,26 @@ def format_value(value: object, digits: int = 6) -> str:
     return str(value)
 
 
+#: Rows of a Markdown table formatted at once (a summary of a very large sweep is written in pieces).
+MARKDOWN_ROWS = 20_000
+
+
 def markdown_table(table: pd.DataFrame, digits: int = 6) -> str:
     """``table`` as a GitHub-flavoured Markdown table (numbers right-aligned)."""
+    return "".join(markdown_pieces(table, digits))
+
+
+def markdown_pieces(table: pd.DataFrame, digits: int = 6) -> Iterator[str]:
+    """:func:`markdown_table` in pieces of at most :data:`MARKDOWN_ROWS` rows."""
     header = "| " + " | ".join(map(str, table.columns)) + " |"
     numeric = [
         pd.api.types.is_numeric_dtype(table[c]) and not pd.api.types.is_bool_dtype(table[c]) for c in table
     ]
     rule = "|" + "|".join("---:" if n else "---" for n in numeric) + "|"
-    cells = table.map(lambda v: format_value(v, digits)).to_numpy()
-    body = ["| " + " | ".join(row) + " |" for row in cells]
-    return "\n".join([header, rule, *body]) + "\n"
+    yield header + "\n" + rule + "\n"
+    for start in range(0, len(table), MARKDOWN_ROWS):
+        cells = table.iloc[start : start + MARKDOWN_ROWS].map(lambda v: format_value(v, digits)).to_numpy()
+        yield "".join("| " + " | ".join(row) + " |\n" for row in cells)
 
 
 def boundary_table(result: SweepAnalysis) -> pd.DataFrame:
@@ -91,26 +102,21 @@ def boundaries_markdown(result: SweepAnalysis) -> str:
 
 def summary_markdown(result: SweepAnalysis) -> str:
     """Every cell's distinct optima (mu, sigma2, loss, share of converged runs), a section per divergence."""
-    extra = varying_context(result.cells)
-    optima = result.optima[CELL_KEYS + ["optimum", "type", "kind", "mu", "sigma2", "loss", "share", "n_runs"]]
-    rows = result.cells[CELL_KEYS + ["outcome", "n_runs", "n_not_converged"]].merge(
-        optima.rename(columns={"n_runs": "reached"}), on=CELL_KEYS, how="left"
-    )
-    rows["type"] = np.where(rows["kind"] == classify.SADDLE, "saddle (not counted)", rows["type"])
-    # Six decimals are far finer than the optimum tolerance; + 0.0 turns -0.0 into 0.0.
-    rows[["mu", "sigma2", "loss"]] = rows[["mu", "sigma2", "loss"]].round(6) + 0.0
-    rows["share"] = rows["share"].round(3)
-    rows = rows.sort_values(CELL_KEYS + ["optimum"])
+    return "".join(summary_pieces(result))
 
-    counts = result.runs.groupby("divergence").agg(rows=("converged", "size"), converged=("converged", "sum"))
+
+def summary_pieces(result: SweepAnalysis) -> Iterator[str]:
+    """:func:`summary_markdown` in pieces: one divergence's rows at a time, formatted
+    :data:`MARKDOWN_ROWS` at a time (what :func:`write_tables` writes)."""
+    counts = result.cells.groupby("divergence").agg(rows=("n_runs", "sum"), converged=("n_converged", "sum"))
     counts["not converged"] = counts["rows"] - counts["converged"]
     counts["saddle runs"] = result.cells.groupby("divergence")["n_saddle_runs"].sum()
     counts = counts.reset_index()
-
     lines = [
         "# Sweep summary: distinct optima per configuration",
         "",
-        f"{len(result.runs)} runs; only converged runs define optima. Two converged endpoints are the",
+        f"{int(result.cells['n_runs'].sum())} runs; only converged runs define optima. Two converged "
+        "endpoints are the",
         f"same optimum when their means differ by at most {result.tol:g} of the fitted sd and their",
         f"variances by at most {result.tol:g} relatively (chained; analysis/README.md has the exact rule).",
         "`share` is the fraction of the configuration's converged runs reaching the optimum; `loss` is",
@@ -120,21 +126,36 @@ def summary_markdown(result: SweepAnalysis) -> str:
         markdown_table(counts),
         *mismatch_markdown(result),
     ]
+    yield "\n".join(lines)
+    extra = varying_context(result.cells)
     columns = extra + ["separation", "weight", "outcome", "optimum", "type", "mu", "sigma2", "loss", "share"]
     columns += ["reached", "n_runs", "n_not_converged"]
-    for divergence in divergence_order(rows["divergence"]):
-        part = rows[rows["divergence"] == divergence][columns]
-        part = part.rename(
-            columns={
-                "sigma2": "sigma^2",
-                "loss": "loss (nats)",
-                "reached": "runs reaching",
-                "n_runs": "runs",
-                "n_not_converged": "not converged",
-            }
-        )
-        lines += ["", f"## {divergence_title(divergence)}", "", markdown_table(part)]
-    return "\n".join(lines)
+    names = {
+        "sigma2": "sigma^2",
+        "loss": "loss (nats)",
+        "reached": "runs reaching",
+        "n_runs": "runs",
+        "n_not_converged": "not converged",
+    }
+    for divergence in divergence_order(result.cells["divergence"]):
+        part = summary_rows(result, divergence)[columns].rename(columns=names)
+        yield f"\n\n## {divergence_title(divergence)}\n\n"
+        yield from markdown_pieces(part)
+
+
+def summary_rows(result: SweepAnalysis, divergence: str) -> pd.DataFrame:
+    """The rows of ``divergence``'s section of the summary: a row per optimum, or per cell without one."""
+    optima = result.optima[result.optima["divergence"] == divergence]
+    optima = optima[CELL_KEYS + ["optimum", "type", "kind", "mu", "sigma2", "loss", "share", "n_runs"]]
+    cells = result.cells[result.cells["divergence"] == divergence]
+    rows = cells[CELL_KEYS + ["outcome", "n_runs", "n_not_converged"]].merge(
+        optima.rename(columns={"n_runs": "reached"}), on=CELL_KEYS, how="left"
+    )
+    rows["type"] = np.where(rows["kind"] == classify.SADDLE, "saddle (not counted)", rows["type"])
+    # Six decimals are far finer than the optimum tolerance; + 0.0 turns -0.0 into 0.0.
+    rows[["mu", "sigma2", "loss"]] = rows[["mu", "sigma2", "loss"]].round(6) + 0.0
+    rows["share"] = rows["share"].round(3)
+    return rows.sort_values(CELL_KEYS + ["optimum"])
 
 
 def bifurcation_markdown(points: pd.DataFrame, notes: list[str]) -> str:
@@ -194,13 +215,19 @@ def mismatch_markdown(result: SweepAnalysis) -> list[str]:
     return lines
 
 
+def write_pieces(pieces: Iterable[str], path: Path, mode: str = "w") -> None:
+    """Write (``mode`` "a": append) the text ``pieces`` to ``path``, one at a time."""
+    with path.open(mode) as handle:
+        handle.writelines(pieces)
+
+
 def write_tables(result: SweepAnalysis, directory: Path) -> list[Path]:
     """Write all tables into ``directory`` (created if needed); return the paths written."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = {
         "phase_boundaries.csv": lambda p: boundary_table(result).to_csv(p, index=False),
         "phase_boundaries.md": lambda p: p.write_text(boundaries_markdown(result)),
-        "summary.md": lambda p: p.write_text(summary_markdown(result)),
+        "summary.md": lambda p: write_pieces(summary_pieces(result), p),
         "optima.csv": lambda p: result.optima.to_csv(p, index=False),
         "phases.csv": lambda p: result.cells.to_csv(p, index=False),
     }
@@ -274,12 +301,11 @@ def alpha_folds_markdown(analysis) -> str:
 
 def alpha_summary_markdown(analysis) -> str:
     """The alpha section of summary.md: counts, the onset table, the exact folds, notes."""
-    runs = analysis.runs
-    counts = runs.groupby("status").size().rename("runs").reset_index()
+    counts = analysis.statuses
     lines = [
         "# The alpha family: D_a(P||Q) across its order",
         "",
-        f"{len(runs)} runs with divergence=alpha at {runs['alpha'].nunique()} alphas (a -> 0: reverse KL,",
+        f"{analysis.n_runs} runs with divergence=alpha at {len(analysis.alphas)} alphas (a -> 0: reverse KL,",
         "mode-seeking; a = 1/2: 4 H^2; a -> 1: forward KL, mass-covering). Each alpha is its own objective,",
         "so these rows are analysed here, apart from any other divergence of the sweep. A minimum on the",
         "edge of the region where D_a is finite (a < 0: sigma^2 < v(1-a)/(-a); `on_boundary`) counts as a",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -61,13 +61,92 @@ def write_parquet(frame: pd.DataFrame, path: str | Path, metadata: dict[str, str
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     table = pa.Table.from_pandas(frame, preserve_index=False)
-    table = pa.Table.from_arrays(table.columns, schema=annotate(table.schema))  # each column's unit, meaning
-    meta = dict(table.schema.metadata or {})
+    table = table.replace_schema_metadata(file_schema(table.schema, metadata).metadata)
+    table = pa.Table.from_arrays(table.columns, schema=file_schema(table.schema, metadata))
+    return _atomic_write(path, "wb", lambda handle: pq.write_table(table, handle))
+
+
+def file_schema(schema: pa.Schema, metadata: dict[str, str] | None = None) -> pa.Schema:
+    """``schema`` as kl_sweep writes it: each column's unit and meaning
+    (:func:`kl_sweep.schema.annotate`), pandas' list columns as plain lists, and the versions that
+    wrote the file (with ``metadata``) under the key ``kl_sweep``."""
+    meta = dict(schema.metadata or {})
     if b"pandas" in meta:
         meta[b"pandas"] = _plain_lists(meta[b"pandas"])
     meta[b"kl_sweep"] = json.dumps({**versions(), **(metadata or {})}).encode()
-    table = table.replace_schema_metadata(meta)
-    return _atomic_write(path, "wb", lambda handle: pq.write_table(table, handle))
+    return annotate(schema).with_metadata(meta)
+
+
+def write_batches(
+    batches: Iterable[pa.RecordBatch],
+    schema: pa.Schema,
+    path: str | Path,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write a stream of record batches of ``schema`` to ``path`` as one Parquet file, atomically
+    (as :func:`write_parquet`), holding one batch at a time: a table of any size in bounded memory."""
+    with ParquetStream(path, schema, metadata) as stream:
+        for batch in batches:
+            stream.write(batch)
+    return stream.path
+
+
+class ParquetStream:
+    """A Parquet file written a batch at a time and renamed into place when closed whole.
+
+    Until :meth:`close`, the rows go to a temporary file beside ``path``; an exception inside the
+    ``with`` block (or :meth:`abort`) removes it, so ``path`` is either absent, the old file, or the
+    whole new one. Each batch written becomes a row group.
+    """
+
+    def __init__(self, path: str | Path, schema: pa.Schema, metadata: dict[str, str] | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.schema = file_schema(schema, metadata)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self.handle = os.fdopen(fd, "wb")
+        self.writer = pq.ParquetWriter(self.handle, self.schema)
+        self.rows = 0
+
+    def write(self, batch: pa.RecordBatch | pa.Table) -> None:
+        if batch.schema != self.schema:
+            batch = batch.cast(self.schema)
+        if isinstance(batch, pa.Table):
+            self.writer.write_table(batch)
+        else:
+            self.writer.write_batch(batch)
+        self.rows += batch.num_rows
+
+    def close(self) -> Path:
+        """Finish the file, sync it and rename it to ``path``."""
+        try:
+            self.writer.close()
+            self.handle.flush()
+            os.fsync(self.handle.fileno())
+            self.handle.close()
+            _publish(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the temporary file; ``path`` is left as it was."""
+        for close in (self.writer.close, self.handle.close):
+            try:
+                close()
+            except Exception:  # noqa: BLE001 (already failing: the file is dropped either way)
+                pass
+        Path(self.tmp).unlink(missing_ok=True)
+
+    def __enter__(self) -> ParquetStream:
+        return self
+
+    def __exit__(self, kind: type | None, *_: object) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def _plain_lists(pandas_meta: bytes) -> bytes:
@@ -103,14 +182,19 @@ def _atomic_write(path: Path, mode: str, write: Callable[[IO[Any]], object]) -> 
             write(handle)
             handle.flush()
             os.fsync(handle.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are ordinary files
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _publish(tmp: str, path: Path) -> None:
+    """Give the whole temporary file ``tmp`` ordinary permissions and rename it to ``path``."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; results are ordinary files
+    os.replace(tmp, path)
 
 
 def read_metadata(path: str | Path) -> dict[str, str]:

@@ -85,7 +85,7 @@ def hash_text(values: np.ndarray) -> np.ndarray:
 
 
 #: What :func:`hash_text` writes.
-_HEX16 = "^[0-9a-f]{16}$"
+HEX16 = "^[0-9a-f]{16}$"
 
 
 def hash_values(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
@@ -97,7 +97,7 @@ def hash_values(texts: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """
     strings = texts.cast(pa.large_string())
     strings = strings.combine_chunks() if isinstance(strings, pa.ChunkedArray) else strings
-    strings = strings.filter(pc.fill_null(pc.match_substring_regex(strings, _HEX16), False))
+    strings = strings.filter(pc.fill_null(pc.match_substring_regex(strings, HEX16), False))
     if not len(strings):
         return np.empty(0, np.uint64)
     start = strings.offset

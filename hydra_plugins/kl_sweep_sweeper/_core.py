@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
+import resource
 import shutil
+import subprocess
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -43,15 +46,16 @@ from kl_sweep.collect import (
     SUPERSEDED,
     DamagedFileError,
     assemble,
+    check_results_file,
     first_line,
-    read_results_file,
+    read_results_batches,
     result_files,
 )
 from kl_sweep.config import ROW_KEYS, config_values, split_values
-from kl_sweep.io import read_metadata, writable_dir_problem, write_parquet, write_text
+from kl_sweep.io import ParquetStream, read_metadata, writable_dir_problem, write_batches, write_text
 from kl_sweep.lock import STALE_AFTER, LockedError, SweepLock
-from kl_sweep.rows import config_hash_values, hash_values, rows_frame
-from kl_sweep.sweep import product, write_shard
+from kl_sweep.rows import HEX16, config_hash_values, hash_values, hashed_settings, rows_frame
+from kl_sweep.sweep import Grid, shard_spec
 from kl_sweep.threads import thread_budget, threads_per_shard
 from kl_sweep.validate import ConfigError, validate
 from kl_sweep.version import COLUMN as VERSION_COLUMN
@@ -80,13 +84,67 @@ class SweepFailed(SweepError):
     exit_code = 1
 
 
+#: Configurations generated at a time when a sweep is planned, checked for resume and dealt to
+#: shards: every step streams, so memory does not grow with the sweep.
+BLOCK_ROWS = 1 << 17
+
+
 @dataclass
 class Plan:
-    """Every configuration of the sweep, and the settings each group of rows shares."""
+    """Every configuration of the sweep, enumerated a block at a time, and the settings each group
+    of rows shares. A group is one combination of the non-row keys' values (divergence, estimator,
+    dim, ...); ``defaults`` holds each group's values of the row keys not swept."""
 
-    rows: pd.DataFrame  # ROW_KEYS columns + group, job_num, hash (config_hash as a uint64)
+    grid: Grid
+    group_keys: list[str]
     groups: list[dict[str, Any]]
+    defaults: list[dict[str, Any]]
+    repeated: np.ndarray  # per group: True when an earlier group has the same settings and rows
     sweep_id: str
+
+    def __len__(self) -> int:
+        per_group = len(self.grid) // max(len(self.groups), 1)
+        return per_group * int((~self.repeated).sum())
+
+    def blocks(self, size: int | None = None) -> Iterator[pd.DataFrame]:
+        """The configurations in job order, ``size`` positions of the product at a time: the typed
+        row keys (:func:`kl_sweep.rows.rows_frame`), ``group``, ``job_num`` and ``hash`` (the
+        config hash as a uint64); ``size`` defaults to :data:`BLOCK_ROWS`."""
+        size = size or BLOCK_ROWS
+        for start in range(0, len(self.grid), size):
+            block = self._block(start, start + size)
+            if len(block):
+                yield block
+
+    @property
+    def rows(self) -> pd.DataFrame:
+        """Every configuration in one frame: for small plans (tests)."""
+        blocks = list(self.blocks())
+        return pd.concat(blocks, ignore_index=True) if blocks else self._block(0, 0)
+
+    def _block(self, start: int, stop: int) -> pd.DataFrame:
+        index, job = self.grid.indices(start, stop)
+        group = np.zeros(len(job), dtype=np.int64)
+        for key in self.group_keys:  # mixed radix over the group keys, in the grid's order
+            group = group * len(self.grid.values[key]) + index[key]
+        keep = ~self.repeated[group]
+        index, job, group = {k: v[keep] for k, v in index.items()}, job[keep], group[keep]
+        columns = {}
+        for key in ROW_KEYS:
+            if key in index:
+                columns[key] = self.grid.values[key][index[key]]
+            elif any(key in d for d in self.defaults):
+                per_group = np.empty(len(self.defaults), dtype=object)
+                per_group[:] = [d.get(key) for d in self.defaults]
+                columns[key] = per_group[group]
+        typed = rows_frame(columns, len(job))
+        typed["group"], typed["job_num"] = group, job
+        hashes = np.empty(len(job), dtype=np.uint64)
+        for g in np.unique(group):  # a handful of groups: one hash call each
+            mask = group == g
+            hashes[mask] = config_hash_values(typed[mask], self.groups[int(g)])
+        typed["hash"] = hashes
+        return typed
 
 
 def parse_overrides(
@@ -184,44 +242,38 @@ def make_plan(
             f"kl_sweep: the sweep has {total:,} configurations; allowed is at most "
             f"{max_configurations:,} (hydra.sweeper.max_configurations)"
         )
-    frame = product(values)
-    if frame.empty:
+    grid = Grid(values)
+    if len(grid) == 0:
         raise SweepError("kl_sweep: the sweep is empty")
-    frame["job_num"] = np.arange(len(frame), dtype=np.int64)
     group_keys = [k for k in values if k not in ROW_KEYS]
-    if group_keys:
-        frame["group"] = frame.groupby(group_keys, sort=False).ngroup().astype(np.int64)
-    else:
-        frame["group"] = np.int64(0)
     groups: list[dict[str, Any]] = []
-    parts = []
-    for group, rows in frame.groupby("group", sort=True):  # one composition per group, not per row
-        first = rows.iloc[0]
-        group_overrides = [f"{k}={first[k]}" for k in group_keys]
-        cfg = _compose(config_loader, config, group_overrides)
+    defaults: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    repeated = []
+    # One composition per group, not per row: every combination of the group keys' values.
+    for combo in itertools.product(*(grid.values[k] for k in group_keys)):
+        cfg = _compose(config_loader, config, [f"{k}={v}" for k, v in zip(group_keys, combo)])
         row_defaults, shared = split_values(config_values(cfg))
         columns = {
-            k: rows[k].to_numpy() if k in rows else row_defaults[k]
+            k: grid.values[k] if k in grid.values else row_defaults[k]
             for k in ROW_KEYS
-            if k in rows or k in row_defaults
+            if k in grid.values or k in row_defaults
         }
 
         def context(key: str, value: Any) -> str:
             return f"override {overrides[key].input_line}" if key in overrides else "from the config"
 
-        validate({**shared, **columns}, context)
-        typed = rows_frame(columns, len(rows))
-        typed["group"] = np.int64(group)
-        typed["job_num"] = rows["job_num"].to_numpy()
-        typed["hash"] = config_hash_values(typed, shared)
+        validate({**shared, **columns}, context)  # each row key's values: the checks are per key
+        row_defaults = {k: v for k, v in row_defaults.items() if k in ROW_KEYS and k not in grid.values}
+        # Two groups with the same settings and rows (dim=1,1.0) are one: keep the first's jobs.
+        same = json.dumps([hashed_settings(shared), row_defaults], sort_keys=True, default=str)
+        repeated.append(same in seen)
+        seen.add(same)
         groups.append(shared)
-        parts.append(typed)
-    table = pd.concat(parts, ignore_index=True).sort_values("job_num", kind="stable")
-    # A configuration listed twice (separation=1,1) is one configuration: keep its first job.
-    table = table[~table["hash"].duplicated()].reset_index(drop=True)
+        defaults.append(row_defaults)
     lines = [o.input_line for o in overrides.values()]
     sweep_id = hashlib.sha1(json.dumps(lines).encode()).hexdigest()[:12]
-    return Plan(table, groups, sweep_id)
+    return Plan(grid, group_keys, groups, defaults, np.array(repeated, dtype=bool), sweep_id)
 
 
 def _compose(config_loader: Any, config: DictConfig, overrides: list[str]) -> DictConfig:
@@ -294,28 +346,116 @@ def _check_writable(sweep_dir: Path, rows: int) -> None:
 DEAL_BLOCK = 16
 
 
-def _split(rows: pd.DataFrame, shards: int, shard_size: int | None) -> list[pd.DataFrame]:
-    """The rows of each shard: equal blocks of at most :data:`DEAL_BLOCK` rows, one of every n in
-    turn to each of the n shards (in shuffled turns), the same number to each shard. A sweep of
-    at most that many rows a shard is cut into contiguous ranges, in order."""
-    n = max(1, math.ceil(len(rows) / shard_size) if shard_size else min(shards, len(rows)))
-    per_shard = math.ceil(len(rows) / (n * DEAL_BLOCK))  # blocks a shard gets: equal counts
-    block = max(1, math.ceil(len(rows) / (n * max(per_shard, 1))))
-    index = np.arange(len(rows)) // block
+def _dealing(
+    rows: int, shards: int, shard_size: int | None
+) -> tuple[int, Callable[[np.ndarray], np.ndarray]]:
+    """How ``rows`` rows are dealt: the number of shards, and the shard of each row position
+    (0..rows-1): equal blocks of at most :data:`DEAL_BLOCK` rows, one of every n in turn to each
+    of the n shards (in shuffled turns), the same number to each shard. A sweep of at most that
+    many rows a shard is cut into contiguous ranges, in order."""
+    n = max(1, math.ceil(rows / shard_size) if shard_size else min(shards, rows))
+    per_shard = math.ceil(rows / (n * DEAL_BLOCK))  # blocks a shard gets: equal counts
+    block = max(1, math.ceil(rows / (n * max(per_shard, 1))))
     if per_shard <= 1:
-        owner = index
-    else:
-        turns = np.argsort(np.random.default_rng(0).random((per_shard, n)), axis=1)
-        owner = turns.ravel()[index]
+        return n, lambda position: position // block
+    turns = np.argsort(np.random.default_rng(0).random((per_shard, n)), axis=1).ravel()
+    return n, lambda position: turns[position // block]
+
+
+def _split(rows: pd.DataFrame, shards: int, shard_size: int | None) -> list[pd.DataFrame]:
+    """The rows of each shard (:func:`_dealing`), for a frame in memory."""
+    n, owner_of = _dealing(len(rows), shards, shard_size)
+    owner = owner_of(np.arange(len(rows)))
     return [rows[owner == i] for i in range(n) if (owner == i).any()]
+
+
+@dataclass
+class Shard:
+    """A shard file written by the sweeper, and what the failure line says of it."""
+
+    path: Path
+    rows: int = 0
+    first: int = -1  # its smallest and largest job_num
+    last: int = -1
+    runs: int = 0  # contiguous job_num ranges
+
+    def add(self, jobs: np.ndarray) -> None:
+        """Count rows with these job numbers (ascending, after any added before)."""
+        if not len(jobs):
+            return
+        joined = self.last >= 0 and int(jobs[0]) == self.last + 1
+        self.runs += 1 + int((np.diff(jobs) != 1).sum()) - int(joined)
+        self.first = int(jobs[0]) if self.first < 0 else self.first
+        self.last, self.rows = int(jobs[-1]), self.rows + len(jobs)
+
+    def span(self) -> str:
+        """``job_num a-b``, and how many blocks when its rows are not one contiguous range."""
+        span = f"job_num {self.first}-{self.last}"
+        return span if self.runs == 1 else f"{span} in {self.runs} blocks"
+
+    def missing(self, done: np.ndarray) -> int:
+        """How many of its rows have no result among the sorted ``done`` hashes."""
+        batches = pq.ParquetFile(self.path).iter_batches(batch_size=BLOCK_ROWS, columns=["hash"])
+        return sum(int((~_among(b.column(0).to_numpy(), done)).sum()) for b in batches)
 
 
 def _job_span(piece: pd.DataFrame) -> str:
     """``job_num a-b``, and how many blocks when the shard's rows are not one contiguous range."""
-    jobs = piece["job_num"].to_numpy()
-    span = f"job_num {jobs.min()}-{jobs.max()}"
-    runs = 1 + int((np.diff(jobs) != 1).sum())
-    return span if runs == 1 else f"{span} in {runs} blocks"
+    shard = Shard(Path())
+    shard.add(piece["job_num"].to_numpy())
+    return shard.span()
+
+
+def _among(hashes: np.ndarray, done: np.ndarray) -> np.ndarray:
+    """Which of ``hashes`` are in the sorted array ``done`` (a binary search each: no copies of
+    ``done``, which may hold every hash of a 10^8-row sweep)."""
+    if not len(done):
+        return np.zeros(len(hashes), dtype=bool)
+    at = np.minimum(np.searchsorted(done, hashes), len(done) - 1)
+    return done[at] == hashes
+
+
+#: Shard files open at once while a sweep deals its rows; more shards are written in rounds.
+OPEN_SHARDS = 256
+
+
+def _write_shards(
+    plan: Plan,
+    done: np.ndarray,
+    todo: int,
+    shard_dir: Path,
+    spec: dict[str, str],
+    shards: int,
+    shard_size: int | None,
+) -> list[Shard]:
+    """Deal the ``todo`` rows not among ``done`` to shard files, a block of the plan at a time
+    (:func:`_dealing`); returns the shards that got rows, in order."""
+    n, owner_of = _dealing(todo, shards, shard_size)
+    written: dict[int, Shard] = {}
+    for first in range(0, n, OPEN_SHARDS):  # one pass over the plan per round of open files
+        streams: dict[int, ParquetStream] = {}
+        try:
+            position = 0
+            for block in plan.blocks():
+                block = block[~_among(block["hash"].to_numpy(), done)]
+                owner = owner_of(np.arange(position, position + len(block)))
+                position += len(block)
+                table = pa.Table.from_pandas(block, preserve_index=False)
+                jobs = block["job_num"].to_numpy()
+                for i in np.unique(owner[(owner >= first) & (owner < first + OPEN_SHARDS)]).tolist():
+                    mask = owner == i
+                    if i not in streams:
+                        path = shard_dir / f"shard-{i:05d}.parquet"
+                        streams[i], written[i] = ParquetStream(path, table.schema, spec), Shard(path)
+                    streams[i].write(table.filter(mask))
+                    written[i].add(jobs[mask])
+            for stream in streams.values():
+                stream.close()
+        except BaseException:
+            for stream in streams.values():
+                stream.abort()
+            raise
+    return [written[i] for i in sorted(written)]
 
 
 def shard_threads(config: DictConfig, n_shards: int) -> int | None:
@@ -382,7 +522,7 @@ def run_sweep(
     overrides = parse_overrides(params, arguments, hydra_context.config_loader)
     plan = make_plan(hydra_context.config_loader, config, overrides, max_configurations)
     sweep_dir = Path(config.hydra.sweep.dir).absolute()
-    _check_writable(sweep_dir, len(plan.rows))
+    _check_writable(sweep_dir, len(plan))
     # A full disk must not turn every later log line into a "--- Logging error ---" traceback.
     logging.raiseExceptions = False
     try:
@@ -401,6 +541,11 @@ def run_sweep(
             )
     except LockedError as ex:
         raise SweepError(str(ex)) from None
+    except (DamagedFileError, MemoryError) as ex:  # while the table was assembled
+        raise SweepFailed(
+            f"kl_sweep: the sweep in {sweep_dir} could not assemble its table: {first_line(ex)}; its rows "
+            f"are kept in {sweep_dir / PARTS}: rerun the same command to assemble them"
+        ) from None
     except OSError as ex:
         where = f" ({ex.filename})" if ex.filename else ""
         raise SweepFailed(
@@ -409,7 +554,11 @@ def run_sweep(
             f"only what is missing"
         ) from None
     _link_latest(latest_link, sweep_dir, config.hydra.runtime.cwd)
-    log.info(f"kl_sweep: {len(plan.rows)} rows -> {sweep_dir / RESULTS} ({time.perf_counter() - tic:.1f} s)")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    log.info(
+        f"kl_sweep: {len(plan)} rows -> {sweep_dir / RESULTS} ({time.perf_counter() - tic:.1f} s, "
+        f"peak memory {peak:.2f} GiB)"
+    )
     return returns
 
 
@@ -427,41 +576,64 @@ def _run_locked(
     """The sweep proper, while this process holds the sweep directory's lock."""
     found = _survey(sweep_dir)
     done = _versions(sweep_dir, found, on_version_change)
+    del found
     write_text(OmegaConf.to_yaml(config), sweep_dir / "multirun.yaml")
-    todo = plan.rows[~plan.rows["hash"].isin(done)]
+    total = len(plan)
+    if len(done):  # one pass: how many of the plan's rows are done
+        todo = sum(int((~_among(b["hash"].to_numpy(), done)).sum()) for b in plan.blocks())
+    else:
+        todo = total
     log.info(
-        f"kl_sweep: {len(plan.rows)} configurations in {len(plan.groups)} group(s); "
-        f"{len(plan.rows) - len(todo)} already done, {len(todo)} to fit -> {sweep_dir}"
+        f"kl_sweep: {total} configurations in {int((~plan.repeated).sum())} group(s); "
+        f"{total - todo} already done, {todo} to fit -> {sweep_dir}"
     )
     returns = []
-    if len(todo):
+    if todo:
         shard_dir = sweep_dir / SHARDS
         _clear_shards(sweep_dir, shard_dir)
-        pieces = _split(todo, shards, shard_size)
-        threads = shard_threads(config, len(pieces))
-        specs = [
-            write_shard(
-                shard_dir / f"shard-{i:05d}.parquet",
-                part,
-                plan.groups,
-                plan.sweep_id,
-                sweep_dir,
-                chunk_size,
-                threads,
-            )
-            for i, part in enumerate(pieces)
-        ]
+        n_shards, _ = _dealing(todo, shards, shard_size)
+        threads = shard_threads(config, n_shards)
+        spec = shard_spec(plan.groups, plan.sweep_id, sweep_dir, chunk_size, threads)
+        pieces = _write_shards(plan, done, todo, shard_dir, spec, shards, shard_size)
+        del done  # the fits need the memory more
         launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
-        results, failures = _launch(launcher, specs, pieces, sweep_dir)
+        pa.default_memory_pool().release_unused()  # Arrow's freed blocks, before DuckDB takes its own
+        results, failures = _launch(launcher, pieces, sweep_dir)
         _release_workers()
         returns.append(results)
-        shutil.rmtree(shard_dir, ignore_errors=True)
         if failures:
-            raise SweepFailed(_failure_line(sweep_dir, pieces, failures))
-    assemble(sweep_dir)
+            line = _failure_line(sweep_dir, pieces, failures)
+            shutil.rmtree(shard_dir, ignore_errors=True)
+            raise SweepFailed(line)
+        shutil.rmtree(shard_dir, ignore_errors=True)
+    if total > ASSEMBLE_APART:
+        _assemble_apart(sweep_dir)
+    else:
+        assemble(sweep_dir)
     return returns
+
+
+#: Sweeps larger than this assemble their table in a process of its own: DuckDB's memory then
+#: never adds to what planning and dealing left in the sweeper's heap (at 10^7 rows, 2.16 GiB in
+#: one process against about 1.1 GiB apart). Smaller ones save the process's start.
+ASSEMBLE_APART = 1_000_000
+
+
+def _assemble_apart(sweep_dir: Path) -> None:
+    """:func:`kl_sweep.collect.assemble` in a fresh process (``python -m kl_sweep.collect``)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "kl_sweep.collect", str(sweep_dir)], capture_output=True, text=True
+    )
+    said = (done.stdout + done.stderr).strip().splitlines()
+    if done.returncode:
+        why = said[-1].removeprefix("kl_sweep: ") if said else f"exit status {done.returncode}"
+        raise SweepFailed(
+            f"kl_sweep: the sweep in {sweep_dir} could not assemble its table: {why}; its rows are kept "
+            f"in {sweep_dir / PARTS}: rerun the same command to assemble them"
+        )
+    log.info(f"kl_sweep: assembled in a process of its own: {said[-1] if said else ''}")
 
 
 def _release_workers() -> None:
@@ -487,49 +659,78 @@ def _move_aside(sweep_dir: Path, path: Path, folder: str) -> Path:
     return target
 
 
-def _survey(sweep_dir: Path) -> dict[Path, pa.Table]:
-    """Every results file's hashes and versions; damaged or foreign files are moved aside.
+@dataclass
+class Found:
+    """A results file's rows as the resume check needs them: each row's config hash (uint64) and
+    numerics version (an index into ``versions``)."""
 
-    Returns ``{path: table of config_hash and numerics_version}`` for the files that read whole.
-    """
-    found: dict[Path, pa.Table] = {}
+    hashes: np.ndarray
+    version: np.ndarray
+    versions: list[str]
+
+    def stale(self, current: str) -> np.ndarray:
+        """Which rows another numerics version fitted."""
+        return np.array([v != current for v in self.versions] + [False], dtype=bool)[self.version]
+
+
+def _survey(sweep_dir: Path) -> dict[Path, Found]:
+    """Every results file's hashes and versions, read a batch at a time (every column decoded);
+    damaged or foreign files are moved aside."""
+    found: dict[Path, Found] = {}
     for path, _ in result_files(sweep_dir):
         try:
-            table = read_results_file(path)
+            found[path] = _read_found(path)
         except DamagedFileError as ex:
             target = _move_aside(sweep_dir, path, DAMAGED)
             log.warning(
                 f"kl_sweep: damaged results file {path}: {ex.problem}; moved to {target}, "
                 f"its configurations will be fitted again"
             )
-            continue
-        if VERSION_COLUMN not in table.column_names:
-            table = table.append_column(VERSION_COLUMN, pa.array([UNKNOWN_VERSION] * table.num_rows))
-        found[path] = table.select(["config_hash", VERSION_COLUMN])
     return found
 
 
-def _versions(sweep_dir: Path, found: dict[Path, pa.Table], policy: str) -> np.ndarray:
-    """Apply ``on_version_change`` to rows of other numerics versions; the hashes (uint64) that count
-    as done."""
+def _read_found(path: Path) -> Found:
+    """The config hashes and numerics versions of one results file (8 + 4 bytes a row)."""
+    has_version = VERSION_COLUMN in check_results_file(path).names
+    columns = ["config_hash", VERSION_COLUMN] if has_version else ["config_hash"]
+    hashes, version, versions = [], [], {}
+    for batch in read_results_batches(path, columns):
+        texts = batch.column(0).cast(pa.large_string())
+        valid = pc.fill_null(pc.match_substring_regex(texts, HEX16), False)  # those hash_values keeps
+        hashes.append(hash_values(texts))
+        names = batch.column(1).filter(valid) if has_version else pa.nulls(len(hashes[-1]))
+        codes = pc.dictionary_encode(pc.fill_null(names.cast(pa.large_string()), UNKNOWN_VERSION))
+        local = [versions.setdefault(v, len(versions)) for v in codes.dictionary.to_pylist()]
+        version.append(np.asarray(local, dtype=np.int32)[codes.indices.to_numpy(zero_copy_only=False)])
+    return Found(
+        np.concatenate(hashes) if hashes else np.empty(0, np.uint64),
+        np.concatenate(version) if version else np.empty(0, np.int32),
+        list(versions),
+    )
+
+
+def _sorted(arrays: list[np.ndarray]) -> np.ndarray:
+    """The hashes of ``arrays`` in one sorted array (sorted in place: no second copy)."""
+    done = np.concatenate(arrays) if arrays else np.empty(0, np.uint64)
+    done.sort()
+    return done
+
+
+def _versions(sweep_dir: Path, found: dict[Path, Found], policy: str) -> np.ndarray:
+    """Apply ``on_version_change`` to rows of other numerics versions; the hashes (uint64, sorted)
+    that count as done."""
     if not found:  # a fresh sweep: no versions to compare (and no torch to load for the current one)
         return np.empty(0, np.uint64)
     current = numerics_version()
-    text = pa.large_string()
-    every = hash_values(pa.chunked_array([t.column("config_hash").cast(text) for t in found.values()], text))
-    old = [
-        path
-        for path, t in found.items()
-        if not pc.all(pc.equal(pc.fill_null(t.column(VERSION_COLUMN).cast(text), UNKNOWN_VERSION), current))
-    ]
+    stale = {path: f.stale(current) for path, f in found.items()}
+    old = [path for path, mask in stale.items() if mask.any()]
     if not old:
-        return every
-    frames = {path: t.to_pandas() for path, t in found.items()}
-    stale = pd.concat([frames[path] for path in old])
-    stale = stale[stale[VERSION_COLUMN].fillna(UNKNOWN_VERSION) != current]
-    versions = ", ".join(sorted(stale[VERSION_COLUMN].fillna(UNKNOWN_VERSION).unique()))
-    count = stale["config_hash"].nunique()
-    said = f"{count} rows in {sweep_dir} were fitted by numerics version {versions} (this is {current})"
+        return _sorted([f.hashes for f in found.values()])
+    names = sorted({v for path in old for v in found[path].versions if v != current})
+    count = len(np.unique(np.concatenate([found[path].hashes[stale[path]] for path in old])))
+    said = (
+        f"{count} rows in {sweep_dir} were fitted by numerics version {', '.join(names)} (this is {current})"
+    )
     if policy == "stop":
         raise SweepError(
             f"kl_sweep: {said}: rerun with hydra.sweeper.on_version_change=refit to fit them again "
@@ -537,19 +738,19 @@ def _versions(sweep_dir: Path, found: dict[Path, pa.Table], policy: str) -> np.n
         )
     if policy == "keep":
         log.warning(f"kl_sweep: {said}; keeping them (on_version_change=keep, see numerics_version)")
-        return every
+        return _sorted([f.hashes for f in found.values()])
     for path in old:  # refit: keep this version's rows of the file, move the file aside
-        table = read_results_file(path)
-        if VERSION_COLUMN in table.column_names:
-            rows = table.to_pandas()
-            rows = rows[rows[VERSION_COLUMN] == current]
-            if len(rows):
-                tag = hashlib.sha1(str(path.relative_to(sweep_dir)).encode()).hexdigest()[:12]
-                write_parquet(rows, sweep_dir / PARTS / f"kept-{tag}.parquet")
+        if (~stale[path]).any():
+            tag = hashlib.sha1(str(path.relative_to(sweep_dir)).encode()).hexdigest()[:12]
+            schema = check_results_file(path)
+            kept = (
+                batch.filter(pc.fill_null(pc.equal(batch.column(VERSION_COLUMN), current), False))
+                for batch in read_results_batches(path, schema.names)
+            )
+            write_batches(kept, schema, sweep_dir / PARTS / f"kept-{tag}.parquet")
         _move_aside(sweep_dir, path, SUPERSEDED)
     log.warning(f"kl_sweep: {said}; fitting them again, their files moved to {sweep_dir / SUPERSEDED}")
-    kept = [f.loc[f[VERSION_COLUMN] == current, "config_hash"] for f in frames.values()]
-    return hash_values(pa.chunked_array([pa.array(k, text) for k in kept], text))
+    return _sorted([f.hashes[~stale[path]] for path, f in found.items()])
 
 
 def _clear_shards(sweep_dir: Path, shard_dir: Path) -> None:
@@ -574,26 +775,18 @@ def _clear_shards(sweep_dir: Path, shard_dir: Path) -> None:
 
 
 def _hashes_in_parts(sweep_dir: Path) -> np.ndarray:
-    """The config hashes (uint64) of every readable part file (a million rows would take seconds
-    as a Python set of strings)."""
-    chunks: list[pa.Array] = []
+    """The config hashes (uint64, sorted) of every readable part file: 8 bytes a row."""
+    chunks: list[np.ndarray] = []
     for path in sorted((sweep_dir / PARTS).glob("*.parquet")):
         try:
             column = pq.read_table(path, columns=["config_hash"]).column(0)
-            chunks.extend(chunk.cast(pa.large_string()) for chunk in column.chunks)
         except (pa.ArrowException, OSError):
-            pass
-    return hash_values(pa.chunked_array(chunks, pa.large_string()))
+            continue
+        chunks.append(hash_values(column))
+    return _sorted(chunks)
 
 
-def _landed(piece: pd.DataFrame, done: np.ndarray) -> np.ndarray:
-    """Which rows of ``piece`` are among the ``done`` hashes."""
-    return piece["hash"].isin(done).to_numpy()
-
-
-def _launch(
-    launcher: Any, specs: list[Path], pieces: list[pd.DataFrame], sweep_dir: Path
-) -> tuple[Any, dict[int, str]]:
+def _launch(launcher: Any, shards: list[Shard], sweep_dir: Path) -> tuple[Any, dict[int, str]]:
     """Run every shard; returns the launcher's results and ``{shard: why it failed}``.
 
     A shard that fails leaves the others alone: when the launcher itself breaks (a worker killed
@@ -602,16 +795,16 @@ def _launch(
     """
     failures: dict[int, str] = {}
     try:
-        results = launcher.launch([[f"shard='{spec}'"] for spec in specs], initial_job_idx=0)
+        results = launcher.launch([[f"shard='{s.path}'"] for s in shards], initial_job_idx=0)
     except Exception as ex:  # the launcher broke: which shards finished is read from parts/
         log.warning(f"kl_sweep: the launcher failed ({_reason(ex)}); running unfinished shards one by one")
         results = []
         done = _hashes_in_parts(sweep_dir)
-        for i, (spec, piece) in enumerate(zip(specs, pieces)):
-            if _landed(piece, done).all():
+        for i, shard in enumerate(shards):
+            if not shard.missing(done):
                 continue
             try:
-                (one,) = launcher.launch([[f"shard='{spec}'"]], initial_job_idx=i)
+                (one,) = launcher.launch([[f"shard='{shard.path}'"]], initial_job_idx=i)
             except Exception as again:
                 failures[i] = _reason(again)
                 continue
@@ -623,8 +816,8 @@ def _launch(
             if one.status == JobStatus.FAILED:
                 failures[i] = _reason(one._return_value)
     done = _hashes_in_parts(sweep_dir)
-    for i, piece in enumerate(pieces):  # whatever the launcher said, a shard is done when its rows are
-        if i not in failures and not _landed(piece, done).all():
+    for i, shard in enumerate(shards):  # whatever the launcher said, a shard is done when its rows are
+        if i not in failures and shard.missing(done):
             failures[i] = "its job ended without writing all its rows"
     return results, failures
 
@@ -643,14 +836,14 @@ def _reason(ex: BaseException) -> str:
     return first_line(ex)
 
 
-def _failure_line(sweep_dir: Path, pieces: list[pd.DataFrame], failures: dict[int, str]) -> str:
+def _failure_line(sweep_dir: Path, shards: list[Shard], failures: dict[int, str]) -> str:
     done = _hashes_in_parts(sweep_dir)
-    missing = sum(int((~_landed(pieces[i], done)).sum()) for i in failures)
-    shown = [f"shard {i} ({_job_span(pieces[i])}): {why}" for i, why in sorted(failures.items())[:3]]
+    missing = sum(shards[i].missing(done) for i in failures)
+    shown = [f"shard {i} ({shards[i].span()}): {why}" for i, why in sorted(failures.items())[:3]]
     more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
     fix = "free space, then rerun" if any(why.startswith(DISK_FULL) for why in failures.values()) else "rerun"
     return (
-        f"kl_sweep: {len(failures)} of {len(pieces)} shard(s) failed, {missing} configuration(s) not fitted: "
+        f"kl_sweep: {len(failures)} of {len(shards)} shard(s) failed, {missing} configuration(s) not fitted: "
         f"{'; '.join(shown)}{more}; the rows fitted are kept in {sweep_dir / PARTS}: "
         f"{fix} the same command to fit only the missing ones"
     )
