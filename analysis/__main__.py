@@ -33,6 +33,7 @@ from analysis.figures import save  # noqa: E402
 from analysis.pipeline import DEFAULT_WEIGHT  # noqa: E402
 from analysis.report import write_report  # noqa: E402
 from analysis.source import Sweep  # noqa: E402
+from analysis.stochastic import write_stochastic  # noqa: E402
 from analysis.stream import analyse_sweep  # noqa: E402
 from analysis.structure_nd import exact_points, one_table  # noqa: E402
 from kl_sweep.allocator import keep_freed_memory, small_pages  # noqa: E402
@@ -137,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text(table.to_csv(index=False), path)
         print(f"{len(table)} special points (every dimension, family and direction) -> {path}")
+    stochastic, notes = write_stochastic(sweep, args.weight)
+    if stochastic:
+        print(f"wrote {len(stochastic)} files of the stochastic rows (basin shares, boundary, bias)")
+    for note in notes:
+        print(f"note: {note}")
     return 0
 
 

@@ -113,8 +113,23 @@ def unknown_key_message(ex: BaseException) -> str | None:
     if dataclasses.is_dataclass(schema):
         prefix = str(full).rsplit(".", 1)[0] + "." if "." in str(full) else ""
         keys = ", ".join(f"{prefix}{name}" for name in _field_names(schema))
-        return f"kl_sweep: unknown key {full}: allowed keys here are {keys}"
+        owner = _owner(str(full), schema)
+        return f"kl_sweep: unknown key {full}{owner}: allowed keys here are {keys}"
     return f"kl_sweep: unknown key {full}: allowed keys are {', '.join(KNOWN_KEYS)}"
+
+
+def _owner(full: str, schema: type) -> str:
+    """`` (a key of estimator=mc)`` where another choice of the group has the key: ``resample``
+    under the quadrature estimator, say."""
+    from kl_sweep.config import GROUP_SCHEMAS
+
+    group, _, name = full.rpartition(".")
+    owners = [
+        c
+        for c, node in GROUP_SCHEMAS.get(group, {}).items()
+        if node is not schema and name in _field_names(node)
+    ]
+    return f" (a key of {' and '.join(f'{group}={c}' for c in owners)})" if owners else ""
 
 
 def _field_names(schema: type) -> list[str]:

@@ -42,6 +42,22 @@ NEW_KEY_DEFAULTS: dict[str, Any] = {
     "q_family": "full",
     "target.file": None,
 }
+#: Issue 25's keys (stochastic VI) with their defaults. Like :data:`NEW_KEY_DEFAULTS`, a key at its
+#: default is left out of a row's hash, but none is required: the ``estimator.*`` ones exist for
+#: ``estimator=mc`` only.
+STOCHASTIC_DEFAULTS: dict[str, Any] = {
+    "estimator.resample": False,
+    "estimator.gradient": "reparam",
+    "optimizer.schedule": "constant",
+    "optimizer.decay": 0.6,
+    "optimizer.decay_steps": 100.0,
+    "optimizer.average": 0.5,
+}
+#: Gradient estimators of a stochastic fit: the plain reparameterisation gradient, and "sticking
+#: the landing" (Roeder, Wu and Duvenaud 2017: the score term of log q dropped).
+GRADIENTS = ("reparam", "stl")
+#: Learning-rate schedules of a stochastic fit: lr, or lr (1 + t / decay_steps)^-decay.
+SCHEDULES = ("constant", "robbins_monro")
 
 
 @dataclass
@@ -65,8 +81,10 @@ class GridConf:
 @dataclass
 class MonteCarloConf:
     name: str = "mc"  # reparameterised Monte Carlo with common random numbers
-    num_samples: int = 4096  # draws per expectation
-    seed: int = 0  # seed of the draws: same seed, same results
+    num_samples: int = 4096  # draws per expectation (per step when resample is true)
+    seed: int = 0  # seed of the fixed draws: same seed, same results
+    resample: bool = False  # true: fresh draws every step (stochastic VI, as Pyro's SVI runs)
+    gradient: str = "reparam"  # with resample: reparam, or stl (sticking the landing: no score term)
 
 
 @dataclass
@@ -75,6 +93,10 @@ class FirstOrderConf:
     lr: float = 0.05  # learning rate
     max_steps: int = 5000  # step budget, Newton polish steps included
     tol: float = 1e-8  # converged when |grad| in (mu, log sigma) is at most this
+    schedule: str = "constant"  # stochastic fits: constant, or robbins_monro lr (1 + t/decay_steps)^-decay
+    decay: float = 0.6  # robbins_monro's exponent, in (0.5, 1]
+    decay_steps: float = 100.0  # robbins_monro's time scale t0, in steps (> 0)
+    average: float = 0.5  # stochastic fits: Polyak-Ruppert average over this last fraction of the steps
 
 
 @dataclass
@@ -109,6 +131,7 @@ class KLSweepConfig:
     init_mu: float = 1.0  # starting mean of Q (init_mu times u)
     init_sigma2: float = 1.0  # starting variance of Q (init_sigma2 times I)
     polish: bool = True  # Newton polish once the optimiser has chosen its basin
+    seed: int = 0  # replica of a stochastic fit (estimator.resample=true): a row key, 0, 1, 2, ...
     dim: int = 1  # the dimension d of P and Q, 1 to DIM_MAX
     correlation: float = 0.0  # rho of each component's covariance component_var * ((1 - rho) I + rho 1 1^T)
     direction: str = "axis"  # u, along which the means lie: axis (e_1) or diagonal (1 / sqrt(d) each)
@@ -134,7 +157,11 @@ ROW_KEYS: dict[str, type] = {
     "optimizer.lr": float,
     "optimizer.max_steps": int,
     "optimizer.tol": float,
+    "seed": int,
 }
+#: Row keys a row may lack, with the value it then has. ``seed`` is hashed with the settings, and
+#: left out at 0 (:func:`kl_sweep.rows.config_hash_values`): rows from before it keep their hashes.
+OPTIONAL_ROW_KEYS: dict[str, Any] = {"divergence.alpha": None, "seed": 0}
 
 
 #: Keys that steer a run but cannot change a result: left out of the values (and the hash).
@@ -170,14 +197,20 @@ def split_values(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, A
     return rows, shared
 
 
+#: The schema of each choice of each config group.
+GROUP_SCHEMAS: dict[str, dict[str, type]] = {
+    "estimator": {"quadrature": QuadratureConf, "grid": GridConf, "mc": MonteCarloConf},
+    "optimizer": {"adam": AdamConf, "sgd": SGDConf},
+}
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="kl_sweep_schema", node=KLSweepConfig)
     cs.store(group="schema/divergence", name="divergence", node=DivergenceConf)
-    for name, node in {"quadrature": QuadratureConf, "grid": GridConf, "mc": MonteCarloConf}.items():
-        cs.store(group="schema/estimator", name=name, node=node)
-    for name, node in {"adam": AdamConf, "sgd": SGDConf}.items():
-        cs.store(group="schema/optimizer", name=name, node=node)
+    for group, choices in GROUP_SCHEMAS.items():
+        for name, node in choices.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)
 
 
 register_configs()

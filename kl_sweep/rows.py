@@ -15,14 +15,14 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from kl_sweep.config import NEW_KEY_DEFAULTS, ROW_KEYS
+from kl_sweep.config import NEW_KEY_DEFAULTS, OPTIONAL_ROW_KEYS, ROW_KEYS, STOCHASTIC_DEFAULTS
 
 _DTYPES = {float: "float64", int: "int64"}
 
 
 def rows_frame(columns: Mapping[str, Any], length: int | None = None) -> pd.DataFrame:
     """A batch frame with every row key, cast to its schema type (``separation=3`` is 3.0)."""
-    columns = {"divergence.alpha": None, **columns}  # optional: only the alpha family has one
+    columns = {**OPTIONAL_ROW_KEYS, **columns}  # alpha: only the alpha family has one; seed: 0
     data = {k: columns[k].to_numpy() if isinstance(columns[k], pd.Series) else columns[k] for k in ROW_KEYS}
     frame = pd.DataFrame(data, index=None if length is None else range(length))
     return frame.astype({k: _DTYPES[t] for k, t in ROW_KEYS.items()})
@@ -38,11 +38,18 @@ def config_hash_values(rows: pd.DataFrame, shared: Mapping[str, Any]) -> np.ndar
     its hashes, and so resumes.
     """
     frame = rows_frame(rows, len(rows)).reset_index(drop=True)
-    text = json.dumps(dict(sorted(hashed_settings(shared).items())), sort_keys=True, default=str)
-    # Every row has the same settings: as a categorical of one category, the string is hashed
-    # once and its hash taken by code (pandas hashes a categorical as its values, so the hashes
-    # are those of a plain string column; a million copies of the string cost 0.3 s).
-    frame["__shared__"] = pd.Categorical.from_codes(np.zeros(len(frame), np.int8), [text])
+    settings = hashed_settings(shared)
+    # ``seed`` (a stochastic fit's replica) is hashed with the settings, and left out at 0: a
+    # table from before it existed keeps its hashes.
+    seeds, codes = np.unique(frame.pop("seed").to_numpy(), return_inverse=True)
+    texts = [
+        json.dumps({**settings, **({"seed": int(s)} if s else {})}, sort_keys=True, default=str)
+        for s in seeds  # over the distinct seeds, a handful
+    ]
+    # The rows share a few settings strings: as a categorical, each string is hashed once and its
+    # hash taken by code (pandas hashes a categorical as its values, so the hashes are those of a
+    # plain string column; a million copies of the string cost 0.3 s).
+    frame["__shared__"] = pd.Categorical.from_codes(codes.reshape(-1).astype(np.int64), texts)
     return pd.util.hash_pandas_object(frame, index=False).to_numpy()
 
 
@@ -63,13 +70,16 @@ def hashed_settings(shared: Mapping[str, Any]) -> dict[str, Any]:
     return settings
 
 
+_DEFAULTS = {**NEW_KEY_DEFAULTS, **STOCHASTIC_DEFAULTS}
+
+
 def _at_default(key: str, value: Any) -> bool:
-    if key not in NEW_KEY_DEFAULTS:
+    if key not in _DEFAULTS:
         return False
-    default = NEW_KEY_DEFAULTS[key]
-    if default is None or value is None:
+    default = _DEFAULTS[key]
+    if default is None or value is None or isinstance(default, bool) or isinstance(value, bool):
         return value is default
-    return type(value) is not bool and value == default
+    return value == default
 
 
 def config_hashes(rows: pd.DataFrame, shared: Mapping[str, Any]) -> np.ndarray:

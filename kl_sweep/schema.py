@@ -92,6 +92,43 @@ COLUMN_DOCS: dict[str, tuple[str, str]] = {
     ),
     "max_steps": ("steps", "the step budget, polish included (`optimizer.max_steps`)"),
     "tol": ("as grad_norm", "converged needs grad_norm <= tol (`optimizer.tol`)"),
+    "seed": (NO_UNIT, "a stochastic fit's replica (`seed`, a row key); null for every other fit"),
+    "num_samples": (
+        "draws",
+        "Monte Carlo draws per expectation (per step with `estimator.resample=true`); null for quadrature "
+        "and grid",
+    ),
+    "gradient": (
+        NO_UNIT,
+        "stochastic fits: the gradient estimator, `reparam` or `stl` (sticking the landing) "
+        "(`estimator.gradient`)",
+    ),
+    "schedule": (
+        NO_UNIT,
+        "stochastic fits: the learning-rate schedule, `constant` or `robbins_monro(decay, decay_steps)` "
+        "(`optimizer.schedule`, `optimizer.decay`, `optimizer.decay_steps`)",
+    ),
+    "average": (
+        NO_UNIT,
+        "stochastic fits: the fraction of the last iterates averaged into mu and sigma2 "
+        "(`optimizer.average`)",
+    ),
+    "n_minima": (NO_UNIT, "stochastic fits: how many exact minima the deterministic problem has"),
+    "basin": (
+        NO_UNIT,
+        "stochastic fits: which exact minimum (0, 1, ... in order of mu) the averaged iterate lies nearest "
+        "to, in (mu, log sigma)",
+    ),
+    "basin_mu": ("x", "stochastic fits: the mean of that exact minimum"),
+    "basin_sigma2": ("x^2", "stochastic fits: the variance of that exact minimum"),
+    "basin_distance": (
+        "(x, log x)",
+        "stochastic fits: the distance from the averaged iterate to that minimum in (mu, log sigma)",
+    ),
+    "crossings": (
+        NO_UNIT,
+        "stochastic fits: how many times the iterate's nearest exact minimum changed during the run",
+    ),
     "fit_seconds": ("s", "the wall time of the row's chunk shared out over its rows: the only timing column"),
     "sweep_id": (
         NO_UNIT,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -28,9 +29,23 @@ from kl_sweep.core.gaussians import Family, MixtureND
 from kl_sweep.core.mixture import Mixture
 from kl_sweep.core.optim import make_optimizer
 from kl_sweep.core.reduction import SharedPair
-from kl_sweep.rows import config_hashes, rows_frame  # noqa: F401  (re-exported)
+from kl_sweep.core.stochastic import Practice, StochasticResult
+from kl_sweep.rows import config_hash_values, config_hashes, rows_frame  # noqa: F401  (re-exported)
 from kl_sweep.version import numerics_version
 
+#: The columns of a stochastic fit (``estimator.resample=true``); null on every other row.
+STOCHASTIC_COLUMNS = [
+    "seed",
+    "gradient",
+    "schedule",
+    "average",
+    "n_minima",
+    "basin",
+    "basin_mu",
+    "basin_sigma2",
+    "basin_distance",
+    "crossings",
+]
 #: The result table's columns, in order (a contract: analysis and tests read these names).
 COLUMNS = [
     "divergence",
@@ -69,6 +84,8 @@ COLUMNS = [
     "numerics_version",
     "max_steps",
     "tol",
+    "num_samples",
+    *STOCHASTIC_COLUMNS,
     "fit_seconds",
 ]
 #: Columns that measure time, not results: they differ between otherwise identical runs.
@@ -87,12 +104,18 @@ def settings_from(shared: Mapping[str, Any]) -> Settings:
         for k, v in shared.items()
         if k.startswith("optimizer.") and k != "optimizer.name" and k not in ROW_KEYS
     }
+    practice = {k: optimizer_options.pop(k) for k in PRACTICE_KEYS if k in optimizer_options}
     return Settings(
         divergence=DIVERGENCES[shared["divergence.name"]],
         estimator=make_estimator(shared["estimator.name"], **estimator_options),
         optimizer=make_optimizer(shared["optimizer.name"], **optimizer_options),
         polish=bool(shared.get("polish", True)),
+        practice=Practice(**practice),
     )
+
+
+#: The ``optimizer.*`` keys of a stochastic fit (:class:`kl_sweep.core.stochastic.Practice`).
+PRACTICE_KEYS = ("schedule", "decay", "decay_steps", "average")
 
 
 def problem_from(rows: pd.DataFrame, shared: Mapping[str, Any]) -> tuple[pd.DataFrame, Problem]:
@@ -102,7 +125,7 @@ def problem_from(rows: pd.DataFrame, shared: Mapping[str, Any]) -> tuple[pd.Data
     ``direction``, ``q_family``); its ``mixture`` is then the target's 1-D line mixture.
     """
     rows = rows_frame(rows, len(rows)).reset_index(drop=True)
-    col = {k: torch.tensor(rows[k].to_numpy(dtype="float64")) for k in ROW_KEYS}
+    col = {k: torch.tensor(rows[k].to_numpy(dtype="float64")) for k in ROW_KEYS if k != "seed"}
     target = family = None
     dim = int(shared.get("dim", 1))
     if shared.get("target.file") is not None:  # a general target: the file's, on every row
@@ -129,6 +152,10 @@ def problem_from(rows: pd.DataFrame, shared: Mapping[str, Any]) -> tuple[pd.Data
         target=target,
         family=family,
     )
+    if shared.get("estimator.resample") is True:  # a stochastic fit's draws are keyed by row
+        key = config_hash_values(rows, shared).view(np.int64)
+        seed = rows["seed"].to_numpy(dtype="int64")
+        problem = replace(problem, key=torch.from_numpy(key.copy()), seed=torch.from_numpy(seed.copy()))
     return rows, problem
 
 
@@ -231,10 +258,47 @@ def result_frame(
             "numerics_version": numerics_version(),
             "max_steps": rows["optimizer.max_steps"],
             "tol": rows["optimizer.tol"],
+            **stochastic_columns(rows, shared, result),
             "fit_seconds": (time.perf_counter() - tic) / max(n, 1),
         }
     )
     return out[COLUMNS]
+
+
+def stochastic_columns(rows: pd.DataFrame, shared: Mapping[str, Any], result: Result) -> dict[str, Any]:
+    """``num_samples`` (Monte Carlo rows) and :data:`STOCHASTIC_COLUMNS`: a stochastic fit's
+    replica and its placement against the exact minima; null where they do not apply."""
+    n = len(rows)
+    mc = shared["estimator.name"] == "mc"
+    samples = [shared.get("estimator.num_samples") if mc else None] * n
+    out: dict[str, Any] = {"num_samples": pd.array(samples, dtype="Int64")}
+    if not isinstance(result, StochasticResult):
+        ints = pd.array([None] * n, dtype="Int64")
+        floats = np.full(n, np.nan)
+        kinds = {"seed": ints, "n_minima": ints, "basin": ints, "crossings": ints}
+        kinds |= {"gradient": [None] * n, "schedule": [None] * n}
+        return {**out, **{c: kinds.get(c, floats) for c in STOCHASTIC_COLUMNS}}
+    basin = result.basin.numpy()
+    return {
+        **out,
+        "seed": pd.array(rows["seed"].to_numpy(dtype="int64"), dtype="Int64"),
+        "gradient": [shared["estimator.gradient"]] * n,
+        "schedule": [schedule_text(shared)] * n,
+        "average": np.full(n, float(shared["optimizer.average"])),
+        "n_minima": pd.array(result.n_minima.numpy(), dtype="Int64"),
+        "basin": pd.arrays.IntegerArray(np.where(basin >= 0, basin, 0), basin < 0),
+        "basin_mu": result.basin_theta[:, 0].numpy(),
+        "basin_sigma2": torch.exp(2.0 * result.basin_theta[:, 1]).numpy(),
+        "basin_distance": result.basin_distance.numpy(),
+        "crossings": pd.array(result.crossings.numpy(), dtype="Int64"),
+    }
+
+
+def schedule_text(shared: Mapping[str, Any]) -> str:
+    """The ``schedule`` column: ``constant``, or ``robbins_monro(decay, decay_steps)``."""
+    if shared["optimizer.schedule"] == "constant":
+        return "constant"
+    return f"robbins_monro({shared['optimizer.decay']:g}, {shared['optimizer.decay_steps']:g})"
 
 
 def general_target(path: str, dim: int, rows: int) -> MixtureND:

@@ -22,10 +22,14 @@ from kl_sweep.config import (
     DIVERGENCE_NAMES,
     ESTIMATOR_NAMES,
     FULL_DIM_MAX,
+    GRADIENTS,
     NEW_KEY_DEFAULTS,
     OPTIMIZER_NAMES,
+    OPTIONAL_ROW_KEYS,
     Q_FAMILIES,
     ROW_KEYS,
+    SCHEDULES,
+    STOCHASTIC_DEFAULTS,
 )
 
 
@@ -119,8 +123,15 @@ RULES: dict[str, Rule] = {
     "estimator.name": _choice(ESTIMATOR_NAMES),
     "estimator.nodes_per_panel": Rule("an integer from 2 to 64", _integer(2, 64)),
     "estimator.num_points": Rule("an integer from 3 to 1000000", _integer(3, 1_000_000)),
-    "estimator.num_samples": Rule("an integer from 2 to 10000000", _integer(2, 10_000_000)),
+    "estimator.num_samples": Rule("an integer from 1 to 10000000", _integer(1, 10_000_000)),
     "estimator.seed": Rule("an integer from 0 to 2**63 - 1", _integer(0, 2**63 - 1)),
+    "estimator.resample": Rule("true or false", lambda v: np.array([x is True or x is False for x in v])),
+    "estimator.gradient": _choice(GRADIENTS),
+    "seed": Rule("an integer from 0 to 2**63 - 1", _integer(0, 2**63 - 1)),
+    "optimizer.schedule": _choice(SCHEDULES),
+    "optimizer.decay": Rule("a number in (0.5, 1] (Robbins-Monro)", _finite(0.5, 1.0, lo_open=True)),
+    "optimizer.decay_steps": Rule("a finite number > 0 (steps)", _finite(0.0, lo_open=True)),
+    "optimizer.average": Rule("a fraction of the steps in (0, 1]", _finite(0.0, 1.0, lo_open=True)),
     "optimizer.name": _choice(OPTIMIZER_NAMES),
     "optimizer.lr": Rule("a finite number > 0", _finite(0.0, lo_open=True)),
     "optimizer.max_steps": Rule("an integer from 1 to 10000000", _integer(1, 10_000_000)),
@@ -134,7 +145,8 @@ RULES: dict[str, Rule] = {
 
 #: The keys every configuration needs (``~separation`` would delete one).
 REQUIRED_KEYS = (
-    *ROW_KEYS,
+    *(k for k in ROW_KEYS if k not in OPTIONAL_ROW_KEYS),
+    "divergence.alpha",
     "polish",
     "divergence.name",
     "estimator.name",
@@ -143,6 +155,7 @@ REQUIRED_KEYS = (
 )
 #: Every key a configuration may have (flattened); anything else, such as ``+colour=red``, is refused.
 KNOWN_KEYS = tuple(sorted({*RULES, "polish", "divergence.alpha", "correlation"}))
+assert set(STOCHASTIC_DEFAULTS) <= set(RULES)
 #: ``divergence.alpha`` per divergence that takes one (checked in :func:`_check_alpha`).
 ALPHA_RULES: dict[str, Rule] = {
     "alpha": Rule("a finite number (any real order; 0 and 1 are the KL limits)", _finite()),
@@ -179,6 +192,38 @@ def validate(values: Mapping[str, Any], context: Callable[[str, Any], str] | Non
     _check_correlation(values, context)
     _check_full_dim(values, context)
     _check_target(values, context)
+    _check_stochastic(values, context)
+
+
+def _check_stochastic(values: Mapping[str, Any], context: Callable[[str, Any], str] | None) -> None:
+    """The keys of a stochastic fit need one (``estimator=mc estimator.resample=true``), in d = 1."""
+    resample = values.get("estimator.resample", False) is True
+    if resample:
+        dims = np.atleast_1d(np.asarray(values.get("dim", 1), dtype=object))
+        if (_numeric(dims) != 1).any():
+            value = dims[int(np.argmax(_numeric(dims) != 1))]
+            allowed = "1 with estimator.resample=true (stochastic fits run on the line)"
+            raise ConfigError("dim", value, allowed, context("dim", value) if context else "")
+        names = np.atleast_1d(np.asarray(values.get("divergence.name"), dtype=object))
+        if values.get("estimator.gradient") == "stl" and (names != "reverse").any():
+            allowed = (
+                "reparam with this divergence: stl (its score term has mean zero) is for divergence=reverse"
+            )
+            value = f"stl with divergence={names[int(np.argmax(names != 'reverse'))]}"
+            raise ConfigError(
+                "estimator.gradient", value, allowed, context("estimator.gradient", "stl") if context else ""
+            )
+        return
+    needs = "applies to stochastic fits only: set estimator=mc estimator.resample=true"
+    seeds = np.atleast_1d(np.asarray(values.get("seed", 0), dtype=object))
+    if (seeds != 0).any():
+        bad = seeds[int(np.argmax(seeds != 0))]
+        raise ConfigError("seed", bad, f"0: a replica seed {needs}", context("seed", bad) if context else "")
+    for key in ("estimator.gradient", "optimizer.schedule", "optimizer.average"):
+        value = values.get(key, STOCHASTIC_DEFAULTS[key])
+        if value != STOCHASTIC_DEFAULTS[key]:
+            allowed = f"{STOCHASTIC_DEFAULTS[key]!r} (the default): {key} {needs}"
+            raise ConfigError(key, value, allowed, context(key, value) if context else "")
 
 
 def _check_alpha(values: Mapping[str, Any], context: Callable[[str, Any], str] | None) -> None:

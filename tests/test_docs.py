@@ -47,6 +47,7 @@ PAGES = [
     "docs/clusters-and-launchers.md",
     "docs/numerics-and-verification.md",
     "docs/performance.md",
+    "docs/stochastic-vi.md",
 ]
 SHELL_FENCE = re.compile(r"^```(bash|sh|console)\s*$")
 MARKER = re.compile(r"^<!-- (runnable|dry-run)(?:: exit (\d+))? -->$")

@@ -24,10 +24,15 @@ SHARED = {"divergence.name": "reverse", "estimator.name": "quadrature", "optimiz
 
 
 def test_config_hashes_are_pandas_hashes_of_the_rows_and_one_settings_string():
-    """The definition, written out with a plain string column: the hashes resumed sweeps match on."""
+    """The definition, written out with a plain string column: the hashes resumed sweeps match on.
+    A stochastic fit's ``seed`` goes into the settings string, and only where it is not 0."""
     rows = random_rows(500)
-    reference = rows.copy()
-    reference["__shared__"] = json.dumps(dict(sorted(SHARED.items())), sort_keys=True, default=str)
+    rows.loc[::3, "seed"] = 0
+    reference = rows.drop(columns="seed")
+    reference["__shared__"] = [
+        json.dumps({**SHARED, **({"seed": int(s)} if s else {})}, sort_keys=True, default=str)
+        for s in rows.seed
+    ]
     expected = pd.util.hash_pandas_object(reference, index=False).to_numpy()
     values = config_hash_values(rows, SHARED)
     assert values.dtype == np.uint64 and (values == expected).all()

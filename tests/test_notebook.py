@@ -70,6 +70,24 @@ def real_dims_sweeps(bishop: Path, dims: Path) -> tuple[pd.DataFrame, pd.DataFra
     return pd.read_parquet(bishop / "results.parquet"), pd.read_parquet(dims / "results.parquet")
 
 
+def real_stochastic_sweep(directory: Path) -> pd.DataFrame:
+    """The stochastic section's sweep: the preset with 12 seeds, 2 draw counts, 3 separations, 2 weights."""
+    proc = run_cli(
+        "-m",
+        "experiment=stochastic",
+        "seed=range(0,12)",
+        "estimator.num_samples=2,8",
+        "optimizer.lr=0.05",
+        "separation=2,5,7",
+        "weight=0.6,0.7",
+        "optimizer.max_steps=300",
+        f"hydra.sweep.dir={directory}",
+        "hydra.sweeper.latest_link=null",
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return pd.read_parquet(directory / "results.parquet", columns=["seed", "basin"])
+
+
 def test_notebook_is_committed_without_outputs():
     nb = nbformat.read(NOTEBOOK, as_version=4)
     code = [cell for cell in nb.cells if cell.cell_type == "code"]
@@ -88,6 +106,8 @@ def test_notebook_runs_top_to_bottom_on_a_real_sweep(tmp_path, monkeypatch):
     bishop, dims = real_dims_sweeps(tmp_path / "bishop", tmp_path / "dims")
     monkeypatch.setenv("KL_SWEEP_BISHOP_DIR", str(tmp_path / "bishop"))
     monkeypatch.setenv("KL_SWEEP_DIMS_DIR", str(tmp_path / "dims"))
+    stochastic = real_stochastic_sweep(tmp_path / "stochastic")
+    monkeypatch.setenv("KL_SWEEP_STOCHASTIC_DIR", str(tmp_path / "stochastic"))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = NotebookClient(
@@ -100,8 +120,8 @@ def test_notebook_runs_top_to_bottom_on_a_real_sweep(tmp_path, monkeypatch):
     # phase diagram, exact phase diagram, bifurcation, basin map, fit overlays, loss landscape, notebook
     # cases; then the alpha section's phase diagram, folds against alpha and fits across alpha; then
     # the d = 2 section's exact onsets against the correlation, the onsets against d, Bishop's
-    # figures 10.2 and 10.3 and the shrinkage figure
-    assert len(images) == 15
+    # figures 10.2 and 10.3 and the shrinkage figure; the stochastic section's shares, map and bias
+    assert len(images) == 18
     text = "".join(out.get("text", "") for out in outputs)
     assert f"{len(table)} runs from {sweep}" in text
     assert "special points:" in text and "'fold'" in text  # the exact structure of the real sweep
@@ -110,6 +130,7 @@ def test_notebook_runs_top_to_bottom_on_a_real_sweep(tmp_path, monkeypatch):
     assert "'fold'" in found and "'pitchfork'" in found and "'maxwell'" in found
     by_dim = text.split("the onset against d:")[1].splitlines()[0]  # diag's folds, iso's pitchforks
     assert "'diag': ['fold', 'pitchfork']" in by_dim and "'iso': ['fold', 'pitchfork']" in by_dim
+    assert f"{len(stochastic)} stochastic runs from {tmp_path / 'stochastic'}, 12 configurations" in text
     for rows in (bishop, dims):  # (the figures draw the converged rows)
         assert f"{int(rows['converged'].sum())} d > 1 runs from" in text
     # Nothing is written into the sweeps: the notebook only displays.

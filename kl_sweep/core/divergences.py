@@ -315,7 +315,8 @@ def divergence_value(
     if not isinstance(estimator, FixedNodeEstimator):  # Monte Carlo: samples carry the measure
         if not divergence.pointwise:
             x, w = estimator.nodes(divergence.measure, mixture, mu, log_sigma)
-            return (w * integrand_terms(divergence, x, mixture, mu, log_sigma)).sum(-1)
+            m, s = _density_parameters(estimator, divergence.measure, mu, log_sigma)
+            return (w * integrand_terms(divergence, x, mixture, m, s)).sum(-1)
         return _monte_carlo(divergence, estimator, mixture, mu, log_sigma, alpha, a, finite)
     if divergence.pointwise:
         if a is not None:
@@ -357,9 +358,17 @@ def _pointwise_integral(
     return d, log_i
 
 
+def _density_parameters(estimator, measure: Measure, mu: Tensor, log_sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """The (mu, log sigma) that log q is evaluated with at Monte Carlo draws: held where the
+    estimator sticks the landing (:class:`kl_sweep.core.stochastic.FreshDraws`), else live."""
+    held = getattr(estimator, "density_parameters", None)
+    return (mu, log_sigma) if held is None else held(measure, mu, log_sigma)
+
+
 def _log_ratio(measure: Measure, estimator: Estimator, mixture: Mixture, mu: Tensor, log_sigma: Tensor):
     """Samples' log p - log q under ``measure``, with their weights."""
     x, w = estimator.nodes(measure, mixture, mu, log_sigma)
+    mu, log_sigma = _density_parameters(estimator, measure, mu, log_sigma)
     log_q = normal_log_prob(x, mu.unsqueeze(-1), gaussian_sigma2(log_sigma).unsqueeze(-1))
     return mixture.log_prob(x) - log_q, w
 

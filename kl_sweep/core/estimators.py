@@ -270,6 +270,10 @@ class MonteCarlo:
 
     num_samples: int = 4096
     seed: int = 0
+    #: Fresh draws every step (a stochastic fit, :mod:`kl_sweep.core.stochastic`) instead of these.
+    resample: bool = False
+    #: A stochastic fit's gradient estimator: "reparam", or "stl" (sticking the landing).
+    gradient: str = "reparam"
     static_p: bool = True
     fixed_nodes: bool = False
 

@@ -63,6 +63,12 @@ def fit_stream(
     Where :func:`fused` holds, each problem is fitted whole in the native kernel; otherwise by
     :func:`_stepwise`, which ``capacity`` is for.
     """
+    if getattr(settings.estimator, "resample", False):  # stochastic VI: fresh draws every step
+        from kl_sweep.core.stochastic import Practice, fit_stochastic
+
+        for problem in problems:
+            yield fit_stochastic(problem, settings, settings.practice or Practice())
+        return
     if not fused(settings):
         yield from _bounded(problems, settings, capacity)
         return

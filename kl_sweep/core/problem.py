@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -50,6 +51,10 @@ class Problem:
     #: Q starts at N(init_mu u, init_sigma2 I). None in d = 1.
     target: SharedPair | None = None
     family: Family | None = None
+    #: Stochastic fits: each row's 64-bit configuration hash (as int64) and replica seed [B], which
+    #: key its draws (:mod:`kl_sweep.core.stochastic`). None elsewhere.
+    key: Tensor | None = None
+    seed: Tensor | None = None
 
     @property
     def dim(self) -> int:
@@ -70,6 +75,9 @@ class Settings:
     #: Run whole fits in the native kernel where it applies (:func:`fused`); False: step by step
     #: here (the same rules, to rounding).
     fused: bool = True
+    #: How a stochastic fit runs (``estimator.resample=true``): its schedule and averaging, a
+    #: :class:`kl_sweep.core.stochastic.Practice`. None: the defaults.
+    practice: Any = None
 
 
 @dataclass

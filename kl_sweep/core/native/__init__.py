@@ -14,10 +14,12 @@ derivatives function (see ``kl.c``):
   to finish in the kernel, used by :func:`kl_sweep.core.fit.fit_stream`: the same steps as its
   torch state machine, without its hundred small torch operations an iteration;
 - :func:`kl_pair` and :func:`pointwise_value`: the values a result row reports, both KLs and the
-  alpha family's (:func:`kl_sweep.core.divergences.kl_pair_exact`, ``divergence_exact``).
+  alpha family's (:func:`kl_sweep.core.divergences.kl_pair_exact`, ``divergence_exact``);
+- :func:`stochastic_fit`: whole stochastic fits (fresh Monte Carlo draws every step, issue 25) of
+  every divergence, for :func:`kl_sweep.core.stochastic.fit_stochastic`, any number of components.
 
-All need :func:`available`, and all but :func:`moment_fit` a two-component P; otherwise the torch
-path runs.
+All need :func:`available`, and all but :func:`moment_fit` and :func:`stochastic_fit` a
+two-component P; otherwise the torch path runs.
 
 A row's bits depend on its own inputs only, whichever batch it is in and however many threads
 run: the rows are shared among torch's own OpenMP threads (``torch.get_num_threads()``), each
@@ -82,6 +84,11 @@ def _library() -> ctypes.CDLL | None:
     lib.pointwise_fit.restype = None
     lib.pointwise_value.argtypes = [n, n, i, p, p, p, p, p, p, i, p, i, p, d, i, p, p, *member, p]
     lib.pointwise_value.restype = None
+    u = [p, p, p, p]  # lo, hi, left, right
+    lib.stochastic_fit.argtypes = [
+        n, n, i, p, p, p, p, p, p, i, p, d, *u, i, i, p, p, p, d, d, d, i, d, d, i, p, p, p, p, p, p,
+    ]  # fmt: skip
+    lib.stochastic_fit.restype = None
     return lib
 
 
@@ -319,3 +326,82 @@ def kl_pair(theta: Tensor, mixture: Mixture, rule: Rule) -> tuple[Tensor, Tensor
     forward, reverse = torch.empty(B, dtype=torch.float64), torch.empty(B, dtype=torch.float64)
     _run("kl_pair", MIN_PARALLEL_ROWS // 4, theta, mixture, rule, forward.data_ptr(), reverse.data_ptr())
     return forward, reverse
+
+
+#: Stochastic fits: rows below which one thread runs them (a row is thousands of steps).
+MIN_PARALLEL_STOCHASTIC = 8
+#: stochastic_fit's form of each divergence's Monte Carlo estimate (``kl.c``: mc_weight).
+MC_FORMS = {"reverse_kl": 0, "forward_moments": 1, "alpha_terms": 2, "renyi": 3, "jensen_shannon_terms": 4}
+
+
+@dataclass(frozen=True)
+class StochasticRuns:
+    """What :func:`stochastic_fit` returns per row: the last iterate, the sum of the averaged
+    iterates, the updates made, whether every iterate stayed finite and in bounds, and the changes
+    of the nearest exact minimum."""
+
+    theta: Tensor
+    total: Tensor
+    steps: Tensor
+    alive: Tensor
+    crossings: Tensor
+
+
+@dataclass(frozen=True)
+class StochasticSetup:
+    """A stochastic fit's estimate and optimiser as ``stochastic_fit`` takes them: the form
+    (:data:`MC_FORMS`), per row its order a [B] (the alpha family's, Renyi's 1 - alpha; else None),
+    the member's scale, its finite region (lo, hi, left, right) [B] or None, sticking the landing,
+    the draws a step, Adam's (beta1, beta2, eps) and the schedule (decaying, decay, decay_steps)."""
+
+    form: int
+    order: Tensor | None
+    scale: float
+    region: tuple[Tensor, Tensor, Tensor, Tensor] | None
+    stick: bool
+    num_samples: int
+    adam: tuple[float, float, float]
+    schedule: tuple[bool, float, float]
+
+
+def stochastic_fit(
+    theta0: Tensor,
+    mixture: Mixture,
+    key: Tensor,
+    seed: Tensor,
+    setup: StochasticSetup,
+    lr: Tensor,
+    budget: Tensor,
+    start: Tensor,
+    minima: Tensor,
+    alive: Tensor,
+) -> StochasticRuns:
+    """Every row's stochastic fit from theta0 [B, 2] (``kl.c``: the rules of
+    :func:`kl_sweep.core.stochastic.fit_stochastic`), keyed by ``key`` and ``seed`` [B] (int64),
+    with ``budget`` updates from rate ``lr``, summing the iterates from update ``start`` on,
+    placed against ``minima`` [B, M, 2]; rows with ``alive`` False are left at their start."""
+    B, K = mixture.means.shape
+    theta = _float64((theta0,))[0].clone()
+    total = torch.zeros(B, 2, dtype=torch.float64)
+    steps = torch.zeros(B, dtype=torch.long)
+    crossings = torch.zeros(B, dtype=torch.long)
+    ok = alive.to(torch.uint8).contiguous().clone()
+    weights = torch.cumsum(mixture.weights, -1)
+    arrays = _float64((mixture.means, mixture.variances, mixture.log_weights, weights, lr, minima))
+    keys, seeds = (x.to(torch.int64).contiguous() for x in (key, seed))
+    longs = [x.to(torch.long).contiguous() for x in (budget, start)]
+    order = None if setup.order is None else _float64((setup.order,))[0]
+    region = [] if setup.region is None else _float64(setup.region)
+    ptr = lambda x: 0 if x is None else x.data_ptr()  # noqa: E731
+    bounds = [ptr(x) for x in region] if region else [0, 0, 0, 0]
+    means, variances, log_weights, cum, rates, found = arrays
+    _library().stochastic_fit(
+        B, MIN_PARALLEL_STOCHASTIC, K, means.data_ptr(), variances.data_ptr(), log_weights.data_ptr(),
+        cum.data_ptr(), keys.data_ptr(), seeds.data_ptr(), setup.form, ptr(order), float(setup.scale),
+        *bounds,
+        int(setup.stick), int(setup.num_samples), rates.data_ptr(), longs[0].data_ptr(), longs[1].data_ptr(),
+        *map(float, setup.adam), int(setup.schedule[0]), float(setup.schedule[1]), float(setup.schedule[2]),
+        found.shape[1], found.data_ptr(), theta.data_ptr(), total.data_ptr(), steps.data_ptr(), ok.data_ptr(),
+        crossings.data_ptr(),
+    )  # fmt: skip
+    return StochasticRuns(theta, total, steps, ok.bool(), crossings)

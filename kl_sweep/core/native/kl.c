@@ -33,6 +33,8 @@
  */
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
 
 #ifdef KL_SWEEP_MVEC
 double exp(double) __attribute__((simd("notinbranch")));
@@ -1104,5 +1106,231 @@ void pointwise_value(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *th
         }
         value[r] = M.E.lo != NULL && !finite_at(&M.E, r, m, s) ? INFINITY : d;
     }
+    }
+}
+
+/* ---- Stochastic VI: fresh Monte Carlo draws every step (kl_sweep.core.stochastic) ---------------
+ *
+ * stochastic_fit runs each row's whole stochastic fit by the rules of fit_stochastic's torch loop:
+ * at update t the draws of (key, seed, t) from Philox4x32-10 (kl_sweep.core.counter: the same
+ * counters, words and Box-Muller), the gradient of the registry's Monte Carlo estimate of the
+ * divergence in theta = (mu, log sigma), Adam at lr or lr (1 + t / decay_steps)^-decay, the sum of
+ * the iterates from update `start` on, and the count of changes of the nearest exact minimum.
+ *
+ * One gradient for every divergence. Each estimate is a function Phi of the draws' log ratios
+ * delta = log p - log q (kl_sweep.core.divergences._monte_carlo); only dPhi/d delta_j = g_j is the
+ * member's own (mc_weights, the counterpart of alpha_terms). Then grad = sum_j g_j d delta_j/d theta,
+ * with, at a draw x = mu + sigma z of Q (reparameterised),
+ *   d delta/d mu = p'(x),                 d delta/d s = p'(x) sigma z + 1         (log q live),
+ *   d delta/d mu = p'(x) + z / sigma,     d delta/d s = (p'(x) + z / sigma) sigma z  (held: "stl"),
+ * and at a draw x of P (which does not move with theta), with z = (x - mu) / sigma,
+ *   d delta/d mu = -z / sigma,            d delta/d s = 1 - z^2,
+ * where p' = d log p / dx. Outside the alpha family's finite region the estimate is +inf, and its
+ * gradient (as torch.where gives it) zero.
+ */
+
+#define STREAM_Q 0
+#define STREAM_P 1
+#define STREAM_COMPONENT 2
+enum { MC_REVERSE = 0, MC_FORWARD = 1, MC_ALPHA = 2, MC_RENYI = 3, MC_JENSEN_SHANNON = 4 };
+
+/* Philox4x32-10 of counter c[4] under key (k0, k1), in place (kl_sweep.core.counter.philox4x32). */
+static inline void philox(uint32_t c[4], uint32_t k0, uint32_t k1)
+{
+    for (int r = 0; r < 10; ++r) {
+        if (r) k0 += 0x9E3779B9u, k1 += 0xBB67AE85u;
+        const uint64_t p0 = (uint64_t)c[0] * 0xD2511F53u, p1 = (uint64_t)c[2] * 0xCD9E8D57u;
+        const uint32_t c1 = c[1], c3 = c[3];
+        c[0] = (uint32_t)(p1 >> 32) ^ c1 ^ k0;
+        c[1] = (uint32_t)p1;
+        c[2] = (uint32_t)(p0 >> 32) ^ c3 ^ k1;
+        c[3] = (uint32_t)p0;
+    }
+}
+
+/* A double in (0, 1) from 27 + 26 bits of two words (kl_sweep.core.counter._unit). */
+static inline double unit(uint32_t hi, uint32_t lo)
+{
+    return ((double)((uint64_t)(hi >> 5) * 67108864u + (lo >> 6)) + 0.5) * 0x1p-53;
+}
+
+/* n draws of a row at a step and stream: normals (Box-Muller) or uniforms, as kl_sweep.core.counter. */
+static void counter_draws(uint64_t key, uint64_t seed, long step, int stream, int n, int normal, double *out)
+{
+    for (int j = 0; 2 * j < n; ++j) {
+        uint32_t c[4] = {(uint32_t)step, (uint32_t)j | ((uint32_t)stream << 28), (uint32_t)seed,
+                         (uint32_t)(seed >> 32)};
+        philox(c, (uint32_t)key, (uint32_t)(key >> 32));
+        const double ua = unit(c[0], c[1]), ub = unit(c[2], c[3]);
+        double first = ua, second = ub;
+        if (normal) {
+            const double r = sqrt(-2.0 * log(ua)), angle = (2.0 * M_PI) * ub;
+            first = r * cos(angle), second = r * sin(angle);
+        }
+        out[2 * j] = first;
+        if (2 * j + 1 < n) out[2 * j + 1] = second;
+    }
+}
+
+/* log p(x) of row r's K-component P and its derivative in x: c[k] = log w_k - log(2 pi v_k) / 2. */
+static inline double mixture_log_prob(int K, const double *m, const double *iv, const double *c, double x,
+                                      double *slope)
+{
+    double top = -INFINITY, e[K];
+    for (int k = 0; k < K; ++k) {
+        const double d = x - m[k];
+        e[k] = c[k] - 0.5 * d * d * iv[k];
+        top = fmax(top, e[k]);
+    }
+    double sum = 0, pull = 0;
+    for (int k = 0; k < K; ++k) {
+        const double w = exp(e[k] - top);
+        sum += w;
+        pull -= w * (x - m[k]) * iv[k];
+    }
+    *slope = pull / sum;
+    return top + log(sum);
+}
+
+/* dPhi/d delta at one draw of a member's estimate whose value is a mean (all but Renyi's). */
+static inline double mc_weight(int form, int under_p, double a, double scale, double delta, double n)
+{
+    switch (form) {
+    case MC_REVERSE: return -1.0 / n;
+    case MC_FORWARD: return 1.0 / n;
+    case MC_ALPHA: /* E_Q[-expm1(a delta)] / (a (1 - a)) for a <= 1/2, E_P[-expm1(-(1 - a) delta)] / ... */
+        return under_p ? scale * exp(-(1.0 - a) * delta) / (a * n) : -scale * exp(a * delta) / ((1.0 - a) * n);
+    default: /* Jensen-Shannon: 1/2 E_P[log 2 - softplus(-delta)] + 1/2 E_Q[log 2 - softplus(delta)] */
+        return under_p ? 0.5 / (1.0 + exp(delta)) / n : -0.5 / (1.0 + exp(-delta)) / n;
+    }
+}
+
+/* The gradient g[2] of row r's estimate at (m, s) on the draws of step t; scratch holds 3 n doubles. */
+static void mc_gradient(int form, int stick, int n, int K, const double *mean, const double *var,
+                        const double *iv, const double *c, const double *cum, double a, double scale, uint64_t key, uint64_t seed, long t,
+                        double m, double s, double *scratch, double g[2])
+{
+    const double sigma = exp(s);
+    double gm = 0, gs = 0;
+    const int q = form != MC_FORWARD && !(form == MC_ALPHA && a > 0.5);
+    const int p = form == MC_FORWARD || form == MC_JENSEN_SHANNON || (form == MC_ALPHA && a > 0.5);
+    if (q) { /* draws of Q: x = m + sigma z */
+        double *z = scratch, *dm = scratch + n, *ds = scratch + 2 * n;
+        counter_draws(key, seed, t, STREAM_Q, n, 1, z);
+        double top = -INFINITY;
+        for (int j = 0; j < n; ++j) {
+            const double x = m + sigma * z[j];
+            double slope;
+            const double log_p = mixture_log_prob(K, mean, iv, c, x, &slope);
+            const double log_q = -0.5 * (LOG_2PI + z[j] * z[j]) - s;
+            const double delta = log_p - log_q;
+            if (stick) dm[j] = slope + z[j] / sigma, ds[j] = dm[j] * sigma * z[j];
+            else dm[j] = slope, ds[j] = slope * sigma * z[j] + 1.0;
+            if (form == MC_RENYI) {
+                z[j] = a * delta; /* (b delta, b = 1 - alpha = a: the log-mean-exp's terms) */
+                top = fmax(top, z[j]);
+            } else {
+                const double w = mc_weight(form, 0, a, scale, delta, n);
+                gm += w * dm[j], gs += w * ds[j];
+            }
+        }
+        if (form == MC_RENYI) { /* -(1/b) log mean e^(b delta): weights -softmax(b delta), -1/n at b = 0 */
+            double sum = 0;
+            for (int j = 0; j < n; ++j) sum += z[j] = a == 0 ? 1.0 : exp(z[j] - top);
+            for (int j = 0; j < n; ++j) gm -= z[j] / sum * dm[j], gs -= z[j] / sum * ds[j];
+        }
+    }
+    if (p) { /* draws of P: a component by inverse CDF of a uniform, then its normal */
+        double *eps = scratch, *u = scratch + n;
+        counter_draws(key, seed, t, STREAM_P, n, 1, eps);
+        counter_draws(key, seed, t, STREAM_COMPONENT, n, 0, u);
+        for (int j = 0; j < n; ++j) {
+            int k = 0;
+            while (k < K - 1 && cum[k] < u[j]) ++k;
+            const double x = mean[k] + sqrt(var[k]) * eps[j];
+            double slope;
+            const double log_p = mixture_log_prob(K, mean, iv, c, x, &slope);
+            const double zq = (x - m) / sigma;
+            const double log_q = -0.5 * (LOG_2PI + zq * zq) - s;
+            const double w = mc_weight(form, 1, a, scale, log_p - log_q, n);
+            gm += w * (-zq / sigma), gs += w * (1.0 - zq * zq);
+        }
+    }
+    g[0] = gm, g[1] = gs;
+}
+
+/* The index of the exact minimum nearest theta among M (NaN-padded) in (mu, log sigma); -1 if none
+ * (kl_sweep.core.stochastic.place). */
+static inline long nearest(const double *minima, int M, double m, double s)
+{
+    long best = -1;
+    double least = INFINITY;
+    for (int i = 0; i < M; ++i) {
+        const double dm = minima[2 * i] - m, ds = minima[2 * i + 1] - s;
+        const double d = sqrt(dm * dm + ds * ds);
+        if (d < least) least = d, best = i;
+    }
+    return best;
+}
+
+/* stochastic_fit: every row's stochastic fit from theta [rows, 2] (updated in place to the last
+ * iterate); total [rows, 2] gets the sum of the iterates of updates start..budget-1, steps the
+ * updates made, alive 0 where an iterate stopped being finite or in bounds (the row keeps its last
+ * good iterate), crossings the changes of the nearest of minima [rows, M, 2]. Rows with alive 0 on
+ * entry (an infinite divergence at the start) are left as they are. */
+void stochastic_fit(ptrdiff_t rows, ptrdiff_t min_rows, int K, const double *means, const double *variances,
+                    const double *log_weights, const double *cum_weights, const int64_t *keys, const int64_t *seeds,
+                    int form, const double *order, double scale, const double *lo, const double *hi,
+                    const double *left, const double *right, int stick, int n, const double *lr, const long *budget,
+                    const long *start, double beta1, double beta2, double eps, int decaying, double decay,
+                    double decay_steps, int M, const double *minima, double *theta, double *total, long *steps,
+                    unsigned char *alive, long *crossings)
+{
+    const struct region E = {lo, hi, left, right, NULL};
+    const double log_beta1 = log(beta1), log_beta2 = log(beta2);
+#pragma omp parallel if (rows >= min_rows)
+    {
+    double *scratch = malloc(3 * (size_t)(n > 0 ? n : 1) * sizeof(double));
+    double iv[K], c[K];
+#pragma omp for schedule(dynamic, 16)
+    for (ptrdiff_t r = 0; r < rows; ++r) {
+        const double *mean = means + r * K, *row_minima = minima + r * 2 * M;
+        for (int k = 0; k < K; ++k) {
+            iv[k] = 1.0 / variances[r * K + k];
+            c[k] = log_weights[r * K + k] - 0.5 * (LOG_2PI + log(variances[r * K + k]));
+        }
+        const double a = order != NULL ? order[r] : 0.0;
+        double x[2] = {theta[2 * r], theta[2 * r + 1]}, mo[2] = {0, 0}, v[2] = {0, 0}, sum[2] = {0, 0};
+        long label = nearest(row_minima, M, x[0], x[1]), moved = 0, changes = 0;
+        int ok = alive[r];
+        for (long t = 0; ok && t < budget[r]; ++t) {
+            double g[2] = {0, 0};
+            if (lo == NULL || finite_at(&E, r, x[0], x[1]))
+                mc_gradient(form, stick, n, K, mean, variances + r * K, iv, c, cum_weights + r * K, a, scale, (uint64_t)keys[r],
+                            (uint64_t)seeds[r], t, x[0], x[1], scratch, g);
+            const double rate = decaying ? lr[r] * pow(1.0 + (double)t / decay_steps, -decay) : lr[r];
+            const double count = (double)(t + 1);
+            double next[2];
+            for (int i = 0; i < 2; ++i) { /* kl_sweep.core.optim.Adam.step */
+                mo[i] = mo[i] * beta1 + (1 - beta1) * g[i];
+                v[i] = v[i] * beta2 + (1 - beta2) * (g[i] * g[i]);
+                const double m_hat = mo[i] / -expm1(count * log_beta1), v_hat = v[i] / -expm1(count * log_beta2);
+                next[i] = x[i] - rate * m_hat / (sqrt(v_hat) + eps);
+            }
+            ok = isfinite(g[0]) && isfinite(g[1]) && isfinite(next[0]) && isfinite(next[1])
+                 && fabs(next[0]) < MAX_ABS_MU && fabs(next[1]) < MAX_ABS_LOG_SIGMA;
+            if (!ok) break;
+            x[0] = next[0], x[1] = next[1];
+            ++moved;
+            if (t >= start[r]) sum[0] += x[0], sum[1] += x[1];
+            const long now = nearest(row_minima, M, x[0], x[1]);
+            changes += now != label;
+            label = now;
+        }
+        theta[2 * r] = x[0], theta[2 * r + 1] = x[1];
+        total[2 * r] = sum[0], total[2 * r + 1] = sum[1];
+        steps[r] = moved, alive[r] = (unsigned char)ok, crossings[r] = changes;
+    }
+    free(scratch);
     }
 }
