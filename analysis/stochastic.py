@@ -219,7 +219,7 @@ def _grid(rows: pd.DataFrame, **kw) -> tuple[Figure, np.ndarray, list, list]:
     fig, axes = plt.subplots(
         len(samples),
         len(rates),
-        figsize=(3.6 * len(rates) + 1.4, 2.9 * len(samples) + 1.3),
+        figsize=(max(9.0, 3.6 * len(rates) + 1.4), 2.9 * len(samples) + 1.9),
         squeeze=False,
         **kw,
     )
@@ -241,12 +241,14 @@ def share_lines_figure(
             part = rows[(rows["num_samples"] == n) & (rows["lr"] == lr)].sort_values("separation")
             part = part.merge(exact, on=keys, how="left")
             x = part["separation"].to_numpy(float)
-            ax.stackplot(
-                x,
-                *[part[SHARE[t]].to_numpy(float) for t in TYPES],
-                colors=[COLOURS[t] for t in TYPES],
-                alpha=0.85,
-            )
+            shares = [part[SHARE[t]].to_numpy(float) for t in TYPES]
+            if len(x) > 1:
+                ax.stackplot(x, *shares, colors=[COLOURS[t] for t in TYPES], alpha=0.85)
+            else:  # one separation: a stacked bar
+                below = np.zeros(len(x))
+                for t, share in zip(TYPES, shares, strict=True):
+                    ax.bar(x, share, bottom=below, width=0.5, color=COLOURS[t], alpha=0.85)
+                    below = below + share
             for t in TYPES:  # the deterministic answer from the same start, as a strip below
                 hit = part["exact_type"] == t
                 ax.scatter(
@@ -256,7 +258,7 @@ def share_lines_figure(
                 ax.axvline(s, color="black", linestyle=":", linewidth=1.2)
             ax.axhline(0.5, color="white", linewidth=0.8, linestyle="--")
             ax.set_ylim(-0.12, 1.0)
-            ax.set_title(f"{int(n)} draws a step, lr {lr:g}", fontsize=10)
+            ax.set_title(f"{int(n)} draw{'s' if n != 1 else ''} a step, lr {lr:g}", fontsize=10)
             if j == 0:
                 ax.set_ylabel("share of seeds")
             if i == len(samples) - 1:
@@ -268,7 +270,7 @@ def share_lines_figure(
     ]
     fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, fontsize=9)
     fig.suptitle(f"Stochastic VI: where the seeds end, weight {weight:g}\n{_title(setting)}", fontsize=11)
-    fig.tight_layout(rect=(0, 0.09, 1, 1))
+    fig.tight_layout(rect=(0, 0.75 / fig.get_figheight(), 1, 1))
     return fig
 
 
@@ -312,14 +314,15 @@ def share_map_figure(setting: dict, rows: pd.DataFrame, structure, boundary: pd.
                 )
             if structure is not None:
                 handles |= draw_exact_lines(ax, structure, label_regions=False)
-            ax.set_title(f"{int(n)} draws a step, lr {lr:g}", fontsize=10)
+            ax.set_title(f"{int(n)} draw{'s' if n != 1 else ''} a step, lr {lr:g}", fontsize=10)
     fig.supylabel("weight of the left component")
-    fig.supxlabel(separation_label(setting["component_var"]), y=0.14)
+    height = fig.get_figheight()  # the legend takes about 1.1 in at the bottom, the x label above it
+    fig.supxlabel(separation_label(setting["component_var"]), y=1.2 / height)
     fig.legend(handles=list(handles.values()), loc="lower center", ncol=2, frameon=False, fontsize=9)
     fig.suptitle(
         f"Stochastic VI: the covering basin's share over (separation, weight)\n{_title(setting)}", fontsize=11
     )
-    fig.tight_layout(rect=(0.02, 0.16, 0.88, 1))
+    fig.tight_layout(rect=(0.02, 1.2 / height, 0.88, 1))
     bar = fig.add_axes((0.9, 0.2, 0.018, 0.62))
     fig.colorbar(mesh, cax=bar, label="share of seeds ending in the covering minimum")
     return fig
