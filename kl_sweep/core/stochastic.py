@@ -95,7 +95,7 @@ class FreshDraws:
             eps = counter_normals(self.key, self.seed, self.step, STREAM_Q, n)
             return mu.unsqueeze(-1) + torch.exp(log_sigma).unsqueeze(-1) * eps, weights
         eps = counter_normals(self.key, self.seed, self.step, STREAM_P, n)
-        u = counter_uniforms(self.key, self.seed, self.step, STREAM_COMPONENT, n)
+        u = counter_uniforms(self.key, self.seed, self.step, STREAM_COMPONENT, n).contiguous()
         k = torch.searchsorted(torch.cumsum(mixture.weights, -1), u).clamp_max(mixture.means.shape[-1] - 1)
         means = torch.gather(mixture.means, -1, k)
         return means + torch.sqrt(torch.gather(mixture.variances, -1, k)) * eps, weights

@@ -1294,6 +1294,10 @@ void stochastic_fit(ptrdiff_t rows, ptrdiff_t min_rows, int K, const double *mea
     double iv[K], c[K];
 #pragma omp for schedule(dynamic, 16)
     for (ptrdiff_t r = 0; r < rows; ++r) {
+        if (scratch == NULL) { /* no memory for the draws: the row ends as diverged, at its start */
+            total[2 * r] = total[2 * r + 1] = 0.0, steps[r] = 0, alive[r] = 0, crossings[r] = 0;
+            continue;
+        }
         const double *mean = means + r * K, *row_minima = minima + r * 2 * M;
         for (int k = 0; k < K; ++k) {
             iv[k] = 1.0 / variances[r * K + k];
