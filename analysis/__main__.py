@@ -138,6 +138,11 @@ def main(argv: list[str] | None = None) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_text(table.to_csv(index=False), path)
         print(f"{len(table)} special points (every dimension, family and direction) -> {path}")
+    if sweep.stochastic_rows:
+        print(
+            f"note: {sweep.stochastic_rows} stochastic rows (estimator.resample=true) are analysed apart "
+            "(stochastic_* figures and tables), not as starts of the phase diagram"
+        )
     stochastic, notes = write_stochastic(sweep, args.weight)
     if stochastic:
         print(f"wrote {len(stochastic)} files of the stochastic rows (basin shares, boundary, bias)")

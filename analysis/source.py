@@ -160,6 +160,9 @@ class Sweep:
     con: Any
     columns: list[str]
     census: Census | None = None
+    #: Rows with a non-null ``basin``: stochastic runs, which :mod:`analysis.stochastic` analyses
+    #: apart; the census and batches leave them out.
+    stochastic_rows: int = 0
 
     @classmethod
     def open(cls, sweep_dir: str | Path) -> Sweep:
@@ -178,15 +181,24 @@ class Sweep:
             prepare(pd.DataFrame(columns=sweep.columns))  # the column checks, on no rows
         except ValueError as err:
             raise ValueError(f"results in {path}: {err}") from None
+        if "basin" in sweep.columns:
+            stochastic = f"SELECT count(*) FROM ({sweep_sql(path, ['basin'])}) WHERE basin IS NOT NULL"
+            sweep.stochastic_rows = int(sweep._reading(lambda: con.execute(stochastic).fetchall()[0][0]))
         sweep.census = sweep.take_census()
         return sweep
 
+    @property
+    def kept(self) -> str | None:
+        """The condition on the rows the census and batches read: not the stochastic runs."""
+        return "basin IS NULL" if self.stochastic_rows else None
+
     def take_census(self) -> Census:
-        """The census of the sweep's rows (:class:`Census`); ``ValueError`` if it has none."""
+        """The census of the sweep's rows but its stochastic runs (:class:`Census`); ``ValueError``
+        if it has no rows at all."""
         present = [c for c in dict.fromkeys(GRID_KEYS + START_KEYS) if c in self.columns]
-        source = "(" + sweep_sql(self.path, present, [UNIT_KEYS[0]]) + ")"
+        source = "(" + sweep_sql(self.path, present, [UNIT_KEYS[0]], rows=self.kept) + ")"
         census = self._reading(lambda: Census.query(self.con, source, present))
-        if census.rows == 0:
+        if census.rows == 0 and not self.stochastic_rows:
             raise ValueError(f"no results in {self.path}: the results table has no rows")
         return census
 
@@ -201,7 +213,7 @@ class Sweep:
         order = [c for c in ORDER if c in self.columns]
         order = [c for c in order if c != "config_hash" or "job_num" not in order]
         reader = self._reading(
-            lambda: self.con.sql(sweep_sql(self.path, columns, order)).to_arrow_reader(
+            lambda: self.con.sql(sweep_sql(self.path, columns, order, rows=self.kept)).to_arrow_reader(
                 max(1, min(rows, 65_536))
             )
         )

@@ -100,7 +100,7 @@ def has_stochastic_rows(con, sweep_dir: Path, columns: list[str]) -> bool:
     if "basin" not in columns:
         return False
     source = sweep_sql(sweep_dir, ["basin"])
-    return con.execute(f"SELECT count(*) FROM ({source}) WHERE basin IS NOT NULL").fetchone()[0] > 0
+    return con.execute(f"SELECT count(*) FROM ({source}) WHERE basin IS NOT NULL").fetchall()[0][0] > 0
 
 
 def basin_shares(con, sweep_dir: Path, columns: list[str]) -> pd.DataFrame:

@@ -184,18 +184,22 @@ def connect(spill_dir: Path | None = None) -> Any:
 
 
 def sweep_sql(
-    sweep_dir: str | Path, columns: list[str] | None = None, order_by: list[str] | None = None
+    sweep_dir: str | Path,
+    columns: list[str] | None = None,
+    order_by: list[str] | None = None,
+    rows: str | None = None,
 ) -> str:
     """A DuckDB SELECT of the sweep's table in any layout: one row per ``config_hash`` (its first
     occurrence: results.parquet first, then the parts in name order, then job folders), with
     ``sweep_id``, ``job_num`` and ``numerics_version`` filled in where a file lacks them.
 
     ``columns``: the columns to select (None: all); ``order_by``: the row order (None: job order,
-    as :func:`assemble` writes it). Run it on a :func:`connect` connection. Raises
+    as :func:`assemble` writes it); ``rows``: a SQL condition on the files' columns that the rows
+    kept meet (None: all rows). Run it on a :func:`connect` connection. Raises
     ``FileNotFoundError``, :class:`NoResultsError` or :class:`DamagedFileError` as
     :func:`read_sweep` does; a file damaged inside its pages fails the query itself.
     """
-    return Scan.of(Path(sweep_dir)).sql(columns, order_by)
+    return Scan.of(Path(sweep_dir)).sql(columns, order_by, rows=rows)
 
 
 def _quote(text: str) -> str:
@@ -247,19 +251,25 @@ class Scan:
         return cls(sweep_dir, files, schema, present, common)
 
     def sql(
-        self, columns: list[str] | None = None, order_by: list[str] | None = None, jobs: range | None = None
+        self,
+        columns: list[str] | None = None,
+        order_by: list[str] | None = None,
+        jobs: range | None = None,
+        rows: str | None = None,
     ) -> str:
         """The deduplicated, ordered SELECT (see :func:`sweep_sql`); ``jobs``: only the rows whose
-        job_num is in that range (the files' statistics skip the row groups of others)."""
+        job_num is in that range (the files' statistics skip the row groups of others); ``rows``:
+        only the rows meeting that SQL condition."""
         selected = self.schema.names if columns is None else list(columns)
         unknown = [c for c in selected if c not in self.schema.names]
         if unknown:
             raise KeyError(f"kl_sweep: the results in {self.sweep_dir} have no column {', '.join(unknown)}")
         body = ", ".join(f"{self._expression(c)} AS {_name(c)}" for c in selected)
-        where = ""
+        conditions = [] if rows is None else [f"({rows})"]
         if jobs is not None:
             job = self._job()
-            where = f" WHERE {job} >= {jobs.start} AND {job} < {jobs.stop}"
+            conditions.append(f"{job} >= {jobs.start} AND {job} < {jobs.stop}")
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
         unique = (
             ""
             if self.unique()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from scipy import optimize
@@ -143,3 +144,24 @@ def test_analysis_writes_the_stochastic_tables_and_figures(sweep_dir, capsys):
         assert len(pd.read_csv(sweep_dir / "tables" / f"{name}.csv")) > 0
     for name in ("stochastic_shares", "stochastic_map", "stochastic_bias"):
         assert (sweep_dir / "figures" / f"{name}.png").stat().st_size > 10_000
+
+
+def test_stochastic_rows_are_not_starts_of_the_phase_diagram(sweep_dir, tmp_path, capsys):
+    # A sweep holding both kinds: the phase diagram's cells count the deterministic starts only (3 a
+    # cell, each an exact fit), never the seeds' noisy endpoints as optima of their own.
+    stochastic = pq.read_table(sweep_dir / "results.parquet")
+    starts = rows(1, separation=np.repeat([2.0, 5.0, 7.0], 3), init_mu=np.tile([-3.0, 0.0, 3.0], 3), seed=0)
+    settings = {k: v for k, v in shared().items() if not k.startswith("estimator.")}
+    exact = run_rows(starts, {**settings, "estimator.name": "quadrature"})
+    both = pa.concat_tables(
+        [stochastic, pa.Table.from_pandas(exact, preserve_index=False)], promote_options="default"
+    )
+    pq.write_table(both, tmp_path / "results.parquet")
+    assert analysis_main([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {stochastic.num_rows} stochastic rows" in out
+    phases = pd.read_csv(tmp_path / "tables" / "phases.csv")
+    assert phases["estimator"].unique().tolist() == ["quadrature"]
+    assert phases["n_runs"].tolist() == [3, 3, 3]
+    assert phases.loc[phases["separation"] == 2.0, "outcome"].item() == classify.COVERING
+    assert len(pd.read_csv(tmp_path / "tables" / "stochastic_shares.csv")) == 12
