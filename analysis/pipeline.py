@@ -79,7 +79,8 @@ def analyse(
     analysed as one batch (:func:`analyse_batch`, :func:`combine`).
     Rows of the alpha family (``divergence=alpha``) are left out: their objective depends on
     ``alpha``, which the cell keys do not hold; :func:`analysis.alpha.analyse_alpha` analyses them.
-    With ``check_stability`` the Hessian of every distinct optimum is checked by the core
+    So are stochastic runs (a non-null ``basin``; :mod:`analysis.stochastic`). With
+    ``check_stability`` the Hessian of every distinct optimum is checked by the core
     (:mod:`analysis.stability`) and saddle points are not counted as optima. With ``exact`` the
     exact structure of every divergence of the main context is computed by continuation
     (:mod:`analysis.structure`): the boundary table then takes its onset and switch from it (the
@@ -89,6 +90,8 @@ def analyse(
     """
     from analysis.source import Census
 
+    if "basin" in table.columns and table["basin"].notna().any():  # stochastic runs: not starts
+        table = table[table["basin"].isna()]
     family, table = split_family(table)
     if table.empty:
         raise ValueError(
