@@ -210,8 +210,12 @@ def fit_stochastic(problem: Problem, settings: Settings, practice: Practice) -> 
     with torch.no_grad():
         loss0 = divergence_value(div, Quadrature(), problem.mixture, theta[:, 0], theta[:, 1], problem.alpha)
     infinite = ~torch.isfinite(loss0)
-    runs = _native_runs if native_setup(settings, practice) is not None else _torch_runs
-    theta, total, steps, alive, crossings = runs(problem, settings, practice, theta, minima, start, ~infinite)
+    setup = native_setup(settings, practice)
+    if setup is not None:
+        runs = _native_runs(problem, settings, setup, theta, minima, start, ~infinite)
+    else:
+        runs = _torch_runs(problem, settings, practice, theta, minima, start, ~infinite)
+    theta, total, steps, alive, crossings = runs
     finished = alive & ~infinite
     averaged = total / practice.window(budget).unsqueeze(-1).to(theta.dtype)
     theta = torch.where(finished.unsqueeze(-1), averaged, theta)
@@ -249,10 +253,11 @@ def native_setup(settings: Settings, practice: Practice) -> native.StochasticSet
     )  # fmt: skip
 
 
-def _native_runs(problem, settings, practice, theta, minima, start, alive):
+def _native_runs(problem, settings, setup, theta, minima, start, alive):
+    """The runs in the kernel (:func:`native.stochastic_fit`), ``setup`` completed per row: the
+    alpha family's orders and finite region. Returns what :func:`_torch_runs` does."""
     from kl_sweep.core.divergences import native_member
 
-    setup = native_setup(settings, practice)
     div, B = settings.divergence, theta.shape[0]
     if div.pointwise and div.orders(problem.alpha, B) is not None:  # the alpha family: its orders, region
         member = native_member(div, problem.mixture, problem.alpha, B)
