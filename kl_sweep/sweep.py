@@ -136,10 +136,12 @@ def run_shard(path: str | Path) -> int:
     import torch  # here, not at the top: the sweeper's own process plans and assembles without it
 
     from kl_sweep.table import run_chunks
+    from kl_sweep.version import numerics_version
 
     spec = json.loads(read_metadata(path)["shard"])
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
+    numerics_version()  # once a process (it loads the native kernel), before the fit phase's clock
     handle = pq.ParquetFile(path)
     parts = Path(spec["sweep_dir"]) / PARTS
     chunk_size = int(spec["chunk_size"])

@@ -24,7 +24,7 @@ from kl_sweep.core import reduction
 from kl_sweep.core.cubature import divergence_nd
 from kl_sweep.core.divergences import DIVERGENCES, divergence_exact, kl_pair_exact
 from kl_sweep.core.estimators import make_estimator
-from kl_sweep.core.fit import Problem, Result, Settings, Status, fit_stream
+from kl_sweep.core.fit import Problem, Result, Settings, Status, fit_stream, reduced_natively
 from kl_sweep.core.gaussians import Family, MixtureND
 from kl_sweep.core.mixture import Mixture
 from kl_sweep.core.optim import make_optimizer
@@ -183,13 +183,15 @@ def run_chunks(
 
     tic = time.perf_counter()
     threads = torch.get_num_threads()
-    if int(shared.get("dim", 1)) > 1:
-        # d > 1 steps are many small torch operations: on shared cores extra intra-op threads
-        # wait on each other (a 2-thread d = 2 sweep ran 5-10x slower under load, and no faster
-        # alone). They fit on one thread; cores are used through shards (hydra/launcher=joblib).
+    settings = settings_from(shared)
+    if int(shared.get("dim", 1)) > 1 and not (reduced_natively(settings) and not shared.get("target.file")):
+        # d > 1 steps on the torch loop are many small torch operations: on shared cores extra
+        # intra-op threads wait on each other (a 2-thread d = 2 sweep ran 5-10x slower under
+        # load, and no faster alone). They fit on one thread; cores are used through shards
+        # (hydra/launcher=joblib). Fits in the native kernel share rows among threads, as in 1-D.
         torch.set_num_threads(1)
     try:
-        for result in fit_stream(problems(), settings_from(shared), capacity):
+        for result in fit_stream(problems(), settings, capacity):
             rows, problem = ready.popleft()
             table = result_frame(rows, shared, problem, result, tic)
             tic = time.perf_counter()

@@ -15,6 +15,9 @@ from __future__ import annotations
 import ast
 import functools
 import hashlib
+import os
+import re
+import time
 from pathlib import Path
 
 #: The column that records the numerics version of each row.
@@ -54,18 +57,63 @@ def numerics_sources() -> list[Path]:
 
 @functools.cache
 def numerics_version() -> str:
-    """``<kl_sweep version>+<hash of the numerics' code and the torch version>``."""
+    """``<kl_sweep version>+<hash of the numerics' code and the torch version>``.
+
+    Parsing the sources takes about 0.2 s, so the hash is kept in the kernel cache
+    (:func:`kl_sweep.core.native.toolchain.build_dir`) under a stamp of the sources' paths, sizes
+    and modification times (as Python keeps its bytecode): a process whose sources have not been
+    touched reads it back. A cache file that does not hold a hash is moved aside, never trusted.
+    """
     import torch
 
     from kl_sweep import __version__
     from kl_sweep.core import native
 
-    digest = hashlib.sha256(f"torch {torch.__version__} native {native.available()}".encode())
-    for path in numerics_sources():
+    head = f"torch {torch.__version__} native {native.available()}"
+    sources = numerics_sources()
+    digest = _cached_digest(head, sources)
+    return f"{__version__}+{digest}"
+
+
+#: A cached digest: the first 12 hex digits of the sha256.
+_DIGEST = re.compile(r"[0-9a-f]{12}")
+
+
+def _cached_digest(head: str, sources: list[Path]) -> str:
+    from kl_sweep.core.native.toolchain import build_dir
+
+    stamp = hashlib.sha256(head.encode())
+    for path in sources:
+        info = path.stat()
+        stamp.update(f"{path} {info.st_size} {info.st_mtime_ns} {info.st_ino}".encode())
+    cached = build_dir() / f"numerics-{stamp.hexdigest()[:16]}"
+    try:
+        text = cached.read_text()
+    except OSError:
+        text = None
+    if text is not None and _DIGEST.fullmatch(text):
+        return text
+    digest = _digest(head, sources)
+    try:
+        if text is not None:  # damaged: kept for a look, not overwritten
+            os.replace(cached, cached.with_name(f"{cached.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"))
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_name(f".{cached.name}.{os.getpid()}.tmp")
+        tmp.write_text(digest)
+        os.replace(tmp, cached)  # atomic: a reader sees the whole hash or none
+    except OSError:
+        pass  # a cache that cannot be written costs time, not correctness
+    return digest
+
+
+def _digest(head: str, sources: list[Path]) -> str:
+    """The hash itself: of ``head`` and the sources' syntax trees (the C sources' bytes)."""
+    digest = hashlib.sha256(head.encode())
+    for path in sources:
         digest.update(path.relative_to(_PACKAGE).as_posix().encode())
         if path.suffix != ".py":
             digest.update(path.read_bytes())
             continue
         tree = _NoDocstrings().visit(ast.parse(path.read_bytes(), filename=str(path)))
         digest.update(ast.dump(tree, annotate_fields=False).encode())
-    return f"{__version__}+{digest.hexdigest()[:12]}"
+    return digest.hexdigest()[:12]

@@ -11,9 +11,11 @@ first-order method only hovers around the optimum, Newton converges quadraticall
 :func:`fit_stream` runs a sequence of problems (a sweep's chunks) through the same loop, taking
 on the next one while the last few rows of the one before are still at work.
 
-This module's loop (:func:`_stepwise`) is the reference and runs every other fit. Reverse- and
-forward-KL fits with Adam (:func:`fused`) run the same rules whole, row by row, in the native
-kernel (:mod:`kl_sweep.core.native`).
+This module's loop (:func:`_stepwise`) is the reference and runs every other fit. Fits with Adam
+on the Quadrature rule (:func:`fused`: every 1-D divergence of the registry, and in d > 1 the
+reverse KL against a shared-covariance pair, :func:`reduced_natively`) run the same rules whole,
+row by row, in the native kernel (:mod:`kl_sweep.core.native`), whose one fit loop takes any number
+of parameters.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ import torch
 from kl_sweep.core import native
 from kl_sweep.core.divergences import NATIVE_TERMS, native_member, native_rule
 from kl_sweep.core.estimators import Quadrature
-from kl_sweep.core.loop import _stepwise
+from kl_sweep.core.loop import _stepwise, along_u
 from kl_sweep.core.mixture import gaussian_sigma2
 from kl_sweep.core.objective import TRUSTED_MASS, Objective, in_moment_form
 from kl_sweep.core.optim import Adam
+from kl_sweep.core.reduction import SharedPair, entries
 from kl_sweep.core.problem import MAX_ABS_LOG_SIGMA, MAX_ABS_MU, Problem, Result, Settings, Status
 
 __all__ = [
@@ -47,6 +50,7 @@ __all__ = [
     "fit_stream",
     "fused",
     "in_moment_form",
+    "reduced_natively",
 ]
 
 
@@ -73,12 +77,23 @@ def fit_stream(
         yield from _bounded(problems, settings, capacity)
         return
     for problem in problems:
-        if problem.family is not None or (
-            settings.divergence.native != "forward_moments" and problem.mixture.means.shape[-1] != 2
-        ):
+        kernel = _kernel_for(problem, settings)
+        if kernel is None:
             yield from _bounded([problem], settings, capacity)
         else:
-            yield _fused_fit(problem, settings)
+            yield kernel(problem, settings)
+
+
+def _kernel_for(problem: Problem, settings: Settings):
+    """The native kernel's whole fit of ``problem`` (:func:`fused` holds), or None where the torch
+    loop fits it: d > 1 other than the reverse KL against a shared-covariance pair, or a
+    pointwise 1-D fit against more than two components."""
+    if problem.family is not None:
+        ok = reduced_natively(settings) and isinstance(problem.target, SharedPair)
+        return _fused_reduced_fit if ok else None
+    if settings.divergence.native != "forward_moments" and problem.mixture.means.shape[-1] != 2:
+        return None
+    return _fused_fit
 
 
 #: Hessian entries of a block of d > 1 rows (240 MB of float64). With the next block joining when
@@ -172,11 +187,9 @@ def fused(settings: Settings) -> bool:
     )
 
 
-@torch.no_grad()
-def _fused_fit(problem: Problem, settings: Settings) -> Result:
-    theta0 = torch.stack([problem.init_mu, 0.5 * torch.log(problem.init_sigma2)], -1)
+def _options(problem: Problem, settings: Settings) -> native.FitOptions:
     opt = settings.optimizer
-    options = native.FitOptions(
+    return native.FitOptions(
         problem.lr,
         problem.max_steps,
         problem.tol,
@@ -185,6 +198,23 @@ def _fused_fit(problem: Problem, settings: Settings) -> Result:
         settings.handover,
         settings.check_every,
     )
+
+
+def reduced_natively(settings: Settings) -> bool:
+    """True when d > 1 fits against two components with a shared covariance run whole in the
+    native kernel (:func:`_fused_reduced_fit`): the reverse KL on the Quadrature rule, with Adam.
+    Every other d > 1 fit takes the torch loop."""
+    return (
+        fused(settings)
+        and settings.divergence.native == "reverse_kl"
+        and type(settings.estimator) is Quadrature
+    )
+
+
+@torch.no_grad()
+def _fused_fit(problem: Problem, settings: Settings) -> Result:
+    theta0 = torch.stack([problem.init_mu, 0.5 * torch.log(problem.init_sigma2)], -1)
+    options = _options(problem, settings)
     div, on_boundary = settings.divergence, None
     if div.native == "reverse_kl":
         out = native.reverse_fit(theta0, problem.mixture, native_rule(settings.estimator), options)
@@ -201,3 +231,29 @@ def _fused_fit(problem: Problem, settings: Settings) -> Result:
     mu, log_sigma = out.theta[:, 0], out.theta[:, 1]
     sigma2 = gaussian_sigma2(log_sigma)
     return Result(mu, sigma2, out.loss, out.grad_norm, out.steps, out.status, on_boundary)
+
+
+@torch.no_grad()
+def _fused_reduced_fit(problem: Problem, settings: Settings) -> Result:
+    """d > 1, the reverse KL against two components with a shared covariance: whole fits in the
+    native kernel (:func:`~kl_sweep.core.native.reduced_fit`), the derivatives those of
+    :meth:`~kl_sweep.core.reduction.ReducedObjective._reverse_derivatives`, by the same fit rules."""
+    target, family = problem.target, problem.family
+    theta0 = family.initial(problem.init_mu.unsqueeze(-1) * target.u, problem.init_sigma2)
+    alpha, beta = target.precision_parts()
+    reduction = native.Reduction(
+        family.name,
+        family.dim,
+        entries(family),
+        family.log_scale_mask(),
+        target.projection(),
+        target.center,
+        alpha,
+        beta,
+        target.log_det_cov(),
+    )
+    out = native.reduced_fit(
+        theta0, target.line(), native_rule(settings.estimator), reduction, _options(problem, settings)
+    )
+    mu, sigma2 = along_u(problem, out.theta)
+    return Result(mu, sigma2, out.loss, out.grad_norm, out.steps, out.status, None, out.theta)

@@ -293,11 +293,8 @@ class _Block:
 
     def result(self, settings: Settings) -> Result:
         problem, theta = self.problem, self.theta
-        if problem.family is not None:  # d > 1: mu and sigma2 along u
-            mean, L = problem.family.scale_tril(theta)
-            u = problem.target.u
-            mu, root = mean @ u, L.transpose(-1, -2) @ u
-            sigma2 = (root * root).sum(-1)
+        if problem.family is not None:
+            mu, sigma2 = along_u(problem, theta)
             return Result(mu, sigma2, self.loss, self.grad, self.steps, self.status, None, theta)
         on_boundary = None
         if settings.divergence.alpha_of is not None:
@@ -305,6 +302,15 @@ class _Block:
             on_boundary = (theta[:, 1] == hi) & closed
         sigma2 = gaussian_sigma2(theta[:, 1])
         return Result(theta[:, 0], sigma2, self.loss, self.grad, self.steps, self.status, on_boundary)
+
+
+def along_u(problem: Problem, theta: Tensor) -> tuple[Tensor, Tensor]:
+    """d > 1: (u^T mean, u^T S u) [B] of Q at the family's theta [B, P], what a row reports as mu
+    and sigma2."""
+    mean, L = problem.family.scale_tril(theta)
+    u = problem.target.u
+    mu, root = mean @ u, L.transpose(-1, -2) @ u
+    return mu, (root * root).sum(-1)
 
 
 class _Outputs:

@@ -45,10 +45,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from kl_sweep.core.divergences import DIVERGENCES, Divergence, divergence_exact
+from kl_sweep.core.divergences import DIVERGENCES, Divergence, divergence_exact, kl_pair_exact
 from kl_sweep.core.estimators import Estimator
 from kl_sweep.core.gaussians import LOG_2PI, Family, MixtureND
 from kl_sweep.core.mixture import Mixture
@@ -255,9 +256,15 @@ def _forward_value(target: SharedPair, family: Family, theta: Tensor, entropy: T
 
 def line_entropy(line: Mixture, nodes_per_panel: int = 12) -> Tensor:
     r""":math:`H(p_1)` [B], nats: :math:`\tfrac12\log(2\pi e V) - \mathrm{KL}(p_1\Vert\mathcal N(E p_1, V))`,
-    V the variance of :math:`p_1`."""
+    V the variance of :math:`p_1`. Computed once for each distinct mixture of the batch (a sweep's
+    rows share a few separations and weights): each row's value is its own mixture's, the same bits
+    in any batch."""
+    key = torch.cat([line.means, line.variances, line.log_weights], -1).contiguous().numpy()
+    _, first, inverse = np.unique(key.view(np.dtype((np.void, key.strides[0]))), return_index=True, return_inverse=True)
+    if len(first) < len(key):
+        return line_entropy(line[torch.from_numpy(first)], nodes_per_panel)[torch.from_numpy(inverse.reshape(-1))]
     var = line.variance()
-    kl = divergence_exact(DIVERGENCES["forward"], line, line.mean(), 0.5 * torch.log(var), nodes_per_panel)
+    kl = kl_pair_exact(line, line.mean(), 0.5 * torch.log(var), nodes_per_panel)[0]
     return 0.5 * (LOG_2PI + 1.0 + torch.log(var)) - kl
 
 
@@ -463,7 +470,7 @@ class ReducedObjective:
         centred = theta[:, :d] - target.centre()
         b = target.projection()
         alpha, beta = target.precision_parts()
-        rows, cols = _entries(family)
+        rows, cols = entries(family)
         on_diag = rows == cols
         psi = theta[:, d:] if family.name != "iso" else theta[:, d:].expand(-1, d)
         vals = torch.where(on_diag, torch.exp(psi), psi)
@@ -564,7 +571,7 @@ class ReducedObjective:
         return loss, grad, hess
 
 
-def _entries(family: Family) -> tuple[Tensor, Tensor]:
+def entries(family: Family) -> tuple[Tensor, Tensor]:
     """(rows, cols) of the entries of L the family's scale parameters set (``iso``: the diagonal,
     tied to one parameter)."""
     d = family.dim
@@ -620,7 +627,7 @@ def _exact_of(kind: int, objective: ReducedObjective, theta: Tensor) -> Tensor:
         return _forward_value(target, family, theta, objective.entropy)
     if kind == REVERSE:
         phi, G = reverse_parts(target, family, theta)
-        return divergence_exact(DIVERGENCES["reverse"], objective.line, phi[:, 0], phi[:, 1], 12) + G
+        return kl_pair_exact(objective.line, phi[:, 0], phi[:, 1], 12)[1] + G
     a = objective.orders(theta.shape[0], theta.dtype)
     phi, kappa, finite = _alpha_parts(target, family, theta, a)
     phi = torch.where(finite.unsqueeze(-1), phi, 0.0)

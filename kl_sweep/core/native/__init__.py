@@ -13,6 +13,8 @@ derivatives function (see ``kl.c``):
   divergence in moment form (the forward KL), with Adam and the Newton polish, each row from start
   to finish in the kernel, used by :func:`kl_sweep.core.fit.fit_stream`: the same steps as its
   torch state machine, without its hundred small torch operations an iteration;
+- :func:`reduced_fit`: the same fit loop in d > 1, in Q's family's parameters, on the reverse KL's
+  reduction to 1-D (:mod:`kl_sweep.core.reduction`) against two components with a shared covariance;
 - :func:`kl_pair` and :func:`pointwise_value`: the values a result row reports, both KLs and the
   alpha family's (:func:`kl_sweep.core.divergences.kl_pair_exact`, ``divergence_exact``);
 - :func:`stochastic_fit`: whole stochastic fits (fresh Monte Carlo draws every step, issue 25) of
@@ -73,6 +75,9 @@ def _library() -> ctypes.CDLL | None:
     fit_tail = [p, p, p, p, d, d, d, i, d, i, p, p, p, p, p]
     lib.reverse_fit.argtypes = [n, n, i, p, p, p, p, p, p, i, p, i, p, d, i, p, p, *fit_tail]
     lib.reverse_fit.restype = None
+    reduced = [i, i, i, p, p, p, p, p, p, p, i, p]
+    lib.reduced_fit.argtypes = [n, n, i, p, p, p, p, p, p, i, p, i, p, d, i, p, p, *reduced, *fit_tail]
+    lib.reduced_fit.restype = None
     lib.moment_fit.argtypes = [n, n, p, p, p, p, p, p, *fit_tail]
     lib.moment_fit.restype = None
     lib.forward_moments.argtypes = [n, n, i, p, p, p, p, p, i, p, i, p, d, i, p, p, p, p, p, p, p]
@@ -187,11 +192,11 @@ class FitOptions:
     trusted: Tensor | None = None
 
 
-def _fit_args(B: int, options: FitOptions) -> tuple[tuple, Fits, list[Tensor]]:
+def _fit_args(B: int, options: FitOptions, n_params: int = 2) -> tuple[tuple, Fits, list[Tensor]]:
     """(the fit's arguments of ``kl.c``, its outputs, the tensors those arguments point into)."""
     f64 = lambda *n: torch.empty(n, dtype=torch.float64)  # noqa: E731
     i64 = lambda n: torch.empty(n, dtype=torch.long)  # noqa: E731
-    out = Fits(f64(B, 2), f64(B), f64(B), i64(B), i64(B))
+    out = Fits(f64(B, n_params), f64(B), f64(B), i64(B), i64(B))
     lr, tol = _float64((options.lr.expand(B), options.tol.expand(B)))
     max_steps = options.max_steps.expand(B).to(torch.long).contiguous()
     trusted = None if options.trusted is None else options.trusted.to(torch.uint8).contiguous()
@@ -208,6 +213,43 @@ def reverse_fit(theta0: Tensor, mixture: Mixture, rule: Rule, options: FitOption
     by the reverse KL on ``rule``, by the rules of :func:`kl_sweep.core.fit.fit_stream` (``kl.c``)."""
     args, out, _alive = _fit_args(theta0.shape[0], options)
     _run("reverse_fit", MIN_PARALLEL_FITS, theta0, mixture, rule, *args)
+    return out
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """A d > 1 reverse-KL fit as :func:`reduced_fit` takes it (``kl.c``: reduced_derivatives):
+    Q's family (its name, d, L's entries set by its scale parameters as (rows, cols) [E], and which
+    of its P parameters are logs of a scale), and per row the target's projection b [B, d], centre,
+    precision parts (alpha, beta) and log det Sigma [B] (:class:`kl_sweep.core.reduction.SharedPair`)."""
+
+    family: str
+    dim: int
+    entries: tuple[Tensor, Tensor]
+    log_scale: Tensor
+    b: Tensor
+    centre: Tensor
+    alpha: Tensor
+    beta: Tensor
+    log_det_cov: Tensor
+
+    FAMILIES = {"full": 0, "diag": 1, "iso": 2}
+
+
+def reduced_fit(theta0: Tensor, line: Mixture, rule: Rule, reduction: Reduction, options: FitOptions) -> Fits:
+    """Whole reverse-KL fits in d > 1 from theta0 [B, P] in the family's parameters, each row's 1-D
+    part on its ``line`` mixture p_1 with ``rule``, by the rules of
+    :func:`kl_sweep.core.fit.fit_stream` (``kl.c``: fit_row with P parameters)."""
+    B, P = theta0.shape
+    args, out, _alive = _fit_args(B, options, P)
+    rows, cols = (x.to(torch.long).contiguous() for x in reduction.entries)
+    log_scale = reduction.log_scale.to(torch.uint8).contiguous()
+    arrays = _float64((reduction.b, reduction.centre, reduction.alpha, reduction.beta, reduction.log_det_cov))
+    _run(
+        "reduced_fit", MIN_PARALLEL_FITS, theta0, line, rule,
+        reduction.dim, Reduction.FAMILIES[reduction.family], rows.numel(), rows.data_ptr(), cols.data_ptr(),
+        *(x.data_ptr() for x in arrays), P, log_scale.data_ptr(), *args,
+    )  # fmt: skip
     return out
 
 

@@ -2,10 +2,12 @@
  * values a result row reports.
  *
  * The design: one node loop (node_sums) for every integrand (the reverse KL's, the alpha family's,
- * Jensen-Shannon's), one fit loop (fit_row) for every derivatives function (the reverse KL's, the
- * moment form's, the pointwise members'). The entry points: reverse_kl, reverse_fit (the reverse
- * KL), pointwise, pointwise_fit, pointwise_value (the alpha family and Jensen-Shannon, below),
- * forward_moments and moment_fit (the forward KL), kl_pair (both KLs of a result row).
+ * Jensen-Shannon's), one fit loop (fit_row, over P parameters) for every derivatives function (the
+ * reverse KL's, the moment form's, the pointwise members', and in d > 1 the reverse KL's in Q's
+ * family, whose 1-D part is the reverse KL's). The entry points: reverse_kl, reverse_fit (the
+ * reverse KL), reduced_fit (the reverse KL in d > 1), pointwise, pointwise_fit, pointwise_value
+ * (the alpha family and Jensen-Shannon, below), forward_moments and moment_fit (the forward KL),
+ * kl_pair (both KLs of a result row).
  *
  * reverse_kl: KL(Q||P) and its derivatives in theta = (mu, log sigma). The same rule and formulas
  * as kl_sweep.core.fit.Objective._closed_form_derivatives with the Quadrature estimator (see its
@@ -446,8 +448,9 @@ enum { CONVERGED = 1, MAX_STEPS = 2, DIVERGED = 3, INFINITE = 4 };
 /* Halvings of a step that would leave the finite region (kl_sweep.core.polish.MAX_HALVINGS). */
 #define MAX_HALVINGS 60
 
-/* A row's loss *f, gradient g[2] and (if hessian) Hessian h[4] at theta = (m, s). */
-typedef void (*derivatives_fn)(const void *ctx, ptrdiff_t r, double m, double s, int hessian, double *f,
+/* A row's loss *f, gradient g[P] and (if hessian) Hessian h[P * P] (row-major) at theta x[P]:
+ * P = 2, x = (mu, log sigma), in 1-D; the family's parameters in d > 1 (reduced_fit). */
+typedef void (*derivatives_fn)(const void *ctx, ptrdiff_t r, const double *x, int hessian, double *f,
                                double *g, double *h);
 
 /* The alpha family's finite region in log sigma, per row, as torch computes it
@@ -501,7 +504,53 @@ struct fit {
     int polish, check_every;
     double *theta, *loss, *gnorm; /* outputs: what each row reports */
     long *steps, *status;
+    /* theta's length P, and which of its entries are logs of a scale (bounded by
+     * MAX_ABS_LOG_SIGMA; the others, means and off-diagonal entries, by MAX_ABS_MU). NULL: P = 2,
+     * theta = (mu, log sigma). */
+    int n_params;
+    const unsigned char *log_scale;
 };
+
+/* The Newton step d = -H^-1 g of a P x P system (P > 2; fit_row_of solves 2 x 2 ones in closed
+ * form), its decrement g^T H^-1 g, and whether H is positive definite (kl_sweep.core.optim.newton):
+ * by a Cholesky factorisation of (H + H^T) / 2 in chol[P * P]. */
+static int newton_system(int P, const double *g, const double *h, double *chol, double *d, double *decrement)
+{
+    for (int i = 0; i < P; ++i) d[i] = 0;
+    *decrement = 0;
+    for (int i = 0; i < P; ++i)
+        for (int j = 0; j <= i; ++j) {
+            const double v = 0.5 * (h[i * P + j] + h[j * P + i]);
+            if (!isfinite(v)) return 0;
+            chol[i * P + j] = v;
+        }
+    for (int j = 0; j < P; ++j) { /* L L^T, lower triangle in place */
+        double v = chol[j * P + j];
+        for (int k = 0; k < j; ++k) v -= chol[j * P + k] * chol[j * P + k];
+        if (!(v > 0)) return 0;
+        const double l = sqrt(v);
+        chol[j * P + j] = l;
+        for (int i = j + 1; i < P; ++i) {
+            double w = chol[i * P + j];
+            for (int k = 0; k < j; ++k) w -= chol[i * P + k] * chol[j * P + k];
+            chol[i * P + j] = w / l;
+        }
+    }
+    for (int i = 0; i < P; ++i) { /* L y = -g */
+        double v = -g[i];
+        for (int k = 0; k < i; ++k) v -= chol[i * P + k] * d[k];
+        d[i] = v / chol[i * P + i];
+    }
+    for (int i = P - 1; i >= 0; --i) { /* L^T d = y */
+        double v = d[i];
+        for (int k = i + 1; k < P; ++k) v -= chol[k * P + i] * d[k];
+        d[i] = v / chol[i * P + i];
+    }
+    double dec = 0;
+    for (int i = 0; i < P; ++i) dec -= d[i] * g[i];
+    *decrement = dec;
+    return 1;
+}
 
 /* One row's whole fit, by the rules of kl_sweep.core.fit.fit_stream with Adam, the same steps in
  * the same order:
@@ -525,21 +574,31 @@ struct fit {
  * closed edge with the gradient pushing outward the row is held there, its gradient norm is
  * |d/d mu| and its Newton step is along the edge (kl_sweep.core.polish._pushed_to_edge, _newton);
  * a polish step along the edge that made |grad| worse is taken back and the next halved instead. */
-static void fit_row(derivatives_fn derivatives, const void *ctx, const struct fit *F, const struct region *E,
-                    int pointwise, ptrdiff_t r, const double *theta0)
+static inline __attribute__((always_inline)) void
+fit_row_of(const int P, derivatives_fn derivatives, const void *ctx, const struct fit *F, const struct region *E,
+           int pointwise, ptrdiff_t r, const double *theta0)
 {
-    double x[2] = {theta0[2 * r], theta0[2 * r + 1]};
-    double m1[2] = {0, 0}, m2[2] = {0, 0}, adam_t = 0, best = INFINITY, damp = 1.0, restart = INFINITY;
-    double kept[2] = {x[0], x[1]}, kept_loss = NAN, kept_gnorm = NAN, handed[2] = {NAN, NAN};
+    const int PP = P * P;
+    /* P = 2 on the stack (every 1-D fit); a d > 1 family's Hessian and its factor on the heap. */
+    double small[8], *heap = P > 2 ? malloc(2 * (size_t)PP * sizeof(double)) : NULL;
+    double *h = P > 2 ? heap : small, *chol = P > 2 ? heap + PP : small + 4;
+    double x[P], m1[P], m2[P], kept[P], handed[P], g[P], d[P], old[P];
+    double adam_t = 0, best = INFINITY, damp = 1.0, restart = INFINITY;
+    double kept_loss = NAN, kept_gnorm = NAN;
+    for (int i = 0; i < P; ++i) {
+        x[i] = kept[i] = theta0[P * r + i];
+        m1[i] = m2[i] = 0, handed[i] = NAN;
+    }
     long step = 0, kept_step = 0, code = 0;
     const int trusted = F->trusted == NULL || F->trusted[r];
     const int steep = E != NULL ? E->steep[r] : 0;
     int newton_phase = 0, landed = 0;
+    if (P > 2 && heap == NULL) code = DIVERGED, kept_loss = NAN; /* out of memory: the row is lost, not the sweep */
     if (E != NULL && !finite_at(E, r, x[0], x[1])) code = INFINITE, kept_loss = INFINITY;
     for (long it = 0; !code; ++it) {
         const int check = newton_phase || (F->polish && it % F->check_every == 0);
-        double f, g[2], h[4];
-        derivatives(ctx, r, x[0], x[1], check, &f, g, h);
+        double f;
+        derivatives(ctx, r, x, check, &f, g, h);
         const int edge = E != NULL && x[1] == E->hi[r] && on_closed_edge(E, r, x[0]) && g[1] < 0;
         /* Held on the edge it stepped onto, a row solves a problem in mu alone: Adam starts afresh
          * (its moments remember the steep way in). Not on landing: a row not held there keeps
@@ -550,18 +609,31 @@ static void fit_row(derivatives_fn derivatives, const void *ctx, const struct fi
             m1[0] = m1[1] = m2[0] = m2[1] = 0, adam_t = 0;
             landed = 0;
         }
-        const double norm = edge ? fabs(g[0]) : sqrt(g[0] * g[0] + g[1] * g[1]);
-        const int finite = isfinite(f) && isfinite(g[0]) && isfinite(g[1]) && fabs(x[0]) < MAX_ABS_MU
-                           && fabs(x[1]) < MAX_ABS_LOG_SIGMA;
+        double norm;
+        int finite = isfinite(f);
+        if (P == 2) {
+            norm = edge ? fabs(g[0]) : sqrt(g[0] * g[0] + g[1] * g[1]);
+            finite = finite && isfinite(g[0]) && isfinite(g[1]) && fabs(x[0]) < MAX_ABS_MU
+                     && fabs(x[1]) < MAX_ABS_LOG_SIGMA;
+        } else {
+            double sq = 0;
+            for (int i = 0; i < P; ++i) {
+                sq += g[i] * g[i];
+                finite = finite && isfinite(g[i])
+                         && fabs(x[i]) < (F->log_scale[i] ? MAX_ABS_LOG_SIGMA : MAX_ABS_MU);
+            }
+            norm = sqrt(sq);
+        }
         /* The Newton step -H^-1 g, its decrement g^T H^-1 g, and whether H is positive definite
          * (kl_sweep.core.optim.newton); on the edge, in mu alone. */
-        double d[2] = {0, 0}, decrement = 0;
+        double decrement = 0;
         int pd = 0;
         if (check && edge) {
             pd = h[0] > 0;
-            d[0] = -g[0] / (pd ? h[0] : 1.0);
+            d[0] = -g[0] / (pd ? h[0] : 1.0), d[1] = 0;
             decrement = -d[0] * g[0];
-        } else if (check) {
+        } else if (check && P == 2) { /* (in closed form; as written here, for the 1-D fits' bits) */
+            d[0] = d[1] = 0;
             const double det = h[0] * h[3] - h[1] * h[1];
             pd = h[0] > 0 && det > 0 && isfinite(det);
             if (pd) {
@@ -569,20 +641,27 @@ static void fit_row(derivatives_fn derivatives, const void *ctx, const struct fi
                 d[1] = -(h[0] * g[1] - h[1] * g[0]) / det;
                 decrement = -(d[0] * g[0] + d[1] * g[1]);
             }
+        } else if (check) {
+            pd = newton_system(P, g, h, chol, d, &decrement);
+        } else {
+            for (int i = 0; i < P; ++i) d[i] = 0;
         }
-        const double old[2] = {x[0], x[1]};
+        for (int i = 0; i < P; ++i) old[i] = x[i];
         if (!newton_phase) {
             if (finite) {
-                kept[0] = x[0], kept[1] = x[1], kept_loss = f, kept_gnorm = norm, kept_step = step;
+                for (int i = 0; i < P; ++i) kept[i] = x[i];
+                kept_loss = f, kept_gnorm = norm, kept_step = step;
             }
+            int again = 1; /* handed over from this very point before */
+            for (int i = 0; i < P; ++i) again = again && x[i] == handed[i];
             if (!finite || !trusted) code = DIVERGED;
             else if (norm <= F->tol[r]) code = CONVERGED;
             else if (step >= F->max_steps[r]) code = MAX_STEPS;
             /* (not twice from one point: sent back there, it would come back for ever) */
-            else if (check && pd && decrement <= F->handover && (x[0] != handed[0] || x[1] != handed[1])) {
+            else if (check && pd && decrement <= F->handover && !again) {
                 newton_phase = 1;
                 best = INFINITY;
-                handed[0] = x[0], handed[1] = x[1];
+                for (int i = 0; i < P; ++i) handed[i] = x[i];
             } else {
                 const double fed = steep ? 1.0 + (f > 0 ? f : 0.0) : 1.0;
                 if (steep && !edge && fed * RESTART_DROP <= restart) { /* a decade down the wall */
@@ -591,7 +670,7 @@ static void fit_row(derivatives_fn derivatives, const void *ctx, const struct fi
                 }
                 adam_t += 1;
                 const double c1 = -expm1(adam_t * F->log_beta1), c2 = -expm1(adam_t * F->log_beta2);
-                for (int i = 0; i < 2; ++i) {
+                for (int i = 0; i < P; ++i) {
                     const double gi = steep ? g[i] / fed : g[i];
                     m1[i] = m1[i] * F->beta1 + (1 - F->beta1) * gi;
                     m2[i] = m2[i] * F->beta2 + (1 - F->beta2) * gi * gi;
@@ -604,7 +683,8 @@ static void fit_row(derivatives_fn derivatives, const void *ctx, const struct fi
         }
         const int better = finite && norm < best;
         if (better) {
-            kept[0] = x[0], kept[1] = x[1], kept_loss = f, kept_gnorm = norm, kept_step = step;
+            for (int i = 0; i < P; ++i) kept[i] = x[i];
+            kept_loss = f, kept_gnorm = norm, kept_step = step;
             best = norm;
         }
         const int converged = best <= F->tol[r];
@@ -614,17 +694,19 @@ static void fit_row(derivatives_fn derivatives, const void *ctx, const struct fi
         else if (step >= F->max_steps[r]) code = converged ? CONVERGED : MAX_STEPS;
         else if (!finite || !pd || (pointwise && worse && !edge)) {
             newton_phase = 0;
-            x[0] = kept[0], x[1] = kept[1];
+            for (int i = 0; i < P; ++i) x[i] = kept[i];
         } else {
-            const double cap = fmax(fmax(fabs(d[0]), fabs(d[1])), 1.0);
+            double cap = 1.0;
+            if (P == 2) cap = fmax(fmax(fabs(d[0]), fabs(d[1])), 1.0);
+            else
+                for (int i = 0; i < P; ++i) cap = fmax(cap, fabs(d[i]));
             if (worse && edge) {
                 x[0] = kept[0], x[1] = kept[1];
             } else if (E != NULL) {
                 x[0] = x[0] + d[0] / cap * damp;
                 x[1] = x[1] + d[1] / cap * damp;
             } else {
-                x[0] = x[0] + d[0] / cap;
-                x[1] = x[1] + d[1] / cap;
+                for (int i = 0; i < P; ++i) x[i] = x[i] + d[i] / cap;
             }
             if (E != NULL && keep_finite(E, r, old, x)) { /* in the polish, Adam restarts at once */
                 m1[0] = m1[1] = m2[0] = m2[1] = 0, adam_t = 0;
@@ -633,8 +715,17 @@ static void fit_row(derivatives_fn derivatives, const void *ctx, const struct fi
             ++step;
         }
     }
-    F->theta[2 * r] = kept[0], F->theta[2 * r + 1] = kept[1];
+    for (int i = 0; i < P; ++i) F->theta[P * r + i] = kept[i];
     F->loss[r] = kept_loss, F->gnorm[r] = kept_gnorm, F->steps[r] = kept_step, F->status[r] = code;
+    free(heap);
+}
+
+/* fit_row_of for F's P: compiled apart for P = 2 (every 1-D fit, with its fixed-size loops). */
+static void fit_row(derivatives_fn derivatives, const void *ctx, const struct fit *F, const struct region *E,
+                    int pointwise, ptrdiff_t r, const double *theta0)
+{
+    if (F->n_params == 2) fit_row_of(2, derivatives, ctx, F, E, pointwise, r, theta0);
+    else fit_row_of(F->n_params, derivatives, ctx, F, E, pointwise, r, theta0);
 }
 
 #define FIT_ARGS                                                                                    \
@@ -643,7 +734,7 @@ static void fit_row(derivatives_fn derivatives, const void *ctx, const struct fi
         double *theta, double *loss, double *gnorm, long *steps, long *status
 #define FIT_INIT                                                                                    \
     {lr, tol, max_steps, trusted, beta1, beta2, eps, log(beta1), log(beta2), handover, polish,      \
-     check_every, theta, loss, gnorm, steps, status}
+     check_every, theta, loss, gnorm, steps, status, 2, NULL}
 
 struct reverse_context {
     const struct rule *R;
@@ -651,11 +742,11 @@ struct reverse_context {
     double *edges, *nodes, *rule;
 };
 
-static void reverse_derivatives(const void *ctx, ptrdiff_t r, double m, double s, int hessian, double *f,
+static void reverse_derivatives(const void *ctx, ptrdiff_t r, const double *x, int hessian, double *f,
                                 double *g, double *h)
 {
     const struct reverse_context *c = ctx;
-    row_reverse_kl(c->R, c->P, r, m, s, hessian, c->edges, c->nodes, c->rule, f, g, h);
+    row_reverse_kl(c->R, c->P, r, x[0], x[1], hessian, c->edges, c->nodes, c->rule, f, g, h);
 }
 
 /* reverse_fit: whole fits of the reverse KL (fit_row), from theta0 [rows, 2]. Rows take their own
@@ -679,6 +770,139 @@ void reverse_fit(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *theta0
     }
 }
 
+/* d > 1: Q = N(mean, S = L L^T) in one of the families fitted to two components with a shared
+ * covariance Sigma (kl_sweep.core.reduction): KL(Q||P) = KL(q_1||p_1) + G, with q_1 = N(m, C) of
+ * the projection tau = b^T (x - c 1), m = b^T (mean - c 1), C = b^T S b = |L^T b|^2, and p_1 the
+ * line mixture (row r of P, as reverse_fit takes it). The same formulas, term for term, as
+ * kl_sweep.core.reduction.ReducedObjective._reverse_derivatives (its docstring has the maths):
+ * with s = log(C) / 2, the loss is F(m, s) + s - m^2/2 - C/2 + mu^T Sigma^-1 mu / 2
+ * + tr(Sigma^-1 S) / 2 - log det S / 2 + log det Sigma / 2 - (d - 1)/2, F the 1-D reverse KL
+ * (row_reverse_kl), Sigma^-1 = alpha I + beta 1 1^T. L's entries k (row_k, col_k) are set by the
+ * scale parameters: full, entry k by parameter d + k (row-major lower triangle, each diagonal entry
+ * as its log); diag, the diagonal, entry k by d + k (as its log); iso, every diagonal entry by
+ * parameter d (as its log). O(d^2) a row for full, O(d) for diag and iso; the Hessian O(P^2). */
+enum { FULL = 0, DIAG = 1, ISO = 2 };
+
+struct reduced {
+    int dim, family, n_entries;
+    const long *rows, *cols;                              /* L's entries [n_entries] */
+    const double *b, *centre, *alpha, *beta, *log_det_cov; /* b [rows, dim]; the rest [rows] */
+};
+
+struct reduced_context {
+    const struct rule *R;
+    const struct mixture *P;
+    const struct reduced *D;
+    double *edges, *nodes, *rule;
+};
+
+static void reduced_derivatives(const void *ctx, ptrdiff_t r, const double *x, int hessian, double *f,
+                                double *g, double *h)
+{
+    const struct reduced_context *c = ctx;
+    const struct reduced *D = c->D;
+    const int d = D->dim, nE = D->n_entries, P = d + (D->family == FULL ? nE : D->family == DIAG ? d : 1);
+    const double *b = D->b + (ptrdiff_t)d * r;
+    const double alpha = D->alpha[r], beta = D->beta[r], centre = D->centre[r];
+    double mu[d], prec_mean[d], Ltb[d], col_sum[d];
+    double vals[nE], jac[nE], dc_l[nE], dc[nE], ds[nE], prec_l[nE];
+    double m = 0, total = 0, maha = 0, log_det_s = 0;
+    for (int i = 0; i < d; ++i) {
+        mu[i] = x[i] - centre;
+        m += b[i] * mu[i];
+        total += mu[i];
+        Ltb[i] = col_sum[i] = 0;
+    }
+    for (int i = 0; i < d; ++i) {
+        prec_mean[i] = alpha * mu[i] + beta * total;
+        maha += mu[i] * prec_mean[i];
+    }
+    for (int k = 0; k < nE; ++k) {
+        const int diagonal = D->rows[k] == D->cols[k];
+        const double psi = x[d + (D->family == ISO ? 0 : k)];
+        vals[k] = diagonal ? exp(psi) : psi;
+        jac[k] = diagonal ? vals[k] : 1.0;
+        if (diagonal) log_det_s += 2.0 * psi;
+        Ltb[D->cols[k]] += b[D->rows[k]] * vals[k];
+        col_sum[D->cols[k]] += vals[k];
+    }
+    double C = 0, trace = 0;
+    for (int i = 0; i < d; ++i) C += Ltb[i] * Ltb[i];
+    for (int k = 0; k < nE; ++k) {
+        prec_l[k] = alpha * vals[k] + beta * col_sum[D->cols[k]]; /* (Sigma^-1 L)_k */
+        trace += vals[k] * prec_l[k];
+    }
+    const double s = 0.5 * log(C);
+    double F, g1[2], H1[4];
+    row_reverse_kl(c->R, c->P, r, m, s, hessian, c->edges, c->nodes, c->rule, &F, g1, H1);
+    *f = F + s - 0.5 * m * m - 0.5 * C + 0.5 * maha + 0.5 * trace - 0.5 * log_det_s
+         + 0.5 * D->log_det_cov[r] - 0.5 * (d - 1);
+    const double f_m = g1[0] - m, f_s = g1[1] + 1.0 - C;
+    for (int i = 0; i < d; ++i) g[i] = f_m * b[i] + prec_mean[i];
+    for (int i = d; i < P; ++i) g[i] = 0;
+    for (int k = 0; k < nE; ++k) {
+        const int diagonal = D->rows[k] == D->cols[k];
+        dc_l[k] = 2.0 * b[D->rows[k]] * Ltb[D->cols[k]];
+        dc[k] = dc_l[k] * jac[k];
+        ds[k] = dc[k] / (2.0 * C);
+        g[d + (D->family == ISO ? 0 : k)] += f_s * ds[k] + prec_l[k] * jac[k] - diagonal;
+    }
+    if (!hessian) return;
+    const double f_mm = H1[0] - 1.0, f_ms = H1[1], f_ss = H1[3] - 2.0 * C;
+    for (int i = 0; i < P * P; ++i) h[i] = 0;
+    for (int i = 0; i < d; ++i)
+        for (int j = 0; j < d; ++j) h[i * P + j] = f_mm * b[i] * b[j] + (i == j ? alpha : 0.0) + beta;
+    for (int k = 0; k < nE; ++k) {
+        const int pk = d + (D->family == ISO ? 0 : k);
+        for (int i = 0; i < d; ++i) {
+            const double v = f_ms * b[i] * ds[k];
+            h[i * P + pk] += v;
+            h[pk * P + i] += v;
+        }
+        for (int l = 0; l < nE; ++l) {
+            const int pl = d + (D->family == ISO ? 0 : l);
+            double d2c = 0, d2t = 0;
+            if (D->cols[k] == D->cols[l]) {
+                const double jj = jac[k] * jac[l];
+                d2c = 2.0 * b[D->rows[k]] * b[D->rows[l]] * jj;
+                d2t = ((D->rows[k] == D->rows[l] ? alpha : 0.0) + beta) * jj;
+            }
+            if (k == l && D->rows[k] == D->cols[k]) {
+                d2c += vals[k] * dc_l[k];
+                d2t += vals[k] * prec_l[k];
+            }
+            const double d2s = d2c / (2.0 * C) - dc[k] * dc[l] / (2.0 * C * C);
+            h[pk * P + pl] += f_ss * ds[k] * ds[l] + f_s * d2s + d2t;
+        }
+    }
+}
+
+/* reduced_fit: whole fits (fit_row) of the reverse KL in d > 1 (reduced_derivatives), from theta0
+ * [rows, P] in the family's parameters; log_scale [P] marks its log-scale entries. */
+void reduced_fit(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *theta0,
+                 const double *means, const double *variances, const double *log_weights,
+                 const double *switch_points, const double *widths,
+                 int n_scale, const double *scale, int n_off, const double *off, double support,
+                 int order, const double *t, const double *gw,
+                 int dim, int family, int n_entries, const long *entry_rows, const long *entry_cols,
+                 const double *b, const double *centre, const double *alpha, const double *beta,
+                 const double *log_det_cov, int n_params, const unsigned char *log_scale, FIT_ARGS)
+{
+    const struct rule R = {n_scale, n_off, order, scale, off, t, gw, support};
+    const struct mixture P = {S, means, variances, log_weights, switch_points, widths};
+    const struct reduced D = {dim, family, n_entries, entry_rows, entry_cols, b, centre, alpha, beta, log_det_cov};
+    struct fit F = FIT_INIT;
+    F.n_params = n_params, F.log_scale = log_scale;
+    const int max_edges = n_scale + S * n_off;
+#pragma omp parallel if (rows >= min_rows)
+    {
+    SCRATCH(row, max_edges, order);
+    const struct reduced_context ctx = {&R, &P, &D, row_edges, row_nodes, row_rule};
+#pragma omp for schedule(dynamic, 4)
+    for (ptrdiff_t r = 0; r < rows; ++r) fit_row(reduced_derivatives, &ctx, &F, NULL, 0, r, theta0);
+    }
+}
+
 /* The moment form of an integrand affine in log q under a fixed P (kl_sweep.core.fit.Objective:
  * c, m0, m1, m2 about ref, per row). */
 struct moments {
@@ -687,10 +911,11 @@ struct moments {
 
 /* The same formulas as kl_sweep.core.fit.Objective._moment_derivatives:
  * L = c + m0 (s + log(2 pi) / 2) + S e^(-2 s) / 2 with d = mu - ref, S = m2 - 2 d m1 + d^2 m0. */
-static void moment_derivatives(const void *ctx, ptrdiff_t r, double m, double s, int hessian, double *f,
+static void moment_derivatives(const void *ctx, ptrdiff_t r, const double *x, int hessian, double *f,
                                double *g, double *h)
 {
     const struct moments *M = ctx;
+    const double m = x[0], s = x[1];
     const double m0 = M->m0[r], m1 = M->m1[r], d = m - M->ref[r];
     const double inv = exp(-2 * s), sq = M->m2[r] - 2 * d * m1 + d * d * m0;
     *f = M->c[r] + m0 * (s + 0.5 * LOG_2PI) + 0.5 * sq * inv;
@@ -1026,11 +1251,11 @@ struct pointwise_context {
     double *edges, *nodes, *rule, *aux;
 };
 
-static void pointwise_derivatives(const void *ctx, ptrdiff_t r, double m, double s, int hessian, double *f,
+static void pointwise_derivatives(const void *ctx, ptrdiff_t r, const double *x, int hessian, double *f,
                                   double *g, double *h)
 {
     const struct pointwise_context *c = ctx;
-    row_pointwise(c->R, c->P, c->M, r, m, s, hessian, c->edges, c->nodes, c->rule, c->aux, f, g, h);
+    row_pointwise(c->R, c->P, c->M, r, x[0], x[1], hessian, c->edges, c->nodes, c->rule, c->aux, f, g, h);
 }
 
 /* pointwise_fit: whole fits of the member (fit_row, within its finite region), from theta0 [rows, 2]. */
