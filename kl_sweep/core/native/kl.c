@@ -524,16 +524,21 @@ static int newton_system(int P, const double *g, const double *h, double *chol, 
             if (!isfinite(v)) return 0;
             chol[i * P + j] = v;
         }
-    for (int j = 0; j < P; ++j) { /* L L^T, lower triangle in place */
-        double v = chol[j * P + j];
-        for (int k = 0; k < j; ++k) v -= chol[j * P + k] * chol[j * P + k];
+    for (int j = 0; j < P; ++j) { /* L L^T, lower triangle in place; its dot products vectorised */
+        const double *lj = chol + j * P;
+        double v = 0;
+#pragma omp simd reduction(+ : v)
+        for (int k = 0; k < j; ++k) v += lj[k] * lj[k];
+        v = chol[j * P + j] - v;
         if (!(v > 0)) return 0;
         const double l = sqrt(v);
         chol[j * P + j] = l;
         for (int i = j + 1; i < P; ++i) {
-            double w = chol[i * P + j];
-            for (int k = 0; k < j; ++k) w -= chol[i * P + k] * chol[j * P + k];
-            chol[i * P + j] = w / l;
+            const double *li = chol + i * P;
+            double w = 0;
+#pragma omp simd reduction(+ : w)
+            for (int k = 0; k < j; ++k) w += li[k] * lj[k];
+            chol[i * P + j] = (chol[i * P + j] - w) / l;
         }
     }
     for (int i = 0; i < P; ++i) { /* L y = -g */
