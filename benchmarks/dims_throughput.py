@@ -53,6 +53,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -329,6 +330,10 @@ def per_call(fn, seconds: float) -> float:
             return elapsed / n
 
 
+#: First-order steps a row when b2 times the kernel's step.
+KERNEL_STEPS = 50
+
+
 def section_b2(args) -> None:
     rows = {name: args.step_rows_full if name == "full" else args.step_rows for name in DIMS}
     section(
@@ -346,17 +351,25 @@ def section_b2(args) -> None:
         noise = torch.randn(theta.shape, generator=torch.Generator().manual_seed(1), dtype=f64)
         theta = theta + 0.1 * noise  # off the start: every entry of L in play
         _, g, H = obj.derivatives(theta, True)
+        # The kernel's first-order step: KERNEL_STEPS Adam steps a row, no polish, tol 0.
+        steps_only = replace(
+            prob,
+            max_steps=torch.full_like(prob.max_steps, KERNEL_STEPS),
+            tol=torch.zeros_like(prob.tol),
+        )
         calls[(name, d)] = {
+            "kernel step": lambda q=steps_only: fit(q, replace(SETTINGS, polish=False)),
             "gradient": lambda o=obj, t=theta: o.derivatives(t, False),
             "Hessian": lambda o=obj, t=theta: o.derivatives(t, True),
             "Newton solve": lambda g=g, H=H: newton(g, H),
         }
-    pieces = ["gradient", "Hessian", "Newton solve"]
+    pieces = ["kernel step", "gradient", "Hessian", "Newton solve"]
     times = {(p, piece): [] for p in points for piece in pieces}
     for _ in range(args.repeats):
         for p in points:  # interleaved over the points
             for piece in pieces:
-                times[(p, piece)].append(per_call(calls[p][piece], args.call_seconds) / rows[p[0]])
+                per_row = rows[p[0]] * (KERNEL_STEPS if piece == "kernel step" else 1)
+                times[(p, piece)].append(per_call(calls[p][piece], args.call_seconds) / per_row)
     print(
         f"  {'family':6s} {'d':>3s} {'P':>5s}"
         + "".join(f" {piece + ' us':>15s} {'exp':>5s}" for piece in pieces)
@@ -376,8 +389,10 @@ def section_b2(args) -> None:
             print(line)
             prev = (d, now)
     print(
-        f"  (microseconds a row, median of {args.repeats}; exp: growth exponent from the d above. A "
-        "first-order step costs one gradient; every 5th adds a Hessian and a solve, a Newton step both)"
+        f"  (microseconds a row, median of {args.repeats}; exp: growth exponent from the d above. kernel "
+        f"step: one first-order step of the native kernel's whole fit (Adam, {KERNEL_STEPS} a row, no "
+        "polish); the other three are the torch loop's. A first-order step costs one gradient; every "
+        "5th adds a Hessian and a solve, a Newton step both)"
     )
 
 
