@@ -184,7 +184,8 @@ def run_chunks(
     tic = time.perf_counter()
     threads = torch.get_num_threads()
     settings = settings_from(shared)
-    if int(shared.get("dim", 1)) > 1 and not (reduced_natively(settings) and not shared.get("target.file")):
+    in_kernel = reduced_natively(settings) and shared.get("target.file") is None  # a key-given pair
+    if int(shared.get("dim", 1)) > 1 and not in_kernel:
         # d > 1 steps on the torch loop are many small torch operations: on shared cores extra
         # intra-op threads wait on each other (a 2-thread d = 2 sweep ran 5-10x slower under
         # load, and no faster alone). They fit on one thread; cores are used through shards

@@ -30,12 +30,12 @@ import torch
 from kl_sweep.core import native
 from kl_sweep.core.divergences import NATIVE_TERMS, native_member, native_rule
 from kl_sweep.core.estimators import Quadrature
-from kl_sweep.core.loop import _stepwise, along_u
+from kl_sweep.core.loop import _stepwise, along_u, start_in_family
 from kl_sweep.core.mixture import gaussian_sigma2
 from kl_sweep.core.objective import TRUSTED_MASS, Objective, in_moment_form
 from kl_sweep.core.optim import Adam
-from kl_sweep.core.reduction import SharedPair, entries
 from kl_sweep.core.problem import MAX_ABS_LOG_SIGMA, MAX_ABS_MU, Problem, Result, Settings, Status
+from kl_sweep.core.reduction import SharedPair, entries
 
 __all__ = [
     "MAX_ABS_LOG_SIGMA",
@@ -239,7 +239,7 @@ def _fused_reduced_fit(problem: Problem, settings: Settings) -> Result:
     native kernel (:func:`~kl_sweep.core.native.reduced_fit`), the derivatives those of
     :meth:`~kl_sweep.core.reduction.ReducedObjective._reverse_derivatives`, by the same fit rules."""
     target, family = problem.target, problem.family
-    theta0 = family.initial(problem.init_mu.unsqueeze(-1) * target.u, problem.init_sigma2)
+    theta0 = start_in_family(problem)
     alpha, beta = target.precision_parts()
     reduction = native.Reduction(
         family.name,

@@ -129,7 +129,7 @@ def _initial(
         )
         return theta0, objective
     target, family = problem.target, problem.family
-    theta0 = family.initial(problem.init_mu.unsqueeze(-1) * target.u, problem.init_sigma2)
+    theta0 = start_in_family(problem)
     if isinstance(target, SharedPair) and settings.divergence.name in REDUCIBLE:
         make = ReducedObjective.build
     else:  # a general target, or Jensen-Shannon: integrated in R^d
@@ -302,6 +302,11 @@ class _Block:
             on_boundary = (theta[:, 1] == hi) & closed
         sigma2 = gaussian_sigma2(theta[:, 1])
         return Result(theta[:, 0], sigma2, self.loss, self.grad, self.steps, self.status, on_boundary)
+
+
+def start_in_family(problem: Problem) -> Tensor:
+    """d > 1: theta0 [B, P], the family's parameters of Q = N(init_mu u, init_sigma2 I)."""
+    return problem.family.initial(problem.init_mu.unsqueeze(-1) * problem.target.u, problem.init_sigma2)
 
 
 def along_u(problem: Problem, theta: Tensor) -> tuple[Tensor, Tensor]:

@@ -260,9 +260,11 @@ def line_entropy(line: Mixture, nodes_per_panel: int = 12) -> Tensor:
     rows share a few separations and weights): each row's value is its own mixture's, the same bits
     in any batch."""
     key = torch.cat([line.means, line.variances, line.log_weights], -1).contiguous().numpy()
-    _, first, inverse = np.unique(key.view(np.dtype((np.void, key.strides[0]))), return_index=True, return_inverse=True)
+    rows = key.view(np.dtype((np.void, key.strides[0])))  # a row as one value (numpy sorts bytes fast)
+    _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
     if len(first) < len(key):
-        return line_entropy(line[torch.from_numpy(first)], nodes_per_panel)[torch.from_numpy(inverse.reshape(-1))]
+        entropy = line_entropy(line[torch.from_numpy(first)], nodes_per_panel)
+        return entropy[torch.from_numpy(inverse.reshape(-1))]
     var = line.variance()
     kl = kl_pair_exact(line, line.mean(), 0.5 * torch.log(var), nodes_per_panel)[0]
     return 0.5 * (LOG_2PI + 1.0 + torch.log(var)) - kl
