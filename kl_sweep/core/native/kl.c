@@ -25,8 +25,9 @@
  *
  * Every row is computed by the same code from its own inputs only, so its bits do not depend on
  * the batch it is in, nor on how rows are split among threads. The node loop is vectorised (the
- * sums along it are reassociated, the same way for every row); exp and log1p then come from
- * glibc's vector math library (libmvec, at most 4 ulp) when KL_SWEEP_MVEC is defined.
+ * sums along it are reassociated, the same way for every row); exp, expm1, log1p (and log, in the
+ * loops that name it vector_log) then come from glibc's vector math library (libmvec, at most 4 ulp)
+ * when KL_SWEEP_MVEC is defined.
  *
  * Rows are shared among OpenMP threads (from min_rows rows on). Built with -fopenmp, this library
  * asks for libgomp.so.1, which in a torch process is the one torch has loaded: the kernel runs on
@@ -42,6 +43,11 @@
 double exp(double) __attribute__((simd("notinbranch")));
 double expm1(double) __attribute__((simd("notinbranch")));
 double log1p(double) __attribute__((simd("notinbranch")));
+/* log, in vectors only in the loops that call it by this name (Renyi's log terms): the other loops
+ * that take a log (the stochastic fit's) keep the scalar one, and with it their bits. */
+double vector_log(double) __asm__("log") __attribute__((simd("notinbranch"), const));
+#else
+#define vector_log log
 #endif
 
 #define LOG_2PI 1.8378770664093454835606594728112
@@ -119,8 +125,9 @@ static int add_switch_edges(double *edges, int ne, int S, const double *sw, cons
 
 /* Gauss-Legendre nodes on the panels between consecutive sorted edges, with weights times
  * `scale`; returns the number of nodes. */
-static int panels(const double *edges, int ne, int order, const double *t, const double *gw, double scale,
-                  double *nodes, double *rule)
+static inline __attribute__((always_inline)) int
+panels_of(const int order, const double *edges, int ne, const double *t, const double *gw, double scale,
+          double *nodes, double *rule)
 {
     int n = 0;
     for (int p = 0; p + 1 < ne; ++p) {
@@ -131,6 +138,16 @@ static int panels(const double *edges, int ne, int order, const double *t, const
         }
     }
     return n;
+}
+
+/* panels_of, its inner loop unrolled for the fits' 6 nodes a panel and the values' 12 (the same
+ * arithmetic, so the same bits). */
+static int panels(const double *edges, int ne, int order, const double *t, const double *gw, double scale,
+                  double *nodes, double *rule)
+{
+    if (order == 6) return panels_of(6, edges, ne, t, gw, scale, nodes, rule);
+    if (order == 12) return panels_of(12, edges, ne, t, gw, scale, nodes, rule);
+    return panels_of(order, edges, ne, t, gw, scale, nodes, rule);
 }
 
 /* log w N(x; mean, var) = c - e^2 with e = shift + k u at x = m + u: c and k (shift = (m - mean) k). */
@@ -198,12 +215,6 @@ static double clamp(double x, double lo, double hi)
     return x > hi ? hi : x;
 }
 
-/* expm1(y) / y, 1 at y = 0 (kl_sweep.core.alpha.relative_expm1). */
-static inline double relative_expm1(double y)
-{
-    return y == 0.0 ? 1.0 : expm1(y) / y;
-}
-
 /* e^x, but no less than e^lowest, lowest = exp_lowest = -708 (the least normal double is 2.2e-308).
  * A vector exp hands every lane that would underflow to the scalar exp: that made the alpha
  * family's far nodes (its tails) cost about a tenth of its fits. A density below 1e-307 is not seen in
@@ -218,23 +229,28 @@ static inline double exp_normal(double x, double lowest)
 }
 
 /* (t0, t1, t2) of D_a at one node (kl_sweep.core.alpha.alpha_fit_terms); high: a > 1/2 (the
- * mirror form of t0). Branch-free, so that the node loop is vectorised. */
+ * mirror form of t0). inv_a = 1/a and inv_c = 1/(1 - a), 0 where a is 0 or 1 (then each near branch
+ * is its limit, q delta or p delta): a vector division costs as much as an exp, and a node would
+ * take five. Branch-free, so that the node loop is vectorised. */
 static inline __attribute__((always_inline)) void
-alpha_terms(const int high, double log_p, double log_q, double a, double lowest, double *t0, double *t1,
-            double *t2)
+alpha_terms(const int high, double log_p, double log_q, double a, double inv_a, double inv_c, double lowest,
+            double *t0, double *t1, double *t2)
 {
     const double delta = log_p - log_q, y = a * delta;
     const double q = exp_normal(log_q, lowest), p = exp_normal(log_p, lowest);
     const double tilted = exp_normal(log_q + y, lowest);
-    const double d1 = fabs(y) < 0.5 ? -q * delta * relative_expm1(y) : (q - tilted) / a;
+    /* -q (e^y - 1)/a: as q delta expm1(y)/y near y = 0, from the two densities far from it */
+    const double near = inv_a != 0.0 ? expm1(y) * inv_a : delta;
+    const double d1 = fabs(y) < 0.5 ? -q * near : (q - tilted) * inv_a;
     *t1 = d1;
     *t2 = tilted + d1;
     if (!high) {
-        *t0 = (p - q + d1) / (1.0 - a);
-    } else {
-        const double c = 1.0 - a, yy = -c * delta;
-        const double mirrored = fabs(yy) < 0.5 ? p * delta * relative_expm1(yy) : (p - tilted) / c;
-        *t0 = (q - p + mirrored) / a;
+        *t0 = (p - q + d1) * inv_c;
+    } else { /* (p - T)/(1 - a) = -p expm1(yy)/(1 - a), yy = -(1 - a) delta */
+        const double yy = -(1.0 - a) * delta;
+        const double mirror_near = inv_c != 0.0 ? -expm1(yy) * inv_c : delta;
+        const double mirrored = fabs(yy) < 0.5 ? p * mirror_near : (p - tilted) * inv_c;
+        *t0 = (q - p + mirrored) * inv_a;
     }
 }
 
@@ -290,6 +306,7 @@ node_sums(const int terms, const int high, double a, int n, const double *z, con
 {
     const double cq = u->cq, c0 = u->c0, shift0 = u->shift0, slope0 = u->slope0;
     const double c1 = u->c1, shift1 = u->shift1, slope1 = u->slope1, lowest = exp_lowest;
+    const double inv_a = a != 0.0 ? 1.0 / a : 0.0, inv_c = a != 1.0 ? 1.0 / (1.0 - a) : 0.0;
     double t0_sum = 0, a_sum = 0, az = 0, azz = 0, bzz = 0, bzzz = 0, bzz1 = 0;
 #pragma omp simd reduction(+ : t0_sum, a_sum, az, azz, bzz, bzzz, bzz1)
     for (int i = 0; i < n; ++i) {
@@ -309,7 +326,7 @@ node_sums(const int terms, const int high, double a, int n, const double *z, con
         } else {
             double t0, t1, t2;
             if (terms == JENSEN_SHANNON_TERMS) jensen_shannon_terms(log_p, log_q, &t0, &t1, &t2);
-            else alpha_terms(high, log_p, log_q, a, lowest, &t0, &t1, &t2);
+            else alpha_terms(high, log_p, log_q, a, inv_a, inv_c, lowest, &t0, &t1, &t2);
             at = w * t1, bt = w * t2;
             s0 = w > 0 ? w * t0 : 0.0;
         }
@@ -1118,6 +1135,30 @@ static int pointwise_panels(const struct rule *R, const struct mixture *P, const
     return panels(edges, distinct, R->order, R->t, R->gw, sigma, z, rule);
 }
 
+/* The largest of x[0..n), passing over NaN as fmax does (a loop of its own: GCC vectorises no
+ * max-reduction in a loop that calls a vector function). */
+static inline double largest(int n, const double *x)
+{
+    double top = -INFINITY;
+#pragma omp simd reduction(max : top)
+    for (int i = 0; i < n; ++i) top = x[i] > top ? x[i] : top;
+    return top;
+}
+
+/* Renyi's log terms log(r q^alpha p^(1 - alpha)) of each node over log p in aux[], tilt =
+ * 1 - alpha; returns the largest (a NaN term is passed over, as fmax does). Every weight r is
+ * positive (pointwise_panels leaves zero-width panels out). Apart from row_pointwise, so that its
+ * loop is vectorised. */
+static double renyi_log_terms(int n, const double *z, const double *rule, double cq, double tilt, double *aux)
+{
+#pragma omp simd
+    for (int i = 0; i < n; ++i) {
+        const double log_q = cq - 0.5 * z[i] * z[i];
+        aux[i] = vector_log(rule[i]) + log_q + tilt * (aux[i] - log_q);
+    }
+    return largest(n, aux);
+}
+
 /* The member's loss, gradient and (if asked) Hessian for row r at (m, s); scratch: edges, z, rule
  * and aux (Renyi's log terms), each as large as pointwise_fit sizes them. Never inlined (see
  * row_reverse_kl). */
@@ -1131,9 +1172,10 @@ row_pointwise(const struct rule *R, const struct mixture *P, const struct member
     const struct standard u = standardise(P, r, m, s, sigma);
     const double cq = u.cq;
     double sums[7];
-    if (M->terms == JENSEN_SHANNON_TERMS) node_sums(JENSEN_SHANNON_TERMS, 0, a, n, z, rule, &u, aux, sums);
-    else if (a <= 0.5) node_sums(ALPHA_TERMS, 0, a, n, z, rule, &u, aux, sums);
-    else node_sums(ALPHA_TERMS, 1, a, n, z, rule, &u, aux, sums);
+    double *log_p_at = M->alpha != NULL ? aux : NULL; /* (Renyi's log terms need log p) */
+    if (M->terms == JENSEN_SHANNON_TERMS) node_sums(JENSEN_SHANNON_TERMS, 0, a, n, z, rule, &u, log_p_at, sums);
+    else if (a <= 0.5) node_sums(ALPHA_TERMS, 0, a, n, z, rule, &u, log_p_at, sums);
+    else node_sums(ALPHA_TERMS, 1, a, n, z, rule, &u, log_p_at, sums);
     const double t0_sum = sums[0], a_sum = sums[1], az = sums[2], azz = sums[3], bzz = sums[4];
     const double bzzz = sums[5], bzz1 = sums[6];
     const int renyi = M->alpha != NULL;
@@ -1158,12 +1200,7 @@ row_pointwise(const struct rule *R, const struct mixture *P, const struct member
         g[0] = d1 * g[0], g[1] = d1 * g[1];
         /* log int q^alpha p^(1 - alpha) by log-sum-exp of the nodes' log terms (in aux, over log p). */
         const double tilt = 1.0 - alpha;
-        double top = -INFINITY;
-        for (int i = 0; i < n; ++i) {
-            const double log_q = cq - 0.5 * z[i] * z[i];
-            aux[i] = rule[i] > 0 ? log(rule[i]) + log_q + tilt * (aux[i] - log_q) : -INFINITY;
-            top = fmax(top, aux[i]);
-        }
+        const double top = renyi_log_terms(n, z, rule, cq, tilt, aux);
         double sum = 0;
         for (int i = 0; i < n; ++i) sum += exp(aux[i] - top);
         const double log_i = top + log(sum), inv = 1.0 / (alpha - 1.0), far = log_i * inv;
@@ -1210,6 +1247,37 @@ static inline double alpha_density(double log_p, double log_q, double a)
     const double c = mirror ? 1.0 - a : a, log_w = mirror ? log_p : log_q;
     const double x = mirror ? log_q - log_p : log_p - log_q;
     return (weighted_excess(log_w, x, 1.0) - weighted_excess(log_w, x, c)) / (1.0 - c);
+}
+
+/* The node sums of a row's value (pointwise_value): *d = sum r density (r > 0: pointwise_panels
+ * leaves zero-width panels out), and, for Renyi (renyi), each node's log(r q^alpha p^(1 - alpha))
+ * written over z[] (no longer needed) and their largest, *top. The plain exp here: a reported value keeps every density that
+ * does not underflow. terms and renyi are constants at each call: each case gets its own
+ * vectorised loop. */
+static inline __attribute__((always_inline)) void
+value_sums(const int terms, const int renyi, double a, int n, double *z, const double *rule,
+           const struct standard *u, double *d_out, double *top_out)
+{
+    const double cq = u->cq, tilt = 1.0 - (1.0 - a); /* (as torch forms it) */
+    double d = 0;
+    const double top = -INFINITY;
+#pragma omp simd reduction(+ : d)
+    for (int i = 0; i < n; ++i) {
+        const double zi = z[i], w = rule[i];
+        const double log_q = cq - 0.5 * zi * zi;
+        const double e0 = u->shift0 + zi * u->slope0, e1 = u->shift1 + zi * u->slope1;
+        const double l0 = u->c0 - e0 * e0, l1 = u->c1 - e1 * e1;
+        const double hi = l0 > l1 ? l0 : l1, lo = l0 > l1 ? l1 : l0;
+        const double log_p = hi + log1p(exp(lo - hi));
+        double density, t1, t2;
+        if (terms == JENSEN_SHANNON_TERMS) jensen_shannon_terms(log_p, log_q, &density, &t1, &t2);
+        else density = alpha_density(log_p, log_q, a);
+        d += w > 0 ? w * density : 0.0;
+        if (renyi) {
+            z[i] = vector_log(w) + log_q + tilt * (log_p - log_q);
+        }
+    }
+    *d_out = d, *top_out = renyi ? largest(n, z) : top;
 }
 
 #define POINTWISE_ARGS                                                                              \
@@ -1303,25 +1371,11 @@ void pointwise_value(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *th
         const double a = M.a != NULL ? M.a[r] : 0.0;
         const int n = pointwise_panels(&R, &P, &M, r, m, s, row_edges, row_nodes, row_rule);
         const struct standard u = standardise(&P, r, m, s, sigma);
-        const double cq = u.cq, tilt = 1.0 - (1.0 - a); /* (as torch forms it) */
         const int renyi = M.alpha != NULL;
-        double d = 0, top = -INFINITY;
-        for (int i = 0; i < n; ++i) {
-            const double zi = row_nodes[i], w = row_rule[i];
-            const double log_q = cq - 0.5 * zi * zi;
-            const double e0 = u.shift0 + zi * u.slope0, e1 = u.shift1 + zi * u.slope1;
-            const double l0 = u.c0 - e0 * e0, l1 = u.c1 - e1 * e1;
-            const double hi = l0 > l1 ? l0 : l1, lo = l0 > l1 ? l1 : l0;
-            const double log_p = hi + log1p(exp(lo - hi));
-            double density, t1, t2;
-            if (M.terms == JENSEN_SHANNON_TERMS) jensen_shannon_terms(log_p, log_q, &density, &t1, &t2);
-            else density = alpha_density(log_p, log_q, a);
-            d += w > 0 ? w * density : 0.0;
-            if (renyi) {
-                row_nodes[i] = w > 0 ? log(w) + log_q + tilt * (log_p - log_q) : -INFINITY; /* (z no longer needed) */
-                top = fmax(top, row_nodes[i]);
-            }
-        }
+        double d, top;
+        if (M.terms == JENSEN_SHANNON_TERMS) value_sums(JENSEN_SHANNON_TERMS, 0, a, n, row_nodes, row_rule, &u, &d, &top);
+        else if (renyi) value_sums(ALPHA_TERMS, 1, a, n, row_nodes, row_rule, &u, &d, &top);
+        else value_sums(ALPHA_TERMS, 0, a, n, row_nodes, row_rule, &u, &d, &top);
         d *= M.scale;
         if (renyi) {
             double sum = 0;
