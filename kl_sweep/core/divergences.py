@@ -470,10 +470,9 @@ def divergence_exact(
 
     if divergence.pointwise:
         estimator = Quadrature(nodes_per_panel)
-        if divergence.native == "alpha_terms" and mixture.means.shape[-1] == 2 and native.available():
+        if divergence.native in NATIVE_TERMS and mixture.means.shape[-1] == 2 and native.available():
             # The same rule and densities, one fused pass a row (core.native), equal to 1e-13 (and
             # to 1e-11 where D is astronomical, 1e168: exp's rounding of its large exponent).
-            # Jensen-Shannon stays here: near P = Q the kernel's log p - log q lost digits (2e-12).
             member = native_member(divergence, mixture, alpha, mu.shape[0])
             theta = torch.stack([mu, log_sigma], -1)
             return native.pointwise_value(theta, mixture, native_rule(estimator), member)
