@@ -263,10 +263,10 @@ static inline double softplus(double x)
 /* (t0, t1, t2) of Jensen-Shannon at one node (kl_sweep.core.alpha.jensen_shannon_fit_terms), from
  * m = tanh(|delta| / 2) = -expm1(-|delta|) / (2 + expm1(-|delta|)) (vector expm1) and the logs of
  * 1 + u and 1 - u, u = sign(delta) m: log1p(m) always, log1p(-m) for |delta| < 1 and
- * log 2 - |delta| - log1p(e^-|delta|) beyond (1 - m = 2 e^-|delta| / (1 + e^-|delta|), where
- * e^-|delta| = 1 + expm1(-|delta|) to 1e-16 of a term of at least 1). Forming them as log 2 minus a
- * softplus lost digits where P and Q nearly agree: with the vector log1p's 4 ulp, the table's
- * values were off by 2.5e-12 (scipy). With p + q = e^max (2 + expm1(-|delta|)) and
+ * log 2 - |delta| - log1p(e^-|delta|) beyond (1 - m = 2 e^-|delta| / (1 + e^-|delta|); there
+ * e^-|delta| = 1 + expm1(-|delta|) errs by 1e-16 at most, next to |delta| >= 1). Formed as log 2
+ * minus a softplus they lost digits where P and Q nearly agree: with the vector log1p's 4 ulp, the
+ * table's values were 2.5e-12 off (against mpmath). With p + q = e^max (2 + expm1(-|delta|)) and
  * p / (p + q) = (1 + u) / 2 no further exp is taken. */
 static inline __attribute__((always_inline)) void
 jensen_shannon_terms(double log_p, double log_q, double *t0, double *t1, double *t2)
@@ -1181,7 +1181,8 @@ row_pointwise(const struct rule *R, const struct mixture *P, const struct member
     const double cq = u.cq;
     double sums[7];
     double *log_p_at = M->alpha != NULL ? aux : NULL; /* (Renyi's log terms need log p) */
-    if (M->terms == JENSEN_SHANNON_TERMS) node_sums(JENSEN_SHANNON_TERMS, 0, a, n, z, rule, &u, log_p_at, sums);
+    if (M->terms == JENSEN_SHANNON_TERMS)
+        node_sums(JENSEN_SHANNON_TERMS, 0, a, n, z, rule, &u, log_p_at, sums);
     else if (a <= 0.5) node_sums(ALPHA_TERMS, 0, a, n, z, rule, &u, log_p_at, sums);
     else node_sums(ALPHA_TERMS, 1, a, n, z, rule, &u, log_p_at, sums);
     const double t0_sum = sums[0], a_sum = sums[1], az = sums[2], azz = sums[3], bzz = sums[4];
@@ -1259,16 +1260,15 @@ static inline double alpha_density(double log_p, double log_q, double a)
 
 /* The node sums of a row's value (pointwise_value): *d = sum r density (r > 0: pointwise_panels
  * leaves zero-width panels out), and, for Renyi (renyi), each node's log(r q^alpha p^(1 - alpha))
- * written over z[] (no longer needed) and their largest, *top. The plain exp here: a reported value keeps every density that
- * does not underflow. terms and renyi are constants at each call: each case gets its own
- * vectorised loop. */
+ * written over z[] (no longer needed) and their largest, *top. The plain exp here: a reported
+ * value keeps every density that does not underflow. terms and renyi are constants at each call:
+ * each case gets its own vectorised loop. */
 static inline __attribute__((always_inline)) void
 value_sums(const int terms, const int renyi, double a, int n, double *z, const double *rule,
            const struct standard *u, double *d_out, double *top_out)
 {
     const double cq = u->cq, tilt = 1.0 - (1.0 - a); /* (as torch forms it) */
     double d = 0;
-    const double top = -INFINITY;
 #pragma omp simd reduction(+ : d)
     for (int i = 0; i < n; ++i) {
         const double zi = z[i], w = rule[i];
@@ -1285,7 +1285,7 @@ value_sums(const int terms, const int renyi, double a, int n, double *z, const d
             z[i] = vector_log(w) + log_q + tilt * (log_p - log_q);
         }
     }
-    *d_out = d, *top_out = renyi ? largest(n, z) : top;
+    *d_out = d, *top_out = renyi ? largest(n, z) : -INFINITY;
 }
 
 #define POINTWISE_ARGS                                                                              \
@@ -1381,7 +1381,8 @@ void pointwise_value(ptrdiff_t rows, ptrdiff_t min_rows, int S, const double *th
         const struct standard u = standardise(&P, r, m, s, sigma);
         const int renyi = M.alpha != NULL;
         double d, top;
-        if (M.terms == JENSEN_SHANNON_TERMS) value_sums(JENSEN_SHANNON_TERMS, 0, a, n, row_nodes, row_rule, &u, &d, &top);
+        if (M.terms == JENSEN_SHANNON_TERMS)
+            value_sums(JENSEN_SHANNON_TERMS, 0, a, n, row_nodes, row_rule, &u, &d, &top);
         else if (renyi) value_sums(ALPHA_TERMS, 1, a, n, row_nodes, row_rule, &u, &d, &top);
         else value_sums(ALPHA_TERMS, 0, a, n, row_nodes, row_rule, &u, &d, &top);
         d *= M.scale;
